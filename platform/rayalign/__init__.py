@@ -1,0 +1,3 @@
+"""rayalign: Ray-native, plugin-based alignment of large language models."""
+
+__version__ = "0.1.0"

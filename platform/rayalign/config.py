@@ -1,0 +1,197 @@
+"""Typed run configuration: YAML file + ``key=value`` overrides, validated before any work.
+
+A recipe config names the base model, the datasets, the resources of each worker role and the
+chain of stages. Every stage's own block is validated against the schema the stage's plugin
+declares, so ``stages[2].dpo.beta: expected float`` is reported before a worker starts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rayalign.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RoleResources(Strict):
+    """Resources of one worker role. ``num_gpus`` is per worker; 0 runs on CPU."""
+
+    num_workers: int = Field(1, ge=1)
+    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(1, gt=0)
+
+
+class RolloutResources(RoleResources):
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
+    max_model_len: int = Field(1024, ge=16)
+
+
+class ResourcesConfig(Strict):
+    trainer: RoleResources = RoleResources()
+    reference: RoleResources = RoleResources()
+    rollout: RolloutResources = RolloutResources()
+    # Trainer, reference and rollout engines share the trainer's GPUs; vLLM sleeps while the
+    # trainer works, so a single-GPU machine runs every recipe.
+    colocate: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Seconds to wait for a placement group before failing with what was asked for.
+    placement_timeout_s: float = Field(120, gt=0)
+
+
+class DataConfig(Strict):
+    """Dataset files (JSONL). ``null`` uses the embedded synthetic data."""
+
+    sft: str | None = None
+    preference: str | None = None
+    prompts: str | None = None
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+
+
+class TimeoutConfig(Strict):
+    """Every remote call has a deadline, so a hung worker becomes an error that names it."""
+
+    worker_start_s: float = Field(600, gt=0)
+    step_s: float = Field(1800, gt=0)
+
+
+class StageEntry(BaseModel):
+    name: str
+    config: Any  # the stage plugin's own pydantic model, once validated
+
+
+class RunConfig(Strict):
+    model: str | None = None  # local path or hub id; null builds the embedded tiny model
+    # "{time}" becomes the start time, so repeated runs of a recipe never collide.
+    output_dir: str = "runs/{time}"
+    resume: bool = False  # skip stages that already finished in output_dir
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    timeouts: TimeoutConfig = TimeoutConfig()
+    stages: list[dict[str, Any]] = Field(default_factory=list)
+
+
+_PYDANTIC_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "missing required key",
+    "float_parsing": "expected float",
+    "float_type": "expected float",
+    "int_parsing": "expected int",
+    "int_type": "expected int",
+    "int_from_float": "expected int",
+    "bool_parsing": "expected bool",
+    "bool_type": "expected bool",
+    "string_type": "expected string",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "list_type": "expected a list",
+}
+
+
+def format_location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        index = isinstance(part, int) or str(part).isdigit()
+        out += f"[{part}]" if index else (f".{part}" if out else str(part))
+    return out
+
+
+def raise_validation_error(exc: ValidationError, prefix: str, source: str) -> None:
+    err = exc.errors()[0]
+    where = format_location(tuple(prefix.split(".")) + tuple(err["loc"]) if prefix else tuple(err["loc"]))
+    message = _PYDANTIC_MESSAGES.get(err["type"], err["msg"])
+    if err["type"] not in ("extra_forbidden", "missing"):
+        message += f", got {err.get('input')!r}"
+    raise ConfigError(f"{source}: {where}" if source else where, message) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(text, "overrides look like key=value (e.g. data.sft=/data/sft.jsonl)")
+    key, raw = text.split("=", 1)
+    return key.split("."), yaml.safe_load(raw) if raw else None
+
+
+def apply_override(raw: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
+    """Set ``parts`` in the raw config; a leading stage name (``dpo.beta=0.2``) finds its stage."""
+    stage_names = [next(iter(s)) for s in raw.get("stages", []) if isinstance(s, dict) and s]
+    if parts[0] not in RunConfig.model_fields and parts[0] in stage_names:
+        if stage_names.count(parts[0]) > 1:
+            raise ConfigError(text, f"stage {parts[0]!r} appears more than once; use stages.N.{parts[0]}...")
+        parts = ["stages", str(stage_names.index(parts[0]))] + parts
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(text, f"{'.'.join(parts[: i + 1])}: no such list index")
+            node = node[int(part)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(text, f"{'.'.join(parts)}: no such list index")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_raw(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(str(path), "config file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}", f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "expected a mapping at the top level")
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML, apply ``key=value`` overrides and validate the run-level schema."""
+    raw = load_raw(path)
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(raw, parts, value, text)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise_validation_error(exc, "", str(path) if path else "")
+    if "{time}" in cfg.output_dir:
+        cfg.output_dir = cfg.output_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
+    for i, entry in enumerate(cfg.stages):
+        if len(entry) != 1 or not isinstance(next(iter(entry.values())) or {}, dict):
+            raise ConfigError(f"stages[{i}]", "each stage is a one-key mapping: {stage_name: {options}}")
+    return cfg
+
+
+def validate_stages(cfg: RunConfig, registry, source: str = "") -> list[StageEntry]:
+    """Resolve every stage name to its plugin and validate its options against its schema."""
+    if not cfg.stages:
+        raise ConfigError("stages", "no stages configured")
+    entries = []
+    for i, entry in enumerate(cfg.stages):
+        name, options = next(iter(entry.items()))
+        stage_cls = registry.get(name, where=f"stages[{i}]")
+        try:
+            entries.append(StageEntry(name=name, config=stage_cls.Config.model_validate(options or {})))
+        except ValidationError as exc:
+            raise_validation_error(exc, f"stages.{i}.{name}", source)
+    return entries

@@ -1,0 +1,66 @@
+"""Chat-template tokenization with a token-exact mask of the assistant's tokens.
+
+The mask is found by rendering the conversation up to each assistant turn with and without that
+turn: the tokens in between are the assistant's. This works for any chat template (ours, Qwen's,
+Llama's) without ``{% generation %}`` markers, and we check that every prefix tokenizes to a
+prefix of the whole conversation, so a template for which that is false fails loudly instead of
+silently shifting the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rayalign.errors import DataError
+from rayalign.training.losses import IGNORE_INDEX
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_trained(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, where: str = "conversation") -> Tokenized:
+    """Token ids of the whole conversation; labels are the ids on assistant turns only."""
+    input_ids = _render(tokenizer, messages, add_generation_prompt=False)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if input_ids[: len(before)] != before or input_ids[: len(through)] != through:
+            raise DataError(where, "the chat template does not render a prefix of the conversation as a token prefix")
+        labels[len(before) : len(through)] = through[len(before) :]
+    if len(input_ids) > max_length:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return Tokenized(input_ids, labels)
+
+
+def tokenize_prompt(tokenizer, prompt: list[dict]) -> list[int]:
+    """The prompt rendered with the generation prompt, ready for the model to answer."""
+    return _render(tokenizer, prompt, add_generation_prompt=True)
+
+
+def tokenize_completion(
+    tokenizer, prompt: list[dict], completion: list[dict], max_length: int, where: str = "pair"
+) -> Tokenized:
+    """A prompt followed by its completion; only the completion's assistant tokens are labelled."""
+    tokenized = tokenize_conversation(tokenizer, prompt + completion, max_length=max_length, where=where)
+    prompt_len = len(tokenize_prompt(tokenizer, prompt))
+    # Assistant turns inside the prompt (few-shot history) are context, not what is preferred.
+    labels = [IGNORE_INDEX] * min(prompt_len, len(tokenized)) + tokenized.labels[prompt_len:]
+    return Tokenized(tokenized.input_ids, labels)

@@ -1,0 +1,109 @@
+"""The embedded default: a tiny Llama-style model and tokenizer built locally, no hub needed.
+
+The tokenizer is a byte-level BPE trained on the synthetic world's text, with a small chat
+template. The model has head_dim 64 because vLLM's CPU attention rejects 16. Both are written
+once into a cache directory (atomically, so a killed build never leaves half a model) and are
+loadable by ``transformers`` and by vLLM like any hub checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+TINY_MODEL = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=64,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RAYALIGN_CACHE", Path.home() / ".cache" / "rayalign"))
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 600):
+    """Train a byte-level BPE tokenizer on ``texts`` and wrap it for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|end|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def build_tiny_model(dest: Path, seed: int = 0, texts: list[str] | None = None) -> Path:
+    """Write a random-initialised tiny Llama and its tokenizer to ``dest`` (atomically)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rayalign.data.synthetic import SyntheticWorld
+
+    dest = Path(dest)
+    tokenizer = build_tokenizer(texts if texts is not None else SyntheticWorld(seed).corpus())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_MODEL,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def embedded_model_path(seed: int = 0) -> Path:
+    """The cached embedded model for ``seed``, built on first use."""
+    key = hashlib.sha256(json.dumps([TINY_MODEL, CHAT_TEMPLATE, seed], sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_root() / f"tiny-llama-{key}"
+    if not (path / "config.json").exists():
+        try:
+            build_tiny_model(path, seed)
+        except OSError:
+            # Another process won the race to build the same model: use theirs.
+            if not (path / "config.json").exists():
+                raise
+    return path

@@ -1,0 +1,86 @@
+"""The plugin contract: every extension point of rayalign is one hook here.
+
+Built-in stages, losses, data formats and metrics are ordinary plugins that implement these
+hooks, loaded through the same ``rayalign`` entry-point group as third-party packages.
+
+Each hook receives a ``register`` callback (the pattern of Simon Willison's ``llm``) instead of
+returning a list, so a plugin registers as many things as it likes and a mistake points at the
+line that made it.
+
+Bump ``HOOKSPEC_VERSION`` when a hook's signature or meaning changes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from rayalign.data.formats import DataFormat
+    from rayalign.metrics import Metric
+    from rayalign.stage import Stage
+    from rayalign.training.losses import Loss
+
+PROJECT = "rayalign"
+HOOKSPEC_VERSION = "1.0"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_stages(register: Callable[[type["Stage"]], None]) -> None:
+    """Register pipeline stages.
+
+    Call ``register(StageClass)`` once per stage. ``StageClass.name`` is the name recipes use
+    (``stages: [{sft: {...}}]``) and ``StageClass.Config`` is its pydantic config schema, which is
+    validated before any worker starts.
+
+    Example::
+
+        @hookimpl
+        def register_stages(register):
+            register(MyStage)
+    """
+
+
+@hookspec
+def register_losses(register: Callable[[type["Loss"]], None]) -> None:
+    """Register training losses.
+
+    Call ``register(LossClass)``; ``LossClass.name`` is what a stage's ``loss:`` key names
+    (``sft``, ``dpo_sigmoid``, ``ipo``...). A loss is a small ``torch.nn.Module`` whose
+    ``forward`` takes the policy outputs of one micro-batch and returns the scalar loss and a
+    dict of float metrics.
+    """
+
+
+@hookspec
+def register_rewards(register: Callable[[str, Callable[..., float]], None]) -> None:
+    """Register reward functions.
+
+    Call ``register(name, fn)`` where ``fn(prompt: str, completion: str, **example) -> float``
+    scores one completion. RL stages combine several by name with weights.
+    """
+
+
+@hookspec
+def register_metrics(register: Callable[[type["Metric"]], None]) -> None:
+    """Register generation metrics.
+
+    Call ``register(MetricClass)``; ``MetricClass.name`` is the key it writes into a stage's
+    ``metrics.json`` and ``MetricClass.compute(prompts, completions, examples)`` returns a float.
+    """
+
+
+@hookspec
+def register_data_formats(register: Callable[["DataFormat"], None]) -> None:
+    """Register dataset formats.
+
+    Call ``register(DataFormat(...))``. A format names the fields a JSONL record must have and
+    converts one record into the platform's canonical form (chat ``messages`` for SFT;
+    ``prompt``/``chosen``/``rejected`` message lists for preferences). The loader picks the first
+    format whose ``matches(record)`` is true and reports the file and line of any record that
+    fits none.
+    """

@@ -1,0 +1,137 @@
+"""Runs a chain of stages as one job, handing each stage's artifacts to the next.
+
+Order of work, so that bad input costs nothing:
+1. validate every stage's config against its plugin's schema;
+2. resolve the base model and let every stage load and check its data (``prepare``);
+3. only then create the output directory, connect to Ray and run the stages.
+Each stage writes into a hidden temporary directory renamed to ``NN-<stage>`` on success, so an
+output directory never holds half a stage. With ``resume: true`` finished stages are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from rayalign.config import RunConfig, validate_stages
+from rayalign.errors import ConfigError
+from rayalign.plugins import PluginManager, get_plugin_manager
+from rayalign.stage import Artifacts, StageContext
+
+log = logging.getLogger("rayalign")
+
+
+def setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def resolve_model(cfg: RunConfig) -> str:
+    """A local directory, a hub id, or (null) the embedded tiny model built on first use."""
+    if cfg.model is None:
+        from rayalign.embedded import embedded_model_path
+
+        return str(embedded_model_path(cfg.seed))
+    path = Path(cfg.model).expanduser()
+    looks_local = cfg.model.startswith(("/", ".", "~")) or path.exists()
+    if looks_local:
+        if not path.exists():
+            raise ConfigError("model", f"path {cfg.model!r} does not exist")
+        if not (path / "config.json").exists():
+            raise ConfigError("model", f"{cfg.model!r} is not a Hugging Face model directory (no config.json)")
+        return str(path.resolve())
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(cfg.model)
+    except Exception as exc:
+        raise ConfigError("model", f"cannot load {cfg.model!r} from the hub or cache ({type(exc).__name__})") from None
+    return cfg.model
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def run_pipeline(cfg: RunConfig, plugins: PluginManager | None = None, source: str = "") -> Path:
+    """Run every stage of ``cfg``; return the output directory."""
+    setup_logging()
+    plugins = plugins or get_plugin_manager()
+    entries = validate_stages(cfg, plugins.stages, source)
+    stages = [plugins.stages.get(e.name, where=f"stages[{i}]")(e.config) for i, e in enumerate(entries)]
+    artifacts = Artifacts(model=resolve_model(cfg))
+    for i, stage in enumerate(stages):
+        stage.prepare(cfg, plugins, artifacts, i)
+
+    out = Path(cfg.output_dir)
+    created = not out.exists()
+    if not created and not cfg.resume and any(out.iterdir()):
+        raise ConfigError("output_dir", f"{out} already holds a run; set resume=true or choose another output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    from rayalign.cluster.runtime import Cluster, connect
+
+    connect()
+    cluster = Cluster(cfg.resources)
+    summary: dict = {"stages": []}
+    try:
+        for i, (entry, stage) in enumerate(zip(entries, stages)):
+            summary["stages"].append(_run_stage(cfg, plugins, cluster, out, i, entry.name, stage, artifacts))
+    except BaseException:
+        if created and not any(p.name[0].isdigit() for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave no trace of the run
+        raise
+    summary["lineage"] = artifacts.lineage
+    _write_json(out / "summary.json", summary)
+    log.info("run finished: %s", out)
+    return out
+
+
+def _run_stage(cfg, plugins, cluster, out: Path, index: int, name: str, stage, artifacts: Artifacts) -> dict:
+    final = out / f"{index:02d}-{name}"
+    if (final / "metrics.json").exists():
+        record = json.loads((final / "metrics.json").read_text())
+        log.info("[%s] already finished in %s; skipped (resume)", name, final)
+    else:
+        work = out / f".{final.name}.tmp"
+        shutil.rmtree(work, ignore_errors=True)  # a previous attempt's leftovers
+        work.mkdir()
+        ctx = StageContext(cfg, plugins, cluster, index, name, work, artifacts, log)
+        log.info("[%s] stage %d/%d starting on model %s", name, index + 1, len(cfg.stages), artifacts.model)
+        started = time.time()
+        try:
+            result = stage.run(ctx)
+            record = {
+                "stage": name,
+                "seconds": round(time.time() - started, 2),
+                "input_model": artifacts.model,
+                "model": str(final / result.model) if result.model else None,
+                "datasets": {k: str(final / v) for k, v in result.datasets.items()},
+                "metrics": result.metrics,
+            }
+            _write_json(work / "metrics.json", record)
+            os.replace(work, final)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        summary = {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
+        log.info("[%s] done in %.1fs: %s", name, record["seconds"], json.dumps(summary, default=str))
+    if record.get("model"):
+        artifacts.model = record["model"]
+    artifacts.datasets.update(record.get("datasets", {}))
+    artifacts.lineage.append({"stage": name, "dir": str(final), "input_model": record.get("input_model")})
+    return record

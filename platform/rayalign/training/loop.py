@@ -1,0 +1,129 @@
+"""The driver side of training, shared by every training stage (SFT, DPO, ...).
+
+The driver packs examples into micro-batches, shards them over trainer ranks once, and then
+owns the step loop: which micro-batches each rank runs at each step (the data position), the
+progress line, and evaluation. Trainers only execute steps, so a later checkpoint can record
+exactly where the data stood.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rayalign.cluster.worker_group import Placement, WorkerGroup
+from rayalign.stage import StageConfig, StageContext
+from rayalign.training.progress import Progress
+from rayalign.workers.base import weighted_mean
+from rayalign.workers.trainer import LoraSpec, TrainerWorker, TrainSpec
+
+
+class LoraOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainingConfig(StageConfig):
+    """Options every training stage shares (defaults follow common fine-tuning practice)."""
+
+    epochs: int = Field(1, ge=1, description="passes over the training split")
+    lr: float = Field(2e-5, gt=0, description="peak learning rate (cosine decay after warmup)")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of steps spent warming up")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a share of the peak")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step per rank")
+    max_length: int = Field(1024, ge=8, description="tokens per example (longer ones are truncated)")
+    max_tokens_per_micro_batch: int = Field(4096, ge=8, description="packing budget of one row")
+    zero_stage: Literal[2, 3] = 2
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    lora: LoraOptions | None = None
+
+    def spec(self, model_path: str, total_steps: int, seed: int) -> TrainSpec:
+        lora = LoraSpec(**self.lora.model_dump()) if self.lora else None
+        return TrainSpec(
+            model_path=model_path, total_steps=total_steps, lr=self.lr, weight_decay=self.weight_decay,
+            warmup_ratio=self.warmup_ratio, min_lr_ratio=self.min_lr_ratio, grad_accum=self.grad_accum,
+            max_grad_norm=self.max_grad_norm, zero_stage=self.zero_stage, bf16=self.bf16,
+            gradient_checkpointing=self.gradient_checkpointing, attn_implementation=self.attn_implementation,
+            lora=lora, seed=seed,
+        )
+
+
+class TrainerSession:
+    """A trainer group set up on a model with micro-batches loaded, driven step by step."""
+
+    def __init__(self, ctx: StageContext, placement: Placement, cfg: TrainingConfig, objective,
+                 train_batches: list[dict], eval_batches: list[dict]):
+        self.ctx, self.cfg = ctx, cfg
+        self.timeouts = ctx.run.timeouts
+        n = len(placement.bundles)
+        threads = max(1, int(placement.num_cpus))
+        self.group = WorkerGroup(f"{ctx.actor_prefix}/trainer", TrainerWorker, placement, lambda r: (r, n, threads))
+        # Round-robin shards: rank r holds train micro-batches r, r+n, ... and trains only those.
+        self.train_shards = [list(range(r, len(train_batches), n)) for r in range(n)]
+        self.steps_per_epoch = math.ceil(max(len(s) for s in self.train_shards) / cfg.grad_accum)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        eval_ids = range(len(train_batches), len(train_batches) + len(eval_batches))
+        self.eval_shards = [list(eval_ids)[r::n] for r in range(n)]
+        everything = train_batches + eval_batches
+        master = self.group.run(lambda a, r: a.free_address.remote(), self.timeouts.worker_start_s, ranks=[0])[0]
+        spec = cfg.spec(ctx.artifacts.model, self.total_steps, ctx.run.seed)
+        counts = self.group.run(lambda a, r: a.setup.remote(master, spec, objective), self.timeouts.worker_start_s)
+        ctx.log.info("[%s] %d trainer(s), %d trainable parameters, %d steps", ctx.name, n, counts[0], self.total_steps)
+        self.group.run(
+            lambda a, r: a.load_batches.remote(
+                {i: everything[i] for i in self.train_shards[r] + self.eval_shards[r]}
+            ),
+            self.timeouts.step_s,
+        )
+
+    def _epoch_order(self, rank: int, epoch: int) -> list[int]:
+        """This rank's micro-batches for one epoch, shuffled, padded to whole optimizer steps.
+
+        Padding repeats the rank's own micro-batches from the start of the shuffled order and is
+        counted in the metrics (``repeated_micro_batches``), never silent.
+        """
+        order = list(self.train_shards[rank])
+        random.Random(self.ctx.run.seed * 1000 + epoch).shuffle(order)
+        need = self.steps_per_epoch * self.cfg.grad_accum
+        return order + [order[i % len(order)] for i in range(need - len(order))] if order else []
+
+    def fit(self) -> list[dict[str, float]]:
+        history = []
+        progress = Progress(self.ctx.name, self.total_steps, self.ctx.log)
+        ga, n = self.cfg.grad_accum, len(self.group)
+        repeated = sum(self.steps_per_epoch * ga - len(s) for s in self.train_shards)
+        step = 0
+        for epoch in range(self.cfg.epochs):
+            orders = [self._epoch_order(r, epoch) for r in range(n)]
+            for s in range(self.steps_per_epoch):
+                step += 1
+                results = self.group.run(
+                    lambda a, r: a.train_step.remote(orders[r][s * ga : (s + 1) * ga]), self.timeouts.step_s
+                )
+                metrics = weighted_mean(results)
+                metrics.update(step=step, epoch=epoch + (s + 1) / self.steps_per_epoch)
+                history.append(metrics)
+                progress.update(step, metrics)
+        if history:
+            history[-1]["repeated_micro_batches"] = repeated * self.cfg.epochs
+        return history
+
+    def evaluate(self) -> dict[str, float]:
+        per_rank = self.group.run(lambda a, r: a.evaluate.remote(self.eval_shards[r]), self.timeouts.step_s)
+        return weighted_mean([m for rank in per_rank for m in rank])
+
+    def save(self, path: str) -> None:
+        self.group.run(lambda a, r: a.save.remote(path), self.timeouts.step_s)
+
+    def shutdown(self) -> None:
+        self.group.shutdown()

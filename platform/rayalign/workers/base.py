@@ -1,0 +1,42 @@
+"""What every worker actor shares: thread limits, device choice, metric averaging."""
+
+from __future__ import annotations
+
+import math
+
+
+class Worker:
+    """Base of worker actors. Torch threads are capped to the CPUs Ray gave the actor, so
+    several actors on one node do not fight over cores."""
+
+    def __init__(self, num_threads: int = 1):
+        import torch
+
+        torch.set_num_threads(max(1, num_threads))
+
+    def ping(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        """Release what the worker holds before the group kills it."""
+
+
+def pick_device():
+    import torch
+
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def weighted_mean(metrics: list[dict[str, float]], weight: str = "count") -> dict[str, float]:
+    """Average dicts of metrics, weighting by ``weight`` where present (summed, not averaged)."""
+    if not metrics:
+        return {}
+    weights = [m.get(weight, 1.0) for m in metrics]
+    out = {}
+    for key in metrics[0]:
+        if key == weight:
+            out[key] = float(sum(weights))
+        else:
+            vals = [(m[key], w) for m, w in zip(metrics, weights) if key in m and not math.isnan(m[key])]
+            out[key] = sum(v * w for v, w in vals) / (sum(w for _, w in vals) or 1.0) if vals else float("nan")
+    return out

@@ -1,0 +1,176 @@
+"""The trainer actor: one per GPU (or CPU slot), DeepSpeed ZeRO among them over torch.distributed.
+
+The driver owns the data order and the step loop; a trainer only holds the micro-batches it was
+sent and runs ``train_step(indices)``: one forward/backward per micro-batch, then one optimizer
+step at DeepSpeed's accumulation boundary. What a forward pass computes is the stage's
+``objective`` (SFT cross-entropy, DPO on chosen/rejected rows, ...), so this class is shared by
+every training stage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from rayalign.workers.base import Worker, pick_device, weighted_mean
+
+
+@dataclass
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TrainSpec:
+    model_path: str
+    total_steps: int
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    zero_stage: int = 2
+    bf16: bool = True  # only on GPU; CPU trains in fp32
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    lora: LoraSpec | None = None
+    seed: int = 0
+
+
+Objective = Callable[[Any, dict], tuple[Any, dict[str, float]]]
+
+
+class TrainerWorker(Worker):
+    def __init__(self, rank: int, world_size: int, num_threads: int = 1):
+        super().__init__(num_threads)
+        self.rank, self.world_size = rank, world_size
+        self.engine = None
+        self.batches: dict[int, dict] = {}
+
+    def free_address(self) -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return _node_ip(), s.getsockname()[1]
+
+    def setup(self, master: tuple[str, int], spec: TrainSpec, objective: Objective) -> int:
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
+
+        self.spec, self.objective = spec, objective
+        self.device = pick_device()
+        use_bf16 = spec.bf16 and self.device.type == "cuda"
+        os.environ.update(
+            MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+        )
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        torch.manual_seed(spec.seed)
+
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.model_path, dtype=torch.float32, attn_implementation=spec.attn_implementation
+        )
+        model.config.use_cache = False  # a KV cache would switch off packed-sequence masking
+        if spec.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if spec.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                    target_modules=spec.lora.target_modules, task_type="CAUSAL_LM",
+                ),
+            )
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer,
+            num_warmup_steps=int(spec.warmup_ratio * spec.total_steps),
+            num_training_steps=spec.total_steps,
+            min_lr_rate=spec.min_lr_ratio,
+        )
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,  # one packed row per micro-batch
+            "gradient_accumulation_steps": spec.grad_accum,
+            "gradient_clipping": spec.max_grad_norm,
+            "zero_optimization": {"stage": spec.zero_stage},
+            "bf16": {"enabled": use_bf16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+        }
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+        )
+        return sum(p.numel() for p in params)
+
+    def load_batches(self, batches: dict[int, dict]) -> int:
+        self.batches.update(batches)
+        return len(self.batches)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+    def train_step(self, indices: list[int]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches ``indices`` (len == grad_accum)."""
+        engine = self.engine
+        engine.train()
+        metrics = []
+        for i in indices:
+            loss, m = self.objective(engine, self._to_device(self.batches[i]))
+            engine.backward(loss)
+            engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
+            metrics.append(m)
+        out = weighted_mean(metrics)
+        norm = engine.get_global_grad_norm()
+        out["grad_norm"] = float(norm) if norm is not None else float("nan")
+        out["lr"] = engine.lr_scheduler.get_last_lr()[0]
+        return out
+
+    def evaluate(self, indices: list[int]) -> list[dict[str, float]]:
+        import torch
+
+        self.engine.eval()
+        with torch.no_grad():
+            return [self.objective(self.engine, self._to_device(self.batches[i]))[1] for i in indices]
+
+    def save(self, path: str) -> None:
+        """Write a Hugging Face directory (LoRA merged) that transformers and vLLM load."""
+        from transformers import AutoTokenizer
+
+        module = self.engine.module
+        state = None
+        if self.spec.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls
+        if self.rank != 0:
+            return
+        if self.spec.lora is not None:
+            module.save_pretrained(os.path.join(path, "adapter"))
+            module = module.merge_and_unload()
+        module.config.use_cache = True  # switched off for packed training only
+        module.save_pretrained(path, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.spec.model_path).save_pretrained(path)
+        for extra in ("generation_config.json",):
+            src = os.path.join(self.spec.model_path, extra)
+            if os.path.exists(src) and not os.path.exists(os.path.join(path, extra)):
+                shutil.copy(src, path)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()

@@ -1,0 +1,61 @@
+"""Preference losses on per-sequence log-probs of the policy and the frozen reference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rayalign.training.losses import Loss
+
+
+class _PreferenceLoss(Loss):
+    def __init__(self, beta: float = 0.1):
+        super().__init__(beta=beta)
+        self.beta = beta
+
+    def margin(self, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+        return (pc - pr) - (rc - rr)
+
+    def penalty(self, margin: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        policy_chosen: torch.Tensor,
+        policy_rejected: torch.Tensor,
+        ref_chosen: torch.Tensor,
+        ref_rejected: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = self.penalty(self.margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)).mean()
+        chosen_reward = self.beta * (policy_chosen - ref_chosen).detach()
+        rejected_reward = self.beta * (policy_rejected - ref_rejected).detach()
+        return loss, {
+            "loss": loss.item(),
+            "reward_accuracy": (chosen_reward > rejected_reward).float().mean().item(),
+            "reward_margin": (chosen_reward - rejected_reward).mean().item(),
+            "chosen_reward": chosen_reward.mean().item(),
+            "rejected_reward": rejected_reward.mean().item(),
+        }
+
+
+class SigmoidDPOLoss(_PreferenceLoss):
+    """DPO (Rafailov et al. 2023, eq. 7): ``-log sigmoid(beta * margin)`` on summed log-probs."""
+
+    name = "sigmoid"
+
+    def penalty(self, margin: torch.Tensor) -> torch.Tensor:
+        return -F.logsigmoid(self.beta * margin)
+
+
+class IPOLoss(_PreferenceLoss):
+    """IPO (Azar et al. 2023, eq. 17): ``(margin - 1/(2 beta))^2``.
+
+    The paper's log-ratios are per-token averages, so the stage feeds mean, not summed, log-probs
+    (``uses_mean_logps``), as TRL does.
+    """
+
+    name = "ipo"
+    uses_mean_logps = True
+
+    def penalty(self, margin: torch.Tensor) -> torch.Tensor:
+        return (margin - 1 / (2 * self.beta)) ** 2

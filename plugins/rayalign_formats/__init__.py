@@ -1,0 +1,43 @@
+"""Built-in dataset formats: OpenAI messages, prompt/completion, and preference pairs."""
+
+from __future__ import annotations
+
+from rayalign.data.formats import DataFormat, as_messages
+from rayalign.hookspecs import hookimpl
+
+
+def _messages(record: dict) -> dict:
+    messages = as_messages(record["messages"], "messages", "user")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("field 'messages': no assistant message to train on")
+    return {"messages": messages}
+
+
+def _prompt_completion(record: dict) -> dict:
+    return {
+        "messages": as_messages(record["prompt"], "prompt", "user")
+        + as_messages(record["completion"], "completion", "assistant")
+    }
+
+
+def _preference(record: dict) -> dict:
+    return {
+        "prompt": as_messages(record["prompt"], "prompt", "user"),
+        "chosen": as_messages(record["chosen"], "chosen", "assistant"),
+        "rejected": as_messages(record["rejected"], "rejected", "assistant"),
+    }
+
+
+def _prompt(record: dict) -> dict:
+    out = {"prompt": as_messages(record["prompt"], "prompt", "user")}
+    if "reference" in record:
+        out["reference"] = str(record["reference"])
+    return out
+
+
+@hookimpl
+def register_data_formats(register):
+    register(DataFormat("messages", "chat", ("messages",), _messages))
+    register(DataFormat("prompt_completion", "chat", ("prompt", "completion"), _prompt_completion))
+    register(DataFormat("preference", "preference", ("prompt", "chosen", "rejected"), _preference))
+    register(DataFormat("prompt", "prompt", ("prompt",), _prompt))

@@ -1,0 +1,87 @@
+"""Sample answers to held-out prompts from the current model with the vLLM rollout workers."""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import Field
+
+from rayalign.cluster.worker_group import WorkerGroup
+from rayalign.data.chat import tokenize_prompt
+from rayalign.data.datasets import load_records, prompts_from_chat, split
+from rayalign.rollout.vllm_engine import EngineConfig, Sampling
+from rayalign.stage import Stage, StageConfig, StageResult
+from rayalign.workers.rollout import RolloutWorker
+
+
+class GenerateConfig(StageConfig):
+    num_prompts: int = Field(16, ge=1, description="held-out prompts to answer (at most)")
+    n: int = Field(1, ge=1, description="samples per prompt")
+    temperature: float = Field(0.0, ge=0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(64, ge=1, description="new tokens per sample")
+    show: int = Field(3, ge=0, description="samples printed in the job log")
+    metrics: list[str] = Field(["response_words", "distinct_2", "exact_match"], description="registered metrics")
+
+
+class GenerateStage(Stage):
+    """Writes ``generations.jsonl`` and the configured metrics; trains nothing."""
+
+    name = "generate"
+    Config = GenerateConfig
+
+    def prepare(self, run, plugins, artifacts, index):
+        cfg = self.config
+        self.metrics = [plugins.metrics.get(m, where=f"stages[{index}].generate.metrics")() for m in cfg.metrics]
+        if run.data.prompts is not None:
+            prompts, self.source = load_records(run.data.prompts, "prompt", plugins.formats, run.seed)
+        else:  # the held-out split of the SFT data: questions the model did not train on
+            chat, source = load_records(run.data.sft, "chat", plugins.formats, run.seed)
+            prompts, self.source = prompts_from_chat(split(chat, run.data.eval_fraction, run.seed)[1]), source
+        self.prompts = prompts[: cfg.num_prompts]
+
+    def run(self, ctx):
+        from transformers import AutoTokenizer
+
+        cfg, res = self.config, ctx.run.resources.rollout
+        tok = AutoTokenizer.from_pretrained(ctx.artifacts.model)
+        token_prompts = [tokenize_prompt(tok, p["prompt"]) for p in self.prompts]
+        engine = EngineConfig(
+            model=ctx.artifacts.model, gpu_memory_utilization=res.gpu_memory_utilization,
+            max_model_len=res.max_model_len, seed=ctx.run.seed, tensor_parallel_size=res.tensor_parallel_size,
+        )
+        sampling = Sampling(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                            seed=ctx.run.seed)
+        with ctx.cluster.reserve(ctx.name, ["rollout"]) as placement:
+            group = WorkerGroup(f"{ctx.actor_prefix}/rollout", RolloutWorker, placement["rollout"],
+                                lambda r: (engine, int(placement["rollout"].num_cpus)))
+            try:
+                k = len(group)
+                shards = [list(range(len(token_prompts)))[r::k] for r in range(k)]
+                results = group.run(
+                    lambda a, r: a.generate.remote([token_prompts[i] for i in shards[r]], sampling),
+                    ctx.run.timeouts.step_s,
+                )
+            finally:
+                group.shutdown()
+        rows = []
+        for r, completions in enumerate(results):
+            for c in completions:
+                p = self.prompts[shards[r][c.prompt_index]]
+                rows.append({
+                    "prompt": p["prompt"], "completion": c.text, "reference": p.get("reference"),
+                    "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids),
+                })
+        with open(ctx.work_dir / "generations.jsonl", "w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+        prompts_text = [row["prompt"][-1]["content"] for row in rows]
+        completions = [row["completion"] for row in rows]
+        references = [row["reference"] for row in rows]
+        metrics = {m.name: m.compute(prompts_text, completions, references) for m in self.metrics}
+        for row in rows[: cfg.show]:
+            ctx.log.info("[%s] Q: %s\n    A: %s\n    reference: %s", ctx.name, row["prompt"][-1]["content"],
+                         row["completion"], row["reference"])
+        ctx.log.info("[%s] %s", ctx.name, " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        metrics["samples"] = len(rows)
+        return StageResult(metrics=metrics, datasets={"generations": "generations.jsonl"})

@@ -1,0 +1,105 @@
+"""Supervised fine-tuning on chat data: assistant tokens only, packed rows, DeepSpeed trainers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import Field
+
+from rayalign.data.chat import tokenize_conversation
+from rayalign.data.datasets import dataset_path, load_records, split
+from rayalign.data.packing import collate_packed, group_by_tokens
+from rayalign.errors import DataError
+from rayalign.stage import Stage, StageResult
+from rayalign.training.loop import TrainerSession, TrainingConfig
+from rayalign.training.losses import Loss
+
+
+class SFTConfig(TrainingConfig):
+    dataset: str = Field("sft", description="key under `data:` naming the chat JSONL (null: synthetic)")
+    loss: str = Field("sft", description="registered loss applied to the logits")
+    epochs: int = Field(3, ge=1, description="passes over the training split")
+
+
+@dataclass
+class SFTObjective:
+    """One packed row through the model, then the configured token loss."""
+
+    loss: Loss
+
+    def __call__(self, model, batch):
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return self.loss(logits, batch["labels"])
+
+
+def pack(tokenized: list, max_tokens: int, seed: int) -> list[dict]:
+    groups = group_by_tokens([len(t) for t in tokenized], max_tokens, seed)
+    return [collate_packed([tokenized[i] for i in g]) for g in groups]
+
+
+class SFTStage(Stage):
+    """Fine-tune on conversations; loss on assistant turns; eval loss on a held-out split."""
+
+    name = "sft"
+    Config = SFTConfig
+
+    def prepare(self, run, plugins, artifacts, index):
+        cfg = self.config
+        self.loss_cls = plugins.losses.get(cfg.loss, where=f"stages[{index}].sft.loss")
+        path = dataset_path(run, cfg.dataset, where=f"stages[{index}].sft.dataset")
+        records, self.source = load_records(path, "chat", plugins.formats, run.seed)
+        self.train, self.eval = split(records, run.data.eval_fraction, run.seed)
+
+    def run(self, ctx):
+        from transformers import AutoTokenizer
+
+        cfg = self.config
+        tok = AutoTokenizer.from_pretrained(ctx.artifacts.model)
+
+        def tokenize(records, part):
+            out = [
+                tokenize_conversation(tok, r["messages"], cfg.max_length, where=f"{self.source} ({part} #{i})")
+                for i, r in enumerate(records)
+            ]
+            kept = [t for t in out if t.num_trained > 0]
+            return kept, len(out) - len(kept)
+
+        train, dropped_train = tokenize(self.train, "train")
+        held, dropped_eval = tokenize(self.eval, "eval")
+        if dropped_train or dropped_eval:
+            ctx.log.warning(
+                "[%s] %d examples have no assistant token left after truncation to %d tokens; skipped",
+                ctx.name, dropped_train + dropped_eval, cfg.max_length,
+            )
+        if not train:
+            raise DataError(self.source, "no trainable examples (every assistant turn was truncated away)")
+        train_batches = pack(train, cfg.max_tokens_per_micro_batch, ctx.run.seed)
+        eval_batches = pack(held, cfg.max_tokens_per_micro_batch, ctx.run.seed)
+        objective = SFTObjective(self.loss_cls())
+        with ctx.cluster.reserve(ctx.name, ["trainer"]) as placement:
+            session = TrainerSession(ctx, placement["trainer"], cfg, objective, train_batches, eval_batches)
+            try:
+                before = session.evaluate() if eval_batches else {}
+                history = session.fit()
+                after = session.evaluate() if eval_batches else {}
+                session.save(str(ctx.work_dir / "model"))
+            finally:
+                session.shutdown()
+        ctx.log.info(
+            "[%s] eval loss %.4f -> %.4f over %d steps",
+            ctx.name, before.get("loss", float("nan")), after.get("loss", float("nan")), len(history),
+        )
+        return StageResult(
+            model="model",
+            metrics={
+                "eval_loss_before": before.get("loss"),
+                "eval_loss": after.get("loss"),
+                "train_loss": history[-1]["loss"] if history else None,
+                "steps": len(history),
+                "train_examples": len(train),
+                "eval_examples": len(held),
+                "skipped_examples": dropped_train + dropped_eval,
+                "train_tokens": sum(len(t) for t in train),
+                "history": history,
+            },
+        )
