@@ -118,7 +118,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(text, "overrides look like key=value (e.g. data.sft=/data/sft.jsonl)")
     key, raw = text.split("=", 1)
-    return key.split("."), yaml.safe_load(raw) if raw else None
+    value = yaml.safe_load(raw) if raw else None
+    if isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads "1e-4" as a string
+        except ValueError:
+            pass
+    return key.split("."), value
 
 
 def apply_override(raw: dict[str, Any], parts: list[str], value: Any, text: str) -> None:

@@ -84,7 +84,9 @@ class PluginManager:
         try:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise PluginError(exc.plugin_name or "?", f"{exc} (misspelt hook name?)") from None
+            name = self._pm.get_name(exc.plugin) or "?"
+            package = self.info[name].package if name in self.info else "?"
+            raise PluginError(name, f"{exc} (package {package}; misspelt hook name?)") from None
 
     def _load_entry_points(self) -> None:
         blocked = _blocked()

@@ -42,6 +42,9 @@ class DPOObjective:
         logps = sums / counts.clamp(min=1) if getattr(self.loss, "uses_mean_logps", False) else sums
         return logps[0::2], logps[1::2]
 
+    def weight(self, batch) -> float:
+        return float(int(batch["sequence_ids"].max()) + 1) / 2  # pairs in the row
+
     def __call__(self, model, batch):
         chosen, rejected = self.logps(model, batch)
         loss, metrics = self.loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])

@@ -12,7 +12,7 @@ from rayalign.data.packing import collate_packed, group_by_tokens
 from rayalign.errors import DataError
 from rayalign.stage import Stage, StageResult
 from rayalign.training.loop import TrainerSession, TrainingConfig
-from rayalign.training.losses import Loss
+from rayalign.training.losses import IGNORE_INDEX, Loss
 
 
 class SFTConfig(TrainingConfig):
@@ -30,6 +30,9 @@ class SFTObjective:
     def __call__(self, model, batch):
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         return self.loss(logits, batch["labels"])
+
+    def weight(self, batch) -> float:
+        return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def pack(tokenized: list, max_tokens: int, seed: int) -> list[dict]:

@@ -1,6 +1,7 @@
 """Padding-free packing: many sequences share one row, each with its own position ids.
 
-Attention never crosses sequences: with no attention mask and position ids that restart at 0,
+Attention never crosses sequences: with no attention mask, ``use_cache=False`` (a KV cache switches
+the detection off) and position ids that restart at 0,
 ``transformers`` builds a block-diagonal causal mask (sdpa/eager) or uses variable-length
 flash-attention, so a packed row computes exactly what the sequences would compute alone.
 """

@@ -72,6 +72,8 @@ class TrainerSession:
         self.train_shards = [list(range(r, len(train_batches), n)) for r in range(n)]
         self.steps_per_epoch = math.ceil(max(len(s) for s in self.train_shards) / cfg.grad_accum)
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        # Each micro-batch's weight in a step's mean: trained tokens (SFT) or pairs (DPO).
+        self.weights = [objective.weight(b) for b in train_batches]
         eval_ids = range(len(train_batches), len(train_batches) + len(eval_batches))
         self.eval_shards = [list(eval_ids)[r::n] for r in range(n)]
         everything = train_batches + eval_batches
@@ -107,9 +109,13 @@ class TrainerSession:
             orders = [self._epoch_order(r, epoch) for r in range(n)]
             for s in range(self.steps_per_epoch):
                 step += 1
-                results = self.group.run(
-                    lambda a, r: a.train_step.remote(orders[r][s * ga : (s + 1) * ga]), self.timeouts.step_s
-                )
+                chunks = [orders[r][s * ga : (s + 1) * ga] for r in range(n)]
+                # DeepSpeed divides each micro-batch loss by grad_accum and averages gradients
+                # over ranks; scaling by weight * ga * n / total undoes both and leaves the
+                # step's loss as sum(weight_i * mean_loss_i) / total.
+                total = sum(self.weights[i] for chunk in chunks for i in chunk) or 1.0
+                scales = [[self.weights[i] * ga * n / total for i in chunk] for chunk in chunks]
+                results = self.group.run(lambda a, r: a.train_step.remote(chunks[r], scales[r]), self.timeouts.step_s)
                 metrics = weighted_mean(results)
                 metrics.update(step=step, epoch=epoch + (s + 1) / self.steps_per_epoch)
                 history.append(metrics)

@@ -119,14 +119,19 @@ class TrainerWorker(Worker):
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
 
-    def train_step(self, indices: list[int]) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches ``indices`` (len == grad_accum)."""
+    def train_step(self, indices: list[int], scales: list[float]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches ``indices`` (len == grad_accum).
+
+        ``scales[k]`` turns micro-batch k's mean loss into its share of the whole step's mean
+        (see ``TrainerSession.fit``), so the gradient is one token-level (or pair-level) mean
+        over every micro-batch of every rank, as TRL computes it.
+        """
         engine = self.engine
         engine.train()
         metrics = []
-        for i in indices:
+        for i, scale in zip(indices, scales):
             loss, m = self.objective(engine, self._to_device(self.batches[i]))
-            engine.backward(loss)
+            engine.backward(loss * scale)
             engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
             metrics.append(m)
         out = weighted_mean(metrics)

