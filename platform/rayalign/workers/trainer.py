@@ -52,7 +52,7 @@ class TrainerWorker(Worker):
         super().__init__(num_threads)
         self.rank, self.world_size = rank, world_size
         self.engine = None
-        self.batches: dict[int, dict] = {}
+        self.batches: list[dict] = []
 
     def free_address(self) -> tuple[str, int]:
         with socket.socket() as s:
@@ -112,12 +112,15 @@ class TrainerWorker(Worker):
         )
         return sum(p.numel() for p in params)
 
-    def load_batches(self, batches: dict[int, dict]) -> int:
-        self.batches.update(batches)
-        return len(self.batches)
+    def load_batches(self, batches: list[dict]) -> int:
+        """Every micro-batch of the stage (numpy arrays, zero-copy from the object store)."""
+        self.batches = batches
+        return len(batches)
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+        import torch
+
+        return {k: torch.tensor(v).to(self.device) for k, v in batch.items()}  # copies: the store's arrays are read-only
 
     def train_step(self, indices: list[int], scales: list[float]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches ``indices`` (len == grad_accum).
