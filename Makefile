@@ -27,10 +27,10 @@ endif
 
 demo: install
 	-$(BIN)/ray stop --force >/dev/null 2>&1
-	PATH=$(BIN):$$PATH $(BIN)/ray start --head --port=$(RAY_PORT) --dashboard-host=127.0.0.1 \
+	RAY_AUTH_MODE=token PATH=$(BIN):$$PATH $(BIN)/ray start --head --port=$(RAY_PORT) --dashboard-host=127.0.0.1 \
 		--dashboard-port=$(DASHBOARD_PORT) --disable-usage-stats
-	PATH=$(BIN):$$PATH $(BIN)/ray job submit --address http://127.0.0.1:$(DASHBOARD_PORT) --working-dir . \
-		-- python recipes/sft_then_dpo.py; status=$$?; $(BIN)/ray stop --force >/dev/null 2>&1; exit $$status
+	RAY_AUTH_MODE=token PATH=$(BIN):$$PATH $(BIN)/ray job submit --address http://127.0.0.1:$(DASHBOARD_PORT) --working-dir . \
+		-- python recipes/sft_then_dpo.py "output_dir=$(CURDIR)/runs/sft_then_dpo/{time}"; status=$$?; $(BIN)/ray stop --force >/dev/null 2>&1; exit $$status
 
 test: install
 	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -ra tests

@@ -60,7 +60,11 @@ def test_lora_sft_writes_a_merged_model_and_its_adapter(local_ray, tmp_path):
     from transformers import AutoModelForCausalLM
 
     cfg = sft_config(tmp_path, "lora", lora={"r": 4, "alpha": 8}, lr=5e-3)
+    cfg.stages.append({"generate": {"num_prompts": 2, "max_tokens": 8}})  # vLLM must load the result
+    cfg.resources.rollout.gpu_memory_utilization = 0.15
     out = run_pipeline(cfg)
+    generated = json.loads((out / "01-generate" / "metrics.json").read_text())
+    assert generated["input_model"] == str(out / "00-sft" / "model") and generated["metrics"]["samples"] == 2
     record = json.loads((out / "00-sft" / "metrics.json").read_text())
     assert record["metrics"]["eval_loss"] < record["metrics"]["eval_loss_before"]
     model_dir = out / "00-sft" / "model"

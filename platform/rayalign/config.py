@@ -33,6 +33,7 @@ class RolloutResources(RoleResources):
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
     max_model_len: int = Field(1024, ge=16)
+    dtype: str = "auto"  # vLLM's: auto, bfloat16, float16, float32
 
 
 class ResourcesConfig(Strict):

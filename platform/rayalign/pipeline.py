@@ -76,7 +76,7 @@ def run_pipeline(cfg: RunConfig, plugins: PluginManager | None = None, source: s
     for i, stage in enumerate(stages):
         stage.prepare(cfg, plugins, artifacts, i)
 
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).resolve()
     created = not out.exists()
     if not created and not cfg.resume and any(out.iterdir()):
         raise ConfigError("output_dir", f"{out} already holds a run; set resume=true or choose another output_dir")

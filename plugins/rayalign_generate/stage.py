@@ -48,7 +48,7 @@ class GenerateStage(Stage):
         token_prompts = [tokenize_prompt(tok, p["prompt"]) for p in self.prompts]
         engine = EngineConfig(
             model=ctx.artifacts.model, gpu_memory_utilization=res.gpu_memory_utilization,
-            max_model_len=res.max_model_len, seed=ctx.run.seed, tensor_parallel_size=res.tensor_parallel_size,
+            max_model_len=res.max_model_len, seed=ctx.run.seed, dtype=res.dtype, tensor_parallel_size=res.tensor_parallel_size,
         )
         sampling = Sampling(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                             seed=ctx.run.seed)
