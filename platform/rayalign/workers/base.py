@@ -17,6 +17,12 @@ class Worker:
     def ping(self) -> bool:
         return True
 
+    def device_memory(self) -> tuple[int, int]:
+        """(free, total) bytes of this worker's GPU, as the driver sees it; (0, 0) on CPU."""
+        import torch
+
+        return torch.cuda.mem_get_info() if torch.cuda.is_available() else (0, 0)
+
     def shutdown(self) -> None:
         """Release what the worker holds before the group kills it."""
 
