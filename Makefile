@@ -35,7 +35,9 @@ demo: install
 		-- python recipes/sft_then_dpo.py "output_dir=$(CURDIR)/runs/sft_then_dpo/{time}"; status=$$?; $(BIN)/ray stop --force >/dev/null 2>&1; exit $$status
 
 test: install
-	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -ra tests
+	# The example third-party plugin, installed as its own distribution like any author's would be.
+	$(BIN)/python -m pip install -q --no-deps -e plugins/example
+	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -ra
 
 clean:
 	rm -rf $(VENV) runs

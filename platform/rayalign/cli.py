@@ -1,6 +1,7 @@
 """``rayalign`` command line, and the argument handling every recipe shares.
 
     rayalign plugins                 loaded plugins with package, version and hooks
+    rayalign plugins show NAME       a stage's config schema with defaults and help
     rayalign run CONFIG [key=value]  run a recipe config's stages as one job
 """
 
@@ -43,11 +44,60 @@ def cmd_plugins(args) -> None:
     from rayalign.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
+    if args.action == "show":
+        print(describe(pm, args.name))
+        return
     for info in sorted(pm.info.values(), key=lambda i: i.name):
-        print(f"{info.name:<24} {info.package} {info.version}  hooks: {', '.join(info.hooks)}")
+        status = f"BROKEN: {info.error}" if info.broken else f"hooks: {', '.join(info.hooks)}"
+        print(f"{info.name:<24} {info.package} {info.version}  {status}")
     for kind, registry in (("stages", pm.stages), ("losses", pm.losses), ("metrics", pm.metrics),
                            ("rewards", pm.rewards), ("formats", pm.formats)):
         print(f"{kind}: {', '.join(f'{n} ({registry.owner[n]})' for n in registry) or '-'}")
+
+
+def describe(pm, name: str) -> str:
+    """A stage's config schema (key, type, default, help), or what a loss/metric/format is."""
+    if name in pm.stages:
+        stage = pm.stages.get(name, where=name)
+        lines = [f"stage {name} (plugin {pm.stages.owner[name]}): {first_line(stage.__doc__)}", "", "options:"]
+        lines += schema_lines(stage.Config)
+        return "\n".join(lines)
+    for kind, registry in (("loss", pm.losses), ("metric", pm.metrics), ("reward", pm.rewards),
+                           ("data format", pm.formats)):
+        if name in registry:
+            item = registry.get(name, where=name)
+            return f"{kind} {name} (plugin {registry.owner[name]}): {first_line(item.__doc__)}"
+    pm.stages.get(name, where="plugins show")  # raises, listing the known stages
+    raise AssertionError("unreachable")
+
+
+def first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
+
+
+def type_name(annotation) -> str:
+    """``float``, ``list[str]``, ``Literal[2, 3]``, ``LoraOptions | None``: as a user would write it."""
+    import re
+
+    if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
+        return annotation.__name__
+    return re.sub(r"\b[\w.]+\.(\w+)", r"\1", str(annotation))
+
+
+def schema_lines(model, prefix: str = "  ") -> list[str]:
+    from pydantic import BaseModel
+
+    lines = []
+    for key, field in model.model_fields.items():
+        annotation = type_name(field.annotation)
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        help_text = f"  {field.description}" if field.description else ""
+        lines.append(f"{prefix}{key}: {annotation} ({default}){help_text}")
+        nested = [a for a in getattr(field.annotation, "__args__", (field.annotation,))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        for sub in nested:
+            lines += schema_lines(sub, prefix + "  " + key + ".")
+    return lines
 
 
 def cmd_run(args) -> None:
@@ -63,13 +113,18 @@ def cmd_run(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rayalign")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("plugins", help="list loaded plugins").set_defaults(fn=cmd_plugins)
+    plugins = sub.add_parser("plugins", help="list loaded plugins, or `plugins show NAME` for a stage's options")
+    plugins.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    plugins.add_argument("name", nargs="?")
+    plugins.set_defaults(fn=cmd_plugins)
     run = sub.add_parser("run", help="run a config's stages")
     run.add_argument("config")
     run.add_argument("overrides", nargs="*")
     run.add_argument("--resume", action="store_true", help="skip stages already finished in output_dir")
     run.set_defaults(fn=cmd_run)
     args = parser.parse_args(argv)
+    if args.command == "plugins" and args.action == "show" and not args.name:
+        parser.error("plugins show needs a NAME")
     args.fn(args)
 
 

@@ -1,26 +1,37 @@
 """Discovers plugins through the ``rayalign`` entry-point group and collects what they register.
 
 Built-in stages live in ``plugins/`` and are declared as entry points of the ``rayalign``
-distribution, so they load exactly like a third-party package would. A plugin can be blocked
-with ``RAYALIGN_DISABLE_PLUGINS=name,name``. A hook implementation whose name matches no hook
-(a typo such as ``register_stage``) fails at start-up, naming the plugin.
+distribution, so they load exactly like a third-party package would.
+
+Failure isolation: an installed plugin that fails to import, implements a hook that does not
+exist (a typo such as ``register_stage``) or with a wrong signature, declares hookspec versions
+this rayalign does not provide, or raises while registering, is set aside as *broken* with a
+warning that names it and its package. A run that needs something only it could provide stops
+before any work with that error; other runs go on. ``RAYALIGN_DISABLE_PLUGINS=name,name`` blocks
+plugins by entry-point name. Plugins passed in code (``extra_plugins``) fail loudly instead.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import pluggy
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from rayalign import hookspecs
 from rayalign.errors import ConfigError, PluginError
 
 ENTRY_POINT_GROUP = "rayalign"
 DISABLE_ENV = "RAYALIGN_DISABLE_PLUGINS"
+# A plugin module may declare the hookspec versions it supports, e.g. RAYALIGN_HOOKSPEC = ">=1,<2".
+VERSION_ATTRIBUTE = "RAYALIGN_HOOKSPEC"
+
+log = logging.getLogger("rayalign")
 
 T = TypeVar("T")
 
@@ -31,15 +42,21 @@ class PluginInfo:
     package: str
     version: str
     hooks: list[str] = field(default_factory=list)
+    error: str | None = None  # set when the plugin is broken and was not loaded
+
+    @property
+    def broken(self) -> bool:
+        return self.error is not None
 
 
 class Registry(Generic[T]):
     """Name -> item, remembering which plugin registered each one."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, broken: Callable[[], list[PluginInfo]] = list):
         self.kind = kind
         self._items: dict[str, T] = {}
         self.owner: dict[str, str] = {}
+        self._broken = broken
 
     def add(self, name: str, item: T, plugin: str) -> None:
         if name in self._items:
@@ -54,7 +71,10 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items)) or "none"
-            raise ConfigError(where, f"no plugin provides {self.kind} {name!r} (known: {known})") from None
+            message = f"no plugin provides {self.kind} {name!r} (known: {known})"
+            for info in self._broken():
+                message += f"; plugin {info.name!r} (package {info.package}) is broken: {info.error}"
+            raise ConfigError(where, message) from None
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
@@ -65,9 +85,37 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._items.items())
 
+    def drop_plugin(self, plugin: str) -> None:
+        for name in [n for n, owner in self.owner.items() if owner == plugin]:
+            del self._items[name], self.owner[name]
+
 
 def _blocked() -> set[str]:
     return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+
+
+def check_hookspec_version(module: Any) -> None:
+    """Raise ValueError when the plugin declares hookspec versions this rayalign does not provide."""
+    wanted = getattr(module, VERSION_ATTRIBUTE, None)
+    if wanted is None:
+        return
+    try:
+        supported = SpecifierSet(wanted)
+    except InvalidSpecifier:
+        raise ValueError(f"{VERSION_ATTRIBUTE} = {wanted!r} is not a version specifier such as '>=1,<2'") from None
+    if hookspecs.HOOKSPEC_VERSION not in supported:
+        raise ValueError(
+            f"supports hookspec versions {wanted} but this rayalign provides {hookspecs.HOOKSPEC_VERSION}"
+        )
+
+
+_REGISTRIES = {  # property -> (hook, kind)
+    "stages": ("register_stages", "stage"),
+    "losses": ("register_losses", "loss"),
+    "rewards": ("register_rewards", "reward"),
+    "metrics": ("register_metrics", "metric"),
+    "formats": ("register_data_formats", "data format"),
+}
 
 
 class PluginManager:
@@ -80,77 +128,112 @@ class PluginManager:
         if load_entry_points:
             self._load_entry_points()
         for plugin in extra_plugins:
-            self.register(plugin, name=getattr(plugin, "__name__", repr(plugin)))
-        try:
-            self._pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            name = self._pm.get_name(exc.plugin) or "?"
-            package = self.info[name].package if name in self.info else "?"
-            raise PluginError(name, f"{exc} (package {package}; misspelt hook name?)") from None
+            name = getattr(plugin, "__name__", repr(plugin))
+            try:
+                check_hookspec_version(plugin)
+                self.register(plugin, name=name)
+                self._check_hooks_exist(plugin)
+            except (ValueError, pluggy.PluginValidationError) as exc:
+                raise PluginError(name, str(exc)) from None
+
+    @property
+    def broken(self) -> list[PluginInfo]:
+        return [i for i in self.info.values() if i.broken]
 
     def _load_entry_points(self) -> None:
         blocked = _blocked()
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name in blocked or self._pm.get_plugin(ep.name) is not None:
+            if ep.name in blocked or ep.name in self.info:
                 continue
             package = ep.dist.name if ep.dist else "?"
             version = ep.dist.version if ep.dist else "?"
             try:
                 module = ep.load()
-            except Exception as exc:  # a broken third-party plugin must not take the platform down
-                raise PluginError(ep.name, f"failed to import {ep.value!r} from package {package}: {exc!r}") from exc
-            self.register(module, name=ep.name, package=package, version=version)
+            except Exception as exc:
+                self._set_aside(ep.name, package, version, f"failed to import {ep.value!r}: {exc!r}")
+                continue
+            try:
+                check_hookspec_version(module)
+                self.register(module, name=ep.name, package=package, version=version)
+                self._check_hooks_exist(module)
+            except (ValueError, pluggy.PluginValidationError) as exc:
+                if self._pm.is_registered(module):
+                    self._pm.unregister(module)
+                self._set_aside(ep.name, package, version, str(exc))
+
+    def _check_hooks_exist(self, plugin: Any) -> None:
+        """A hook implementation with no matching hook is a typo, not an extension point."""
+        unknown = [c.name for c in self._pm.get_hookcallers(plugin) or [] if c.spec is None]
+        if unknown:
+            raise pluggy.PluginValidationError(
+                plugin, f"unknown hook {', '.join(unknown)} (misspelt? hooks are: {', '.join(_hook_names())})"
+            )
+
+    def _set_aside(self, name: str, package: str, version: str, error: str) -> None:
+        self.info[name] = PluginInfo(name, package, version, error=error)
+        log.warning(
+            "rayalign: plugin %r (package %s) is broken and was not loaded: %s. Runs that need it will stop; "
+            "set %s=%s to silence this.", name, package, error, DISABLE_ENV, name,
+        )
 
     def register(self, plugin: Any, name: str, package: str = "?", version: str = "?") -> None:
-        try:
-            self._pm.register(plugin, name=name)
-        except pluggy.PluginValidationError as exc:
-            raise PluginError(name, f"{exc} (package {package})") from None
+        self._pm.register(plugin, name=name)
         hooks = sorted(c.name for c in self._pm.get_hookcallers(plugin) or [])
         self.info[name] = PluginInfo(name, package, version, hooks)
-        # A new plugin invalidates what was collected so far.
-        for attr in ("stages", "losses", "rewards", "metrics", "formats"):
+        for attr in _REGISTRIES:  # a new plugin invalidates what was collected so far
             self.__dict__.pop(attr, None)
 
-    def _collect(self, hook_name: str, kind: str, key: Callable[[Any], str]) -> Registry:
-        registry: Registry = Registry(kind)
+    def _collect(self, attr: str) -> Registry:
+        hook_name, kind = _REGISTRIES[attr]
+        registry: Registry = Registry(kind, broken=lambda: self.broken)
         for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
             plugin = impl.plugin_name
+            info = self.info.get(plugin)
+            if info is not None and info.broken:
+                continue
 
             def register(item: Any, *rest: Any, _plugin: str = plugin) -> None:
                 # register(obj) for classes/objects with a .name; register(name, fn) for rewards.
                 if rest:
                     registry.add(item, rest[0], _plugin)
                 else:
-                    registry.add(key(item), item, _plugin)
+                    registry.add(item.name, item, _plugin)
 
             try:
                 impl.function(register=register)
             except PluginError:
-                raise
+                raise  # a name clash between two plugins: neither is at fault alone
             except Exception as exc:
-                raise PluginError(plugin, f"hook {hook_name} raised {exc!r}") from exc
+                registry.drop_plugin(plugin)
+                if info is None:
+                    raise PluginError(plugin, f"hook {hook_name} raised {exc!r}") from exc
+                info.error = f"hook {hook_name} raised {exc!r}"
+                self._set_aside(plugin, info.package, info.version, info.error)
         return registry
 
     @cached_property
     def stages(self) -> Registry:
-        return self._collect("register_stages", "stage", lambda s: s.name)
+        return self._collect("stages")
 
     @cached_property
     def losses(self) -> Registry:
-        return self._collect("register_losses", "loss", lambda s: s.name)
+        return self._collect("losses")
 
     @cached_property
     def rewards(self) -> Registry:
-        return self._collect("register_rewards", "reward", lambda s: s.name)
+        return self._collect("rewards")
 
     @cached_property
     def metrics(self) -> Registry:
-        return self._collect("register_metrics", "metric", lambda s: s.name)
+        return self._collect("metrics")
 
     @cached_property
     def formats(self) -> Registry:
-        return self._collect("register_data_formats", "data format", lambda s: s.name)
+        return self._collect("formats")
+
+
+def _hook_names() -> list[str]:
+    return sorted(n for n in dir(hookspecs) if n.startswith("register_"))
 
 
 _default: PluginManager | None = None
@@ -162,4 +245,3 @@ def get_plugin_manager() -> PluginManager:
     if _default is None:
         _default = PluginManager()
     return _default
-
