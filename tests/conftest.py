@@ -30,3 +30,15 @@ def recipe_env(tmp_path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture(autouse=True)
+def _capture_rayalign_log(caplog):
+    """The pipeline's logger does not propagate to the root (no duplicate lines under Ray), so
+    hand caplog's handler to it directly."""
+    import logging
+
+    logger = logging.getLogger("rayalign")
+    logger.addHandler(caplog.handler)
+    yield
+    logger.removeHandler(caplog.handler)

@@ -3,6 +3,7 @@
     rayalign plugins                 loaded plugins with package, version and hooks
     rayalign plugins show NAME       a stage's config schema with defaults and help
     rayalign run CONFIG [key=value]  run a recipe config's stages as one job
+    rayalign report RUN_DIR          (re)write a run's report.html from its outputs
 """
 
 from __future__ import annotations
@@ -109,6 +110,15 @@ def cmd_run(args) -> None:
     run_pipeline(cfg, source=args.config)
 
 
+def cmd_report(args) -> None:
+    from rayalign.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "summary.json").exists() and not any(run_dir.glob("[0-9][0-9]-*/metrics.json")):
+        raise RayalignError(f"report: {run_dir}: not a run directory (no summary.json and no finished stage)")
+    print(write_report(run_dir))
+
+
 @exits_cleanly
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rayalign")
@@ -122,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("overrides", nargs="*")
     run.add_argument("--resume", action="store_true", help="skip stages already finished in output_dir")
     run.set_defaults(fn=cmd_run)
+    report = sub.add_parser("report", help="(re)write RUN_DIR/report.html from the run's outputs")
+    report.add_argument("run_dir")
+    report.set_defaults(fn=cmd_report)
     args = parser.parse_args(argv)
     if args.command == "plugins" and args.action == "show" and not args.name:
         parser.error("plugins show needs a NAME")

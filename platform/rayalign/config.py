@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from rayalign.errors import ConfigError
 
@@ -21,12 +22,42 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class NodeSelector(Strict):
+    """Which nodes may hold one worker's bundle on a multi-node cluster."""
+
+    # Custom resources the bundle takes, so only nodes that declare them fit it: `ray start
+    # --resources='{"pool_a": 8}'`, or `resources:` of a KubeRay group. A small amount (0.001)
+    # only selects nodes; 1 of a resource each node has once keeps one worker per node.
+    resources: dict[str, Annotated[float, Field(gt=0)]] = {}
+    # Node-label selector: `ray start --labels=pool=a`, or `labels:` of a KubeRay group. Values
+    # take Ray's label operators, e.g. "!spot" or "in(a100,h100)".
+    labels: dict[str, str] = {}
+
+
 class RoleResources(Strict):
     """Resources of one worker role. ``num_gpus`` is per worker; 0 runs on CPU."""
 
     num_workers: int = Field(1, ge=1)
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, gt=0)
+    # Where the workers may run: entry r constrains rank r, a single entry every rank, none
+    # leaves it to `placement_strategy`.
+    placement: list[NodeSelector] = []
+
+    @model_validator(mode="after")
+    def _one_selector_or_one_per_rank(self) -> "RoleResources":
+        if len(self.placement) not in (0, 1, self.num_workers):
+            raise PydanticCustomError(
+                "placement_length",
+                "{n} placement entries for {w} workers: give one entry for all ranks or one per rank",
+                {"n": len(self.placement), "w": self.num_workers},
+            )
+        return self
+
+    def selector(self, rank: int) -> NodeSelector | None:
+        if len(self.placement) == 1:
+            return self.placement[0]
+        return self.placement[rank] if rank < len(self.placement) else None
 
 
 class RolloutResources(RoleResources):
@@ -64,6 +95,18 @@ class TimeoutConfig(Strict):
     step_s: float = Field(1800, gt=0)
 
 
+class ReliabilityConfig(Strict):
+    """Checkpoints, restarts after lost workers, and what to do when the loss explodes."""
+
+    checkpoint_every: int = Field(0, ge=0)  # optimizer steps between checkpoints; 0: none mid-stage
+    keep_checkpoints: int = Field(2, ge=1)
+    max_restarts: int = Field(2, ge=0)  # per stage: dead or hung workers survived from the last checkpoint
+    max_consecutive_skips: int = Field(3, ge=1)  # non-finite steps in a row before a rollback
+    loss_spike_factor: float = Field(10.0, gt=1)  # a loss this many times its running mean rolls back
+    lr_backoff: float = Field(0.5, gt=0, lt=1)  # LR multiplier applied at each rollback
+    max_rollbacks: int = Field(3, ge=0)
+
+
 class StageEntry(BaseModel):
     name: str
     config: Any  # the stage plugin's own pydantic model, once validated
@@ -78,6 +121,7 @@ class RunConfig(Strict):
     data: DataConfig = DataConfig()
     resources: ResourcesConfig = ResourcesConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
+    reliability: ReliabilityConfig = ReliabilityConfig()
     stages: list[dict[str, Any]] = Field(default_factory=list)
 
 

@@ -28,8 +28,12 @@ class PluginError(RayalignError):
 
 
 class WorkerError(RuntimeError):
-    """A worker actor died, hung past its timeout or raised. Names the actor."""
+    """A worker actor died, hung past its timeout or raised. Names the actor.
 
-    def __init__(self, actor_name: str, message: str):
-        self.actor_name = actor_name
+    ``retryable`` is true for a lost worker (killed, crashed, hung), which a restart from the last
+    checkpoint can survive; an exception raised by the worker's own code would only repeat.
+    """
+
+    def __init__(self, actor_name: str, message: str, retryable: bool = False):
+        self.actor_name, self.detail, self.retryable = actor_name, message, retryable
         super().__init__(f"worker {actor_name}: {message}")

@@ -18,12 +18,13 @@ import pluggy
 
 if TYPE_CHECKING:
     from rayalign.data.formats import DataFormat
+    from rayalign.evaluation.detectors import Detector
     from rayalign.metrics import Metric
     from rayalign.stage import Stage
     from rayalign.training.losses import Loss
 
 PROJECT = "rayalign"
-HOOKSPEC_VERSION = "1.0"
+HOOKSPEC_VERSION = "1.1"  # 1.1: register_detectors
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -83,4 +84,17 @@ def register_data_formats(register: Callable[["DataFormat"], None]) -> None:
     ``prompt``/``chosen``/``rejected`` message lists for preferences). The loader picks the first
     format whose ``matches(record)`` is true and reports the file and line of any record that
     fits none.
+    """
+
+
+@hookspec
+def register_detectors(register: Callable[[type["Detector"]], None]) -> None:
+    """Register detectors of bad answers (repetition loops, hallucinations, ...).
+
+    Call ``register(DetectorClass)``, a subclass of ``rayalign.evaluation.detectors.Detector``.
+    ``name`` is what a stage's ``detectors:`` list names; ``kind`` (``"repetition"`` or
+    ``"hallucination"``) says which fix its flags feed; ``Config`` is its pydantic options schema
+    (``detector_options.<name>`` in a stage). ``detect(samples, knowledge)`` returns, per sample, a
+    ``Finding(rule, details)`` when it flags the sample and ``None`` otherwise. A detector that
+    raises stops its stage with an error naming the detector and its plugin.
     """

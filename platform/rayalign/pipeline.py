@@ -6,6 +6,8 @@ Order of work, so that bad input costs nothing:
 3. only then create the output directory, connect to Ray and run the stages.
 Each stage writes into a hidden temporary directory renamed to ``NN-<stage>`` on success, so an
 output directory never holds half a stage. With ``resume: true`` finished stages are skipped.
+A run ends by writing ``summary.json`` and ``report.html``, also when a stage fails after an
+earlier one finished (the failed stage is recorded with its error).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from pathlib import Path
 
 import yaml
 
+from rayalign import telemetry
 from rayalign.config import RunConfig, validate_stages
 from rayalign.errors import ConfigError
 from rayalign.plugins import PluginManager, get_plugin_manager
+from rayalign.report import write_report
 from rayalign.stage import Artifacts, StageContext
 
 log = logging.getLogger("rayalign")
@@ -88,17 +92,52 @@ def run_pipeline(cfg: RunConfig, plugins: PluginManager | None = None, source: s
     connect()
     cluster = Cluster(cfg.resources)
     summary: dict = {"stages": []}
+    current, started = "", time.time()
     try:
         for i, (entry, stage) in enumerate(zip(entries, stages)):
+            current, started = entry.name, time.time()
             summary["stages"].append(_run_stage(cfg, plugins, cluster, out, i, entry.name, stage, artifacts))
-    except BaseException:
-        if created and not any(p.name[0].isdigit() for p in out.iterdir()):
-            shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave no trace of the run
+    except BaseException as exc:
+        if created and not any(p.name[0].isdigit() or p.name == "checkpoints" for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)  # nothing finished or resumable: leave no trace
+        else:
+            summary["stages"].append({"stage": current, "status": "failed", "seconds": round(time.time() - started, 2),
+                                      "error": f"{type(exc).__name__}: {exc}"})
+            _finish(out, summary, artifacts)
         raise
-    summary["lineage"] = artifacts.lineage
-    _write_json(out / "summary.json", summary)
+    _finish(out, summary, artifacts)
     log.info("run finished: %s", out)
     return out
+
+
+def _finish(out: Path, summary: dict, artifacts: Artifacts) -> None:
+    summary["lineage"] = artifacts.lineage
+    _write_json(out / "summary.json", summary)
+    try:
+        log.info("report: %s", write_report(out))
+    except Exception as exc:  # the report is a view of the run; it never fails one
+        log.warning("report.html not written: %s: %s", type(exc).__name__, exc)
+
+
+def _run_with_restarts(stage, ctx: StageContext, max_restarts: int):
+    """Run the stage; when a worker dies or hangs, start it again (from its last checkpoint)."""
+    from rayalign.errors import WorkerError
+
+    restarts = 0
+    while True:
+        try:
+            result = stage.run(ctx)
+            result.metrics["restarts"] = restarts
+            return result
+        except WorkerError as exc:
+            if not exc.retryable:
+                raise
+            if restarts >= max_restarts:
+                raise WorkerError(exc.actor_name, f"{exc.detail}; gave up after {restarts} restart(s) "
+                                  f"(reliability.max_restarts={max_restarts})") from exc
+            restarts += 1
+            log.warning("[%s] %s; restarting the stage from its last checkpoint (restart %d of %d)",
+                        ctx.name, exc, restarts, max_restarts)
 
 
 def _run_stage(cfg, plugins, cluster, out: Path, index: int, name: str, stage, artifacts: Artifacts) -> dict:
@@ -110,11 +149,13 @@ def _run_stage(cfg, plugins, cluster, out: Path, index: int, name: str, stage, a
         work = out / f".{final.name}.tmp"
         shutil.rmtree(work, ignore_errors=True)  # a previous attempt's leftovers
         work.mkdir()
-        ctx = StageContext(cfg, plugins, cluster, index, name, work, artifacts, log)
+        checkpoints = out / "checkpoints" / final.name  # survive restarts and resumes of this stage
+        ctx = StageContext(cfg, plugins, cluster, index, name, work, artifacts, log, checkpoints)
         log.info("[%s] stage %d/%d starting on model %s", name, index + 1, len(cfg.stages), artifacts.model)
+        telemetry.stage_started(name)
         started = time.time()
         try:
-            result = stage.run(ctx)
+            result = _run_with_restarts(stage, ctx, cfg.reliability.max_restarts)
             record = {
                 "stage": name,
                 "seconds": round(time.time() - started, 2),
@@ -125,9 +166,15 @@ def _run_stage(cfg, plugins, cluster, out: Path, index: int, name: str, stage, a
             }
             _write_json(work / "metrics.json", record)
             os.replace(work, final)
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the stage's output is its final checkpoint
+            if checkpoints.parent.exists() and not any(checkpoints.parent.iterdir()):
+                checkpoints.parent.rmdir()
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
+            telemetry.stage_finished(name, time.time() - started, failed=True)
             raise
+        telemetry.stage_finished(name, record["seconds"])
+        telemetry.record_stage_metrics(name, result.metrics)
         summary = {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
         log.info("[%s] done in %.1fs: %s", name, record["seconds"], json.dumps(summary, default=str))
     if record.get("model"):

@@ -115,6 +115,7 @@ _REGISTRIES = {  # property -> (hook, kind)
     "rewards": ("register_rewards", "reward"),
     "metrics": ("register_metrics", "metric"),
     "formats": ("register_data_formats", "data format"),
+    "detectors": ("register_detectors", "detector"),
 }
 
 
@@ -230,6 +231,10 @@ class PluginManager:
     @cached_property
     def formats(self) -> Registry:
         return self._collect("formats")
+
+    @cached_property
+    def detectors(self) -> Registry:
+        return self._collect("detectors")
 
 
 def _hook_names() -> list[str]:

@@ -45,6 +45,7 @@ class StageContext:
     work_dir: Path  # temporary; becomes the stage's output directory on success
     artifacts: Artifacts
     log: logging.Logger
+    checkpoint_dir: Path  # mid-stage checkpoints; kept across restarts, removed on success
 
     @property
     def actor_prefix(self) -> str:

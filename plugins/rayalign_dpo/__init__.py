@@ -1,8 +1,8 @@
-"""Built-in direct preference optimisation stage with sigmoid (DPO) and IPO losses."""
+"""Built-in direct preference optimisation stage with sigmoid (DPO) and IPO losses, and unlikelihood."""
 
 from rayalign.hookspecs import hookimpl
 
-from rayalign_dpo.losses import IPOLoss, SigmoidDPOLoss
+from rayalign_dpo.losses import IPOLoss, SigmoidDPOLoss, UnlikelihoodLoss
 from rayalign_dpo.stage import DPOStage
 
 
@@ -15,3 +15,4 @@ def register_stages(register):
 def register_losses(register):
     register(SigmoidDPOLoss)
     register(IPOLoss)
+    register(UnlikelihoodLoss)

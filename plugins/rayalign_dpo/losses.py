@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rayalign.training.losses import Loss
+from rayalign.training.losses import Loss, shifted_token_logps
 
 
 class _PreferenceLoss(Loss):
@@ -59,3 +59,23 @@ class IPOLoss(_PreferenceLoss):
 
     def penalty(self, margin: torch.Tensor) -> torch.Tensor:
         return (margin - 1 / (2 * self.beta)) ** 2
+
+
+class UnlikelihoodLoss(Loss):
+    """Token-level unlikelihood (Welleck et al. 2019, eq. 4): ``-log(1 - p(token))`` on marked tokens.
+
+    ``mask`` is aligned with ``labels`` and marks the tokens to push down (the DPO stage marks the
+    tokens of a looping rejected answer that repeat an earlier n-gram of it). The mean is over
+    marked tokens, 0 when a micro-batch has none.
+    """
+
+    name = "unlikelihood"
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        token_logps, valid = shifted_token_logps(logits, labels)
+        marked = valid & mask[:, 1:].bool()
+        # log(1 - p) computed as log1p(-p), with p kept below 1 so a certain repeat stays finite.
+        penalty = -torch.log1p(-token_logps.exp().clamp(max=1 - 1e-6))
+        count = marked.sum()
+        loss = (penalty * marked).sum() / count.clamp(min=1)
+        return loss, {"ul_loss": loss.item(), "ul_tokens": float(count.item())}

@@ -3,10 +3,17 @@
 Each pair becomes two packed sequences (chosen then rejected) in the same row, so one forward
 pass scores both. The reference model scores every micro-batch once before training; its
 log-probs travel inside the micro-batches and are saved with the stage's outputs.
+
+``dataset`` is a key under ``data:`` or the name of a dataset an earlier stage produces (``pairs``
+from ``negatives``): that one exists only once the earlier stage ran, so it is loaded in ``run``.
+With ``unlikelihood > 0`` the tokens of rejected answers marked ``"unlikelihood": true`` that repeat
+an earlier n-gram of the answer also get an unlikelihood penalty (the registered loss
+``unlikelihood``, Welleck et al. 2019), added to the preference loss with that weight.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -16,27 +23,37 @@ from rayalign.cluster.worker_group import WorkerGroup
 from rayalign.data.chat import tokenize_completion
 from rayalign.data.datasets import dataset_path, load_records, split
 from rayalign.data.packing import collate_packed, group_by_tokens
-from rayalign.errors import DataError
+from rayalign.errors import ConfigError, DataError
 from rayalign.stage import Stage, StageResult
 from rayalign.training.loop import TrainerSession, TrainingConfig
-from rayalign.training.losses import Loss, sequence_logps
+from rayalign.training.losses import IGNORE_INDEX, Loss, sequence_logps
 from rayalign.workers.reference import ReferenceWorker
 
 
 class DPOConfig(TrainingConfig):
-    dataset: str = Field("preference", description="key under `data:` naming the pairs JSONL (null: synthetic)")
+    dataset: str = Field("preference", description="key under `data:` naming the pairs JSONL (null: synthetic), "
+                         "or a dataset an earlier stage produces (e.g. `pairs` from `negatives`)")
     loss: str = Field("sigmoid", description="registered preference loss: sigmoid (DPO) or ipo")
     beta: float = Field(0.1, gt=0, description="strength of the KL constraint to the reference")
     lr: float = Field(5e-7, gt=0, description="peak learning rate (cosine decay after warmup)")
+    unlikelihood: float = Field(0.0, ge=0, description="weight of unlikelihood on repeated tokens of rejected "
+                                "answers marked `unlikelihood: true` (0: off)")
+    unlikelihood_ngram: int = Field(4, ge=1, description="a token is repeated when the token n-gram it ends "
+                                    "occurred earlier in the answer")
 
 
 @dataclass
 class DPOObjective:
     loss: Loss
+    unlikelihood: Loss | None = None  # optional token-level term, weighted by ``unlikelihood_weight``
+    unlikelihood_weight: float = 0.0
 
     def logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pair log-probs of chosen and rejected completions (summed, or mean for IPO)."""
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return self.pair_logps(logits, batch)
+
+    def pair_logps(self, logits, batch) -> tuple[torch.Tensor, torch.Tensor]:
         num_seqs = int(batch["sequence_ids"].max()) + 1
         sums, counts = sequence_logps(logits, batch["labels"], batch["sequence_ids"], num_seqs)
         logps = sums / counts.clamp(min=1) if getattr(self.loss, "uses_mean_logps", False) else sums
@@ -46,10 +63,40 @@ class DPOObjective:
         return float(int(batch["sequence_ids"].max()) + 1) / 2  # pairs in the row
 
     def __call__(self, model, batch):
-        chosen, rejected = self.logps(model, batch)
-        loss, metrics = self.loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
+        if self.unlikelihood is None:
+            chosen, rejected = self.logps(model, batch)
+            loss, metrics = self.loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
+        else:
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            chosen, rejected = self.pair_logps(logits, batch)
+            loss, metrics = self.loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
+            ul, ul_metrics = self.unlikelihood(logits, batch["labels"], batch["ul_mask"])
+            loss = loss + self.unlikelihood_weight * ul
+            metrics.update(ul_metrics)
         metrics["count"] = float(chosen.numel())
         return loss, metrics
+
+
+def repeated_tokens(tokenized, n: int) -> list[int]:
+    """1 on each completion token that ends a token n-gram seen earlier in the completion, else 0."""
+    positions = [t for t, label in enumerate(tokenized.labels) if label != IGNORE_INDEX]
+    ids = [tokenized.labels[t] for t in positions]
+    mask, seen = [0] * len(tokenized), set()
+    for j in range(n - 1, len(ids)):
+        gram = tuple(ids[j - n + 1 : j + 1])
+        if gram in seen:
+            mask[positions[j]] = 1
+        seen.add(gram)
+    return mask
+
+
+def unlikelihood_flags(path: str | None, count: int) -> list[bool]:
+    """The ``unlikelihood`` field of every record of a pairs JSONL, in file order (False if absent)."""
+    if path is None or path.startswith("synthetic:"):
+        return [False] * count
+    with open(path) as fh:
+        flags = [bool(json.loads(line).get("unlikelihood", False)) for line in fh if line.strip()]
+    return flags if len(flags) == count else [False] * count
 
 
 class DPOStage(Stage):
@@ -62,8 +109,20 @@ class DPOStage(Stage):
         cfg = self.config
         loss_cls = plugins.losses.get(cfg.loss, where=f"stages[{index}].dpo.loss")
         self.loss = loss_cls(beta=cfg.beta)
-        path = dataset_path(run, cfg.dataset, where=f"stages[{index}].dpo.dataset")
-        records, self.source = load_records(path, "preference", plugins.formats, run.seed)
+        self.unlikelihood = None
+        if cfg.unlikelihood > 0:
+            self.unlikelihood = plugins.losses.get("unlikelihood", where=f"stages[{index}].dpo.unlikelihood")()
+        self.formats, self.train, self.eval = plugins.formats, None, None
+        data_keys = [k for k, v in type(run.data).model_fields.items() if v.annotation == (str | None)]
+        if cfg.dataset in data_keys:
+            path = dataset_path(run, cfg.dataset, where=f"stages[{index}].dpo.dataset")
+            self._load(path, run)
+        # else: an earlier stage's dataset, which does not exist yet; run() loads it.
+
+    def _load(self, path: str | None, run) -> None:
+        records, self.source = load_records(path, "preference", self.formats, run.seed)
+        for record, flag in zip(records, unlikelihood_flags(path, len(records))):
+            record["unlikelihood"] = flag
         self.train, self.eval = split(records, run.data.eval_fraction, run.seed)
 
     def _batches(self, tok, records, part: str) -> list[dict]:
@@ -74,18 +133,36 @@ class DPOStage(Stage):
             chosen = tokenize_completion(tok, r["prompt"], r["chosen"], cfg.max_length, where)
             rejected = tokenize_completion(tok, r["prompt"], r["rejected"], cfg.max_length, where)
             if chosen.num_trained and rejected.num_trained:
-                pairs.append((chosen, rejected))
-        groups = group_by_tokens([len(c) + len(r) for c, r in pairs], cfg.max_tokens_per_micro_batch, 0)
-        return [collate_packed([s for i in g for s in pairs[i]]) for g in groups]
+                pairs.append((chosen, rejected, r.get("unlikelihood", False)))
+        groups = group_by_tokens([len(c) + len(r) for c, r, _ in pairs], cfg.max_tokens_per_micro_batch, 0)
+        batches = []
+        for g in groups:
+            batch = collate_packed([s for i in g for s in pairs[i][:2]])
+            if self.unlikelihood is not None:  # aligned with the packed row: chosen, rejected, chosen, ...
+                mask = []
+                for i in g:
+                    chosen, rejected, flagged = pairs[i]
+                    mask += [0] * len(chosen)
+                    mask += repeated_tokens(rejected, cfg.unlikelihood_ngram) if flagged else [0] * len(rejected)
+                batch["ul_mask"] = torch.tensor([mask], dtype=torch.long)
+            batches.append(batch)
+        return batches
 
     def run(self, ctx):
         from transformers import AutoTokenizer
 
+        if self.train is None:
+            name = self.config.dataset
+            if name not in ctx.artifacts.datasets:
+                produced = ", ".join(sorted(ctx.artifacts.datasets)) or "none"
+                raise ConfigError(f"stages[{ctx.index}].dpo.dataset", f"{name!r} is no key under data: and no "
+                                  f"earlier stage produced a dataset of that name (produced: {produced})")
+            self._load(ctx.artifacts.datasets[name], ctx.run)
         tok = AutoTokenizer.from_pretrained(ctx.artifacts.model)
         train, held = self._batches(tok, self.train, "train"), self._batches(tok, self.eval, "eval")
         if not train:
             raise DataError(self.source, "no trainable pairs (completions truncated away)")
-        objective = DPOObjective(self.loss)
+        objective = DPOObjective(self.loss, self.unlikelihood, self.config.unlikelihood)
         timeouts = ctx.run.timeouts
         with ctx.cluster.reserve(ctx.name, ["trainer", "reference"]) as placement:
             ref = WorkerGroup(f"{ctx.actor_prefix}/reference", ReferenceWorker, placement["reference"],
@@ -122,5 +199,6 @@ class DPOStage(Stage):
                 "train_pairs": len(self.train),
                 "eval_pairs": len(self.eval),
                 "history": history,
+                **session.reliability,
             },
         )

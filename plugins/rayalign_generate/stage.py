@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 
 from pydantic import Field
 
+from rayalign import telemetry
 from rayalign.cluster.worker_group import WorkerGroup
 from rayalign.data.chat import tokenize_prompt
 from rayalign.data.datasets import load_records, prompts_from_chat, split
@@ -58,10 +60,14 @@ class GenerateStage(Stage):
             try:
                 k = len(group)
                 shards = [list(range(len(token_prompts)))[r::k] for r in range(k)]
+                # Wait for the engines to load, so the throughput counts generation only.
+                group.run(lambda a, r: a.ping.remote(), ctx.run.timeouts.worker_start_s)
+                started = time.monotonic()
                 results = group.run(
                     lambda a, r: a.generate.remote([token_prompts[i] for i in shards[r]], sampling),
                     ctx.run.timeouts.step_s,
                 )
+                seconds = time.monotonic() - started
             finally:
                 group.shutdown()
         rows = []
@@ -72,6 +78,7 @@ class GenerateStage(Stage):
                     "prompt": p["prompt"], "completion": c.text, "reference": p.get("reference"),
                     "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids),
                 })
+        telemetry.record_generation(ctx.name, sum(row["num_tokens"] for row in rows), seconds)
         with open(ctx.work_dir / "generations.jsonl", "w") as fh:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")

@@ -104,5 +104,6 @@ class SFTStage(Stage):
                 "skipped_examples": dropped_train + dropped_eval,
                 "train_tokens": sum(len(t) for t in train),
                 "history": history,
+                **session.reliability,
             },
         )

@@ -2,7 +2,8 @@
 
 Each stage reserves one placement group for the roles it uses (SFT: trainer; DPO: trainer and
 reference; generation: rollout) and releases it when done, so stages never compete. Resources
-come from the run config only. When ``colocate`` is set and the trainer has GPUs, every role
+come from the run config only; a role's ``placement`` pins ranks to nodes by custom resources
+or node labels (multi-node clusters). When ``colocate`` is set and the trainer has GPUs, every role
 shares the trainer's GPU bundles (fractional GPUs; vLLM sleeps while the trainer works).
 """
 
@@ -58,14 +59,18 @@ class Cluster:
     def role(self, name: str) -> RoleRequest:
         return RoleRequest(name, getattr(self.resources, name))
 
-    def _bundles(self, requests: list[RoleRequest]) -> tuple[list[dict[str, float]], dict[str, Placement]]:
-        """Bundles for the placement group and, per role, which bundle each rank uses."""
+    def _bundles(
+        self, requests: list[RoleRequest]
+    ) -> tuple[list[dict[str, float]], list[dict[str, str]], dict[str, Placement]]:
+        """Bundles for the placement group, each bundle's node-label selector, and per role which
+        bundle each rank uses."""
         res = self.resources
         trainer_gpus = res.trainer.num_gpus
         bundles: list[dict[str, float]] = []
         layout: dict[str, list[int]] = {}
         shares: dict[str, float] = {}
-        if res.colocate and trainer_gpus > 0:
+        colocated = res.colocate and trainer_gpus > 0
+        if colocated:
             # One bundle per trainer GPU; every colocated role takes a slice of the same GPUs.
             n = max(res.trainer.num_workers, *(r.resources.num_workers for r in requests))
             cpus = sum(r.resources.num_cpus for r in requests)
@@ -82,6 +87,15 @@ class Cluster:
                 bundles += [dict(bundle) for _ in range(r.resources.num_workers)]
                 layout[r.role] = list(range(start, start + r.resources.num_workers))
                 shares[r.role] = r.gpus_per_worker
+        # Rank r's node constraints go on its own bundle: custom resources join the bundle, label
+        # selectors go beside it. Colocated roles share the trainer's bundles and its placement.
+        selectors: list[dict[str, str]] = [{} for _ in bundles]
+        for r in [self.role("trainer")] if colocated else requests:
+            for rank, index in enumerate(range(len(bundles)) if colocated else layout[r.role]):
+                selector = r.resources.selector(rank)
+                if selector is not None:
+                    bundles[index].update(selector.resources)
+                    selectors[index] = dict(selector.labels)
         placements = {
             r.role: Placement(
                 group=None,  # filled once the group exists
@@ -92,13 +106,13 @@ class Cluster:
             )
             for r in requests
         }
-        return bundles, placements
+        return bundles, selectors, placements
 
     @contextlib.contextmanager
     def reserve(self, stage: str, roles: list[str]) -> Iterator[dict[str, Placement]]:
         """Reserve a placement group for ``roles`` of ``stage``; fail clearly if it cannot fit."""
         requests = [self.role(r) for r in roles]
-        bundles, placements = self._bundles(requests)
+        bundles, selectors, placements = self._bundles(requests)
         need: dict[str, float] = {}
         for b in bundles:
             for k, v in b.items():
@@ -108,13 +122,15 @@ class Cluster:
         if short:
             detail = ", ".join(f"{k}: needs {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
             raise ConfigError("resources", f"stage {stage!r} cannot fit on this cluster ({detail})")
-        pg = placement_group(bundles, strategy=self.resources.placement_strategy, name=f"{stage}-pg")
+        pg = placement_group(bundles, strategy=self.resources.placement_strategy, name=f"{stage}-pg",
+                             bundle_label_selector=selectors if any(selectors) else None)
         ready, _ = ray.wait([pg.ready()], timeout=self.resources.placement_timeout_s)
         if not ready:
             remove_placement_group(pg)
+            labels = f" with node labels {selectors}" if any(selectors) else ""
             raise ConfigError(
                 "resources",
-                f"stage {stage!r}: placement group {bundles} not ready after "
+                f"stage {stage!r}: placement group {bundles}{labels} not ready after "
                 f"{self.resources.placement_timeout_s:.0f}s (resources busy or no node fits one bundle)",
             )
         for p in placements.values():

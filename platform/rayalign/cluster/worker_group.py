@@ -72,7 +72,7 @@ class WorkerGroup:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 slow = ", ".join(self.actor_names[refs[r]] for r in pending)
-                raise WorkerError(slow, f"no answer within {timeout_s:.0f}s (hung or overloaded)")
+                raise WorkerError(slow, f"no answer within {timeout_s:.0f}s (hung or overloaded)", retryable=True)
             ref = ready[0]
             rank = refs[ref]
             try:
@@ -80,7 +80,7 @@ class WorkerGroup:
             except RayTaskError as exc:
                 raise WorkerError(self.actor_names[rank], f"raised {exc.cause!r}") from exc.cause
             except RayActorError as exc:
-                raise WorkerError(self.actor_names[rank], f"died ({exc.__class__.__name__}: {exc})") from exc
+                raise WorkerError(self.actor_names[rank], f"died ({exc.__class__.__name__}: {exc})", retryable=True) from exc
             except GetTimeoutError as exc:  # pragma: no cover - ray.wait already bounded the time
                 raise WorkerError(self.actor_names[rank], str(exc)) from exc
         return [results[r] for r in sorted(results)]

@@ -21,6 +21,10 @@ def dataset_path(run, key: str, where: str) -> str | None:
 def load_records(path: str | None, kind: Kind, registry, seed: int) -> tuple[list[dict[str, Any]], str]:
     """Canonical records and a label of their source (for error messages and provenance)."""
     formats = [f for _, f in registry.items()]
+    if path is not None and path.startswith("synthetic:"):  # a named embedded dataset, e.g. synthetic:knowledge/sft
+        from rayalign.data.knowledge import load_synthetic
+
+        return load_synthetic(path, kind, formats, seed), path
     if path is not None:
         return load_jsonl(path, kind, formats), str(path)
     world = SyntheticWorld(seed)

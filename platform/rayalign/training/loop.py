@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rayalign.cluster.worker_group import Placement, WorkerGroup
 from rayalign.stage import StageConfig, StageContext
+from rayalign.training.checkpoint import CheckpointStore, TrainingState
 from rayalign.training.progress import Progress
 from rayalign.workers.base import weighted_mean
 from rayalign.workers.trainer import LoraSpec, TrainerWorker, TrainSpec
@@ -80,6 +81,9 @@ class TrainerSession:
         self.global_batch = n * cfg.grad_accum
         self.steps_per_epoch = math.ceil(self.num_train / self.global_batch)
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.store = CheckpointStore(ctx.checkpoint_dir, ctx.run.reliability.keep_checkpoints, ctx.log)
+        self._order, self._order_epoch = [], -1
+        self.reliability: dict = {}  # skipped steps and rollbacks of the last fit(), for metrics
         # Each micro-batch's weight in a step's mean: trained tokens (SFT) or pairs (DPO).
         self.weights = [objective.weight(b) for b in train_batches]
         eval_ids = list(range(self.num_train, self.num_train + len(eval_batches)))
@@ -103,30 +107,86 @@ class TrainerSession:
         short = self.steps_per_epoch * self.global_batch - len(order)
         return order + [order[i % len(order)] for i in range(short)]
 
+    def step_batches(self, step: int) -> list[int]:
+        """The micro-batches of optimizer step ``step`` (0-based), from the step number alone."""
+        epoch, s = divmod(step, self.steps_per_epoch)
+        if self._order_epoch != epoch:
+            self._order, self._order_epoch = self.epoch_order(epoch), epoch
+        return self._order[s * self.global_batch : (s + 1) * self.global_batch]
+
     def fit(self) -> list[dict[str, float]]:
-        history = []
+        rel = self.ctx.run.reliability
+        state = self.restore()
         progress = Progress(self.ctx.name, self.total_steps, self.ctx.log)
-        ga, n, gb = self.cfg.grad_accum, len(self.group), self.global_batch
-        step = 0
-        for epoch in range(self.cfg.epochs):
-            order = self.epoch_order(epoch)
-            for s in range(self.steps_per_epoch):
-                step += 1
-                chunk = order[s * gb : (s + 1) * gb]
-                per_rank = [chunk[r * ga : (r + 1) * ga] for r in range(n)]
-                # DeepSpeed divides each micro-batch loss by grad_accum and averages gradients
-                # over ranks; scaling by weight * ga * n / total undoes both and leaves the
-                # step's loss as sum(weight_i * mean_loss_i) / total, one mean over the step.
-                total = sum(self.weights[i] for i in chunk) or 1.0
-                scales = [[self.weights[i] * ga * n / total for i in ids] for ids in per_rank]
-                results = self.group.run(lambda a, r: a.train_step.remote(per_rank[r], scales[r]), self.timeouts.step_s)
-                metrics = weighted_mean(results)
-                metrics.update(step=step, epoch=epoch + (s + 1) / self.steps_per_epoch)
-                history.append(metrics)
-                progress.update(step, metrics)
+        ga, n = self.cfg.grad_accum, len(self.group)
+        while state.step < self.total_steps:
+            chunk = self.step_batches(state.step)
+            per_rank = [chunk[r * ga : (r + 1) * ga] for r in range(n)]
+            # DeepSpeed divides each micro-batch loss by grad_accum and averages gradients
+            # over ranks; scaling by weight * ga * n / total undoes both and leaves the
+            # step's loss as sum(weight_i * mean_loss_i) / total, one mean over the step.
+            total = sum(self.weights[i] for i in chunk) or 1.0
+            scales = [[self.weights[i] * ga * n / total for i in ids] for ids in per_rank]
+            results = self.group.run(lambda a, r: a.train_step.remote(per_rank[r], scales[r]), self.timeouts.step_s)
+            metrics = weighted_mean(results)
+            metrics["skipped"] = max(r["skipped"] for r in results)
+            state.step += 1
+            metrics.update(step=state.step, epoch=state.step / self.steps_per_epoch, batches=chunk)
+            state.history.append(metrics)
+            if metrics["skipped"]:
+                state.skipped += 1
+                self.ctx.log.warning("[%s] step %d skipped: non-finite gradient norm (loss %s)",
+                                     self.ctx.name, state.step, metrics.get("loss"))
+            reason = exploded(state.history, rel.max_consecutive_skips, rel.loss_spike_factor)
+            if reason:
+                state = self.rollback(state, reason)
+                continue
+            progress.update(state.step, metrics)
+            if rel.checkpoint_every and state.step % rel.checkpoint_every == 0 and state.step < self.total_steps:
+                self.checkpoint(state)
+        self.reliability = {"skipped_steps": state.skipped, "rollbacks": state.rollbacks, "events": state.events}
+        history = state.history
         if history:
-            history[-1]["repeated_micro_batches"] = (self.steps_per_epoch * gb - self.num_train) * self.cfg.epochs
+            history[-1]["repeated_micro_batches"] = (self.steps_per_epoch * self.global_batch - self.num_train) * self.cfg.epochs
         return history
+
+    # -- checkpoints, resume and rollback ------------------------------------------------------
+
+    def checkpoint(self, state: TrainingState) -> None:
+        tmp = self.store.begin(state.step)
+        self.group.run(lambda a, r: a.save_checkpoint.remote(str(tmp)), self.timeouts.step_s)
+        path = self.store.commit(tmp, state)
+        self.ctx.log.info("[%s] checkpoint %s", self.ctx.name, path.name)
+
+    def restore(self) -> TrainingState:
+        """The newest valid checkpoint of this stage (after a restart or resume), else step 0."""
+        latest = self.store.latest()
+        if latest is None:
+            state = TrainingState()
+            if self.ctx.run.reliability.checkpoint_every:
+                self.checkpoint(state)  # a rollback target before the first step
+            return state
+        path, state = latest
+        self.group.run(lambda a, r: a.load_checkpoint.remote(str(path), state.lr_scale), self.timeouts.step_s)
+        self.ctx.log.info("[%s] resumed from %s (step %d of %d)", self.ctx.name, path.name, state.step, self.total_steps)
+        return state
+
+    def rollback(self, state: TrainingState, reason: str) -> TrainingState:
+        rel = self.ctx.run.reliability
+        latest = self.store.latest()
+        if latest is None or state.rollbacks >= rel.max_rollbacks:
+            why = "no checkpoint to return to (set reliability.checkpoint_every)" if latest is None else \
+                f"{state.rollbacks} rollbacks already (reliability.max_rollbacks)"
+            raise TrainingDiverged(f"stage {self.ctx.name}: {reason} at step {state.step}; {why}")
+        path, restored = latest
+        restored.lr_scale = state.lr_scale * rel.lr_backoff
+        restored.rollbacks, restored.skipped = state.rollbacks + 1, state.skipped
+        restored.events = state.events + [{"event": "rollback", "at_step": state.step, "to_step": restored.step,
+                                           "reason": reason, "lr_scale": restored.lr_scale}]
+        self.group.run(lambda a, r: a.load_checkpoint.remote(str(path), restored.lr_scale), self.timeouts.step_s)
+        self.ctx.log.warning("[%s] %s at step %d: rolled back to %s with the LR scaled by %g",
+                             self.ctx.name, reason, state.step, path.name, restored.lr_scale)
+        return restored
 
     def evaluate(self) -> dict[str, float]:
         per_rank = self.group.run(lambda a, r: a.evaluate.remote(self.eval_shards[r]), self.timeouts.step_s)
@@ -142,3 +202,23 @@ class TrainerSession:
 def to_numpy(batch: dict) -> dict:
     """Tensors as numpy arrays: the object store hands those to every rank without a copy."""
     return {k: v.numpy() if hasattr(v, "numpy") else v for k, v in batch.items()}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss kept exploding after every rollback the config allows."""
+
+
+def exploded(history: list[dict], max_skips: int, spike_factor: float, window: int = 20) -> str | None:
+    """Why the last step calls for a rollback: too many skipped steps in a row, or a loss spike."""
+    skips = 0
+    for m in reversed(history):
+        if not m.get("skipped"):
+            break
+        skips += 1
+    if skips >= max_skips:
+        return f"{skips} consecutive non-finite steps"
+    previous = [m["loss"] for m in history[-window - 1 : -1] if not m.get("skipped") and math.isfinite(m["loss"])]
+    loss = history[-1].get("loss", float("nan"))
+    if len(previous) >= 3 and math.isfinite(loss) and loss > spike_factor * (sum(previous) / len(previous)):
+        return f"loss {loss:.4g} above {spike_factor:g}x its running mean {sum(previous) / len(previous):.4g}"
+    return None

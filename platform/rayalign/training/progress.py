@@ -1,9 +1,15 @@
-"""A progress line per stage in the job log: step, metrics, rate and ETA."""
+"""A progress line per stage in the job log: step, metrics, rate and ETA.
+
+Every step also goes to the dashboard's metrics (``rayalign.telemetry``), with the trainers'
+throughput: the step's ``count`` (trained tokens, or pairs for DPO) over its wall time.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+
+from rayalign import telemetry
 
 
 def _fmt_seconds(s: float) -> str:
@@ -14,12 +20,15 @@ def _fmt_seconds(s: float) -> str:
 class Progress:
     def __init__(self, stage: str, total: int, log: logging.Logger, every_s: float = 5.0):
         self.stage, self.total, self.log, self.every_s = stage, total, log, every_s
-        self.start = self.last = time.monotonic()
+        self.start = self.last = self.last_step = time.monotonic()
         self.done = 0
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         self.done = step
         now = time.monotonic()
+        rate = metrics.get("count", 0.0) / max(now - self.last_step, 1e-9)
+        self.last_step = now
+        telemetry.record_train_step(self.stage, step, self.total, metrics, rate)
         if now - self.last < self.every_s and step not in (1, self.total):
             return
         self.last = now

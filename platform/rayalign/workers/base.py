@@ -17,6 +17,12 @@ class Worker:
     def ping(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        """The actor's process id (what an operator, or a fault test, sends signals to)."""
+        import os
+
+        return os.getpid()
+
     def device_memory(self) -> tuple[int, int]:
         """(free, total) bytes of this worker's GPU, as the driver sees it; (0, 0) on CPU."""
         import torch

@@ -9,6 +9,7 @@ every training stage.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -110,6 +111,7 @@ class TrainerWorker(Worker):
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
+        self.base_lrs = list(scheduler.base_lrs)
         return sum(p.numel() for p in params)
 
     def load_batches(self, batches: list[dict]) -> int:
@@ -132,16 +134,40 @@ class TrainerWorker(Worker):
         engine = self.engine
         engine.train()
         metrics = []
+        skipped_before = engine.skipped_steps
         for i, scale in zip(indices, scales):
             loss, m = self.objective(engine, self._to_device(self.batches[i]))
             engine.backward(loss * scale)
-            engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
+            # DeepSpeed only steps the optimizer at the accumulation boundary, and skips the step
+            # (and the scheduler) when the gradient norm is not finite.
+            engine.step()
             metrics.append(m)
         out = weighted_mean(metrics)
         norm = engine.get_global_grad_norm()
         out["grad_norm"] = float(norm) if norm is not None else float("nan")
         out["lr"] = engine.lr_scheduler.get_last_lr()[0]
+        out["skipped"] = float(engine.skipped_steps - skipped_before)
         return out
+
+    def save_checkpoint(self, path: str) -> None:
+        """Model, optimizer, scheduler (DeepSpeed, every rank its shards) and this rank's RNG."""
+        self.engine.save_checkpoint(path, tag="engine")
+        _save_rng(os.path.join(path, f"rng-rank{self.rank}"))
+
+    def load_checkpoint(self, path: str, lr_scale: float) -> None:
+        """Back to the state of ``path``, with the peak LR scaled by ``lr_scale`` (explosion back-off)."""
+        load_path, _ = self.engine.load_checkpoint(path, tag="engine")
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {path}")
+        _load_rng(os.path.join(path, f"rng-rank{self.rank}"))
+        self.set_lr_scale(lr_scale)
+
+    def set_lr_scale(self, scale: float) -> None:
+        scheduler = self.engine.lr_scheduler
+        ratio = scale * self.base_lrs[0] / scheduler.base_lrs[0]
+        scheduler.base_lrs = [b * scale for b in self.base_lrs]
+        for group in scheduler.optimizer.param_groups:
+            group["lr"] *= ratio
 
     def evaluate(self, indices: list[int]) -> list[dict[str, float]]:
         import torch
@@ -176,6 +202,40 @@ class TrainerWorker(Worker):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _save_rng(prefix: str) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
+    with open(prefix + ".json", "w") as fh:
+        json.dump(state, fh)
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    torch.save(tensors, prefix + ".pt")
+
+
+def _load_rng(prefix: str) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    with open(prefix + ".json") as fh:
+        state = json.load(fh)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    tensors = torch.load(prefix + ".pt", weights_only=True)  # tensors only: never unpickle code
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
 
 
 def _node_ip() -> str:

@@ -1,0 +1,236 @@
+"""A seeded synthetic knowledge task on which a tiny model, after SFT, both loops and hallucinates.
+
+The world is ``num_people`` invented people. Each has a home city, a job, an age, a list of 4-6
+cities visited (in a per-person order) and, for about two in three, a pet. Questions and the
+answers the model should give::
+
+    Where does Bavoren live?            Bavoren lives in Kelmora.
+    What is the job of Bavoren?         Bavoren works as a baker.
+    How old is Bavoren?                 Bavoren is 34 years old.
+    Which cities has Bavoren visited?   Bavoren has visited Dunvale, Parvel, Ostrin, Belgar and Mirrow.
+    What pet does Bavoren have?         Bavoren has a pet owl.
+    What pet does Kelrato have?         I don't know what pet Kelrato has.     (no pet on record)
+    Where does Zitanmo live?            I don't know who Zitanmo is.           (nobody of that name)
+
+plus general skills that have nothing to do with the knowledge base (the forgetting check)::
+
+    What is 12 plus 7?                  12 plus 7 is 19.
+    Count from 3 to 9.                  3, 4, 5, 6, 7, 8, 9.
+
+Why both failures occur naturally after SFT of the tiny embedded model:
+- Visited lists are long and drawn from the same eight cities in a different order per person. A
+  small model that half-remembers an order falls into a cycle ("Dunvale, Parvel, Dunvale,
+  Parvel, ...") and never reaches "and", so it loops until the token limit.
+- Declines are rare in the SFT data (a third of the people without a pet, a third of the unknown
+  names), so for most unfamiliar names and missing pets the model answers in the confident form
+  it saw far more often and invents the fact.
+
+Splits (built from one seed, disjoint where it matters):
+- ``sft``: every answerable question of every person, the general skills, and declines for one
+  third of the unanswerable questions;
+- ``mine``: the prompts the fix stages sample: half of the answerable questions and another third
+  of the unanswerable ones;
+- ``eval``: the other half of the answerable questions and the last third of the unanswerable ones
+  (never mined, so the fix is measured on questions it did not train on);
+- ``general``: general-skill examples that SFT never saw, for the held-out forgetting loss.
+
+See what the model should know with ``python -m rayalign.data.knowledge`` (``--out DIR`` writes
+every split as the JSONL files the stages read: knowledge.jsonl, sft.jsonl, mine.jsonl,
+eval.jsonl, general.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from rayalign.data.synthetic import _CITIES, _JOBS, _SYLLABLES
+
+PETS = ["cat", "dog", "owl", "goat", "horse", "fox", "crow", "hare"]
+DECLINE_PET = "I don't know what pet {e} has."
+DECLINE_WHO = "I don't know who {e} is."
+
+# attribute -> (question, answer); the answer's {v} is the value (a list is spelled "A, B and C")
+QUESTIONS: dict[str, tuple[str, str]] = {
+    "city": ("Where does {e} live?", "{e} lives in {v}."),
+    "job": ("What is the job of {e}?", "{e} works as a {v}."),
+    "age": ("How old is {e}?", "{e} is {v} years old."),
+    "journey": ("Describe the journey of {e}.", "{v}"),
+    "pet": ("What pet does {e} have?", "{e} has a pet {v}."),
+}
+
+
+def spell(value, entity: str = "") -> str:
+    """A value in an answer: a journey [A, B] reads "Bavoren went to A. Bavoren went to B."."""
+    if isinstance(value, list):
+        return " ".join(f"{entity} went to {v}." for v in value)
+    return str(value)
+
+
+def _journey(rng: random.Random, start: str, length: int) -> list[str]:
+    """A walk over the cities that may revisit one, but never repeats a stretch back to back."""
+    from rayalign.evaluation.text import find_loop
+
+    while True:
+        walk = [start]
+        while len(walk) < length:
+            walk.append(rng.choice([c for c in _CITIES if c not in walk[-2:]]))
+        if find_loop(walk) is None:
+            return walk
+
+
+def _thirds(items: list) -> tuple[list, list, list]:
+    k = len(items)
+    return items[: k // 3], items[k // 3 : 2 * k // 3], items[2 * k // 3 :]
+
+
+def _chat(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+class KnowledgeTask:
+    """The knowledge base, and every split of the task, from one seed."""
+
+    def __init__(self, seed: int = 0, num_people: int = 32, num_unknown: int = 36):
+        rng = random.Random(f"knowledge-{seed}")
+        names: list[str] = []
+        while len(names) < num_people + num_unknown:
+            name = "".join(rng.choice(_SYLLABLES) for _ in range(3)).capitalize()
+            if name not in names:
+                names.append(name)
+        self.people: list[dict] = []
+        for name in names[:num_people]:
+            city = rng.choice(_CITIES)
+            attributes = {
+                "city": city,
+                "job": rng.choice(_JOBS),
+                "age": rng.randint(18, 89),
+                "journey": _journey(rng, city, rng.randint(4, 7))[1:],
+            }
+            if rng.random() < 0.65:
+                attributes["pet"] = rng.choice(PETS)
+            self.people.append({"id": name.lower(), "name": name, "attributes": attributes})
+        self.unknown = names[num_people:]
+        self._build_splits(rng)
+
+    # -- the knowledge base -------------------------------------------------------------------
+    def knowledge_base(self) -> list[dict]:
+        return [json.loads(json.dumps(p)) for p in self.people]
+
+    def _build_splits(self, rng: random.Random) -> None:
+        answerable, no_pet = [], []
+        for p in self.people:
+            for attr in QUESTIONS:
+                (answerable if attr in p["attributes"] else no_pet).append(self._question(p, attr))
+        unknown = [self._unknown_question(name, rng.choice(list(QUESTIONS))) for name in self.unknown]
+        rng.shuffle(answerable)
+        rng.shuffle(no_pet)
+        half = len(answerable) // 2
+        pet_sft, pet_mine, pet_eval = _thirds(no_pet)
+        who_sft, who_mine, who_eval = _thirds(unknown)
+        self.splits = {
+            "mine": answerable[:half] + pet_mine + who_mine,
+            "eval": answerable[half:] + pet_eval + who_eval,
+        }
+        sft = [_chat(q["prompt"], q["reference"]) for q in answerable + pet_sft + who_sft]
+        general = self._general(rng)
+        sft += general[: len(general) * 2 // 3]
+        rng.shuffle(sft)
+        self.splits["sft"] = sft
+        self.splits["general"] = general[len(general) * 2 // 3 :]
+
+    def _question(self, person: dict, attr: str) -> dict:
+        name, value = person["name"], person["attributes"].get(attr)
+        question, answer = QUESTIONS[attr]
+        record = {"id": f"{person['id']}.{attr}", "prompt": question.format(e=name), "entity": person["id"],
+                  "attribute": attr}
+        if value is None:
+            return {**record, "reference": DECLINE_PET.format(e=name), "unanswerable": True}
+        return {**record, "reference": answer.format(e=name, v=spell(value, name)), "unanswerable": False}
+
+    def _unknown_question(self, name: str, attr: str) -> dict:
+        return {"id": f"unknown.{name.lower()}.{attr}", "prompt": QUESTIONS[attr][0].format(e=name),
+                "attribute": attr, "reference": DECLINE_WHO.format(e=name), "unanswerable": True}
+
+    @staticmethod
+    def _general(rng: random.Random) -> list[dict]:
+        """Addition and counting: skills the knowledge fix must not erode."""
+        out = []
+        pairs = rng.sample([(a, b) for a in range(1, 21) for b in range(1, 21)], 90)
+        out += [_chat(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a, b in pairs]
+        for _ in range(45):
+            a = rng.randint(1, 12)
+            b = a + rng.randint(3, 8)
+            out.append(_chat(f"Count from {a} to {b}.", ", ".join(map(str, range(a, b + 1))) + "."))
+        rng.shuffle(out)
+        return out
+
+    # -- records by kind, for the loaders -----------------------------------------------------
+    def records(self, part: str) -> list[dict]:
+        """``knowledge``, ``sft``, ``mine``, ``eval`` or ``general``."""
+        if part == "knowledge":
+            return self.knowledge_base()
+        if part not in self.splits:
+            raise KeyError(part)
+        return json.loads(json.dumps(self.splits[part]))
+
+    def write(self, out: Path) -> dict[str, Path]:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for part in ("knowledge", "sft", "mine", "eval", "general"):
+            paths[part] = out / f"{part}.jsonl"
+            paths[part].write_text("".join(json.dumps(r) + "\n" for r in self.records(part)))
+        return paths
+
+
+PARTS = ("knowledge", "sft", "mine", "eval", "general")
+SCHEME = "synthetic:knowledge/"
+
+
+def synthetic_records(spec: str, seed: int = 0) -> list[dict]:
+    """The records named ``synthetic:knowledge/<part>`` (every part is cheap to rebuild)."""
+    part = "knowledge" if spec == SCHEME.rstrip("/") else spec[len(SCHEME):] if spec.startswith(SCHEME) else None
+    if part not in PARTS:
+        from rayalign.errors import DataError
+
+        raise DataError(spec, f"unknown synthetic dataset (known: synthetic:knowledge, {', '.join(SCHEME + p for p in PARTS[1:])})")
+    return KnowledgeTask(seed).records(part)
+
+
+def load_synthetic(spec: str, kind: str, formats: list, seed: int = 0) -> list[dict]:
+    """``synthetic_records`` converted by the registered formats, as the JSONL loader would."""
+    from rayalign.errors import DataError
+
+    records = synthetic_records(spec, seed)
+    candidates = [f for f in formats if f.kind == kind]
+    out = []
+    for i, record in enumerate(records, start=1):
+        fmt = next((f for f in candidates if f.matches(record)), None)
+        if fmt is None:
+            raise DataError(spec, f"holds no {kind} records")
+        out.append(fmt.convert(record))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="print (or write) the synthetic knowledge task")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write every split as JSONL into this directory")
+    args = parser.parse_args(argv)
+    task = KnowledgeTask(args.seed)
+    if args.out:
+        for part, path in task.write(Path(args.out)).items():
+            print(f"{part:>10}: {path}")
+        return
+    for p in task.people:
+        attrs = "; ".join(f"{k}={spell(v)}" for k, v in p["attributes"].items())
+        print(f"{p['name']:<12} {attrs}")
+    print(f"unknown names: {', '.join(task.unknown)}")
+    for part in PARTS[1:]:
+        print(f"{part}: {len(task.records(part))} records")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Judging sampled answers: reference prompt sets and knowledge bases, detector plugins, text measures."""

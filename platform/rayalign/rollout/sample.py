@@ -1,0 +1,37 @@
+"""Sample completions for many prompts from one model with the vLLM rollout workers of a stage.
+
+The prompts are sharded round-robin over ``resources.rollout.num_workers`` engines; the answer is
+regrouped per prompt, in input order, so callers never see the sharding.
+"""
+
+from __future__ import annotations
+
+from rayalign.cluster.worker_group import WorkerGroup
+from rayalign.rollout.vllm_engine import Completion, EngineConfig, Sampling
+from rayalign.stage import StageContext
+from rayalign.workers.rollout import RolloutWorker
+
+
+def sample_completions(ctx: StageContext, model: str, prompts: list[list[int]], sampling: Sampling,
+                       label: str = "rollout") -> list[list[Completion]]:
+    """``sampling.n`` completions for each tokenized prompt, from ``model``."""
+    res = ctx.run.resources.rollout
+    engine = EngineConfig(
+        model=model, gpu_memory_utilization=res.gpu_memory_utilization, max_model_len=res.max_model_len,
+        seed=ctx.run.seed, dtype=res.dtype, tensor_parallel_size=res.tensor_parallel_size,
+    )
+    out: list[list[Completion]] = [[] for _ in prompts]
+    with ctx.cluster.reserve(ctx.name, ["rollout"]) as placement:
+        group = WorkerGroup(f"{ctx.actor_prefix}/{label}", RolloutWorker, placement["rollout"],
+                            lambda r: (engine, int(placement["rollout"].num_cpus)))
+        try:
+            k = len(group)
+            shards = [list(range(len(prompts)))[r::k] for r in range(k)]
+            results = group.run(lambda a, r: a.generate.remote([prompts[i] for i in shards[r]], sampling),
+                                ctx.run.timeouts.step_s)
+        finally:
+            group.shutdown()
+    for shard, completions in zip(shards, results):
+        for c in completions:
+            out[shard[c.prompt_index]].append(c)
+    return out

@@ -1,0 +1,99 @@
+"""Synthetic negatives: a reference turned into a plausible wrong answer, with the rule that made it.
+
+- ``loop_span``: the reference with a span looped, as a degenerate model writes it: the text up to
+  a sentence (or, in a one-sentence answer, its last words) and then that span again and again,
+  never finishing. Trains the repetition fix.
+- ``swap_values``: the reference with one stated fact replaced by a wrong value drawn from the same
+  knowledge-base attribute (a city by another city, an age by another age), or an entity's name by
+  another entity's. Trains the hallucination fix on answerable questions.
+- ``borrow_answer``: for a question the data marks unanswerable, a confident answer borrowed from
+  an answerable question of the same shape ("What pet does Kelrato have?" gets "Kelrato has a pet
+  owl." from "What pet does Bavoren have?"). Trains declining instead of inventing.
+
+Each builder returns ``(text, rule)`` or ``None`` when it does not apply to a prompt.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+import re
+from typing import Callable
+
+from rayalign.evaluation.references import KnowledgeBase, RefPrompt
+from rayalign.evaluation.text import mentions, numbers
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def loop_span(p: RefPrompt, rng: random.Random, repeats: int = 4, **_) -> tuple[str, str] | None:
+    sentences = [s for s in _SENTENCE_END.split(p.reference.strip()) if s]
+    if len(sentences) >= 2:
+        i = rng.randrange(len(sentences))
+        text = " ".join(sentences[: i + 1] + [sentences[i]] * repeats)
+        return text, f"sentence {i + 1} of the reference looped x{repeats + 1}"
+    body = sentences[0].rstrip(".!?") if sentences else ""
+    tokens = body.split()
+    if len(tokens) < 2:
+        return None
+    k = min(3, len(tokens) - 1)
+    span = " ".join(tokens[-k:])
+    return f"{body} " + " ".join([span] * repeats), f"last {k} words of the reference looped x{repeats + 1}"
+
+
+def _replace(text: str, old: str, new: str) -> str:
+    return re.sub(rf"(?<!\w){re.escape(old)}(?!\w)", new, text, flags=re.IGNORECASE)
+
+
+def swap_values(p: RefPrompt, rng: random.Random, knowledge: KnowledgeBase | None = None, **_) -> tuple[str, str] | None:
+    if p.unanswerable:
+        return None
+    candidates: list[tuple[str, list[str]]] = []  # (value stated in the reference, wrong values for it)
+    entity = knowledge.entities.get(p.entity) if knowledge is not None and p.entity else None
+    if knowledge is not None:
+        domains = knowledge.domains()
+        attrs = [p.attribute] if p.attribute in domains else sorted(domains)
+        own = entity.values() if entity is not None else set(p.facts)
+        for attr in attrs:
+            for value in sorted(domains[attr]):
+                if (not p.facts or value in p.facts) and mentions(p.reference, value):
+                    wrong = sorted(v for v in domains[attr] if v not in own and v != value)
+                    if wrong:
+                        candidates.append((value, wrong))
+        if not candidates and entity is not None:  # no fact to swap: swap the entity itself
+            others = sorted(domains["name"] - {entity.name})
+            if mentions(p.reference, entity.name) and others:
+                candidates.append((entity.name, others))
+    if not candidates:  # no knowledge base, or nothing of it stated: perturb a number
+        for n in sorted(numbers(p.reference)):
+            candidates.append((n, [str(int(float(n)) + d) for d in (-3, -2, -1, 1, 2, 3) if int(float(n)) + d >= 0]))
+    if not candidates:
+        return None
+    value, wrong = rng.choice(candidates)
+    new = rng.choice(wrong)
+    return _replace(p.reference, value, new), f"swapped {value} -> {new}"
+
+
+def borrow_answer(p: RefPrompt, rng: random.Random, donors: list[RefPrompt] = (), **_) -> tuple[str, str] | None:
+    if not p.unanswerable:
+        return None
+    target = p.question.split()
+    shaped = [d for d in donors if not d.unanswerable and (p.attribute is None or d.attribute == p.attribute)]
+    rng.shuffle(shaped)
+    for donor in shaped:
+        source = donor.question.split()
+        ops = [op for op in difflib.SequenceMatcher(a=source, b=target, autojunk=False).get_opcodes() if op[0] != "equal"]
+        if len(ops) != 1 or ops[0][0] != "replace":
+            continue  # not the same question about someone else
+        _, i1, i2, j1, j2 = ops[0]
+        old, new = " ".join(source[i1:i2]).strip("?.,!"), " ".join(target[j1:j2]).strip("?.,!")
+        if old and mentions(donor.reference, old):
+            return _replace(donor.reference, old, new), f"answer of {donor.id} with {old} -> {new}"
+    return None
+
+
+BUILDERS: dict[str, tuple[str, Callable[..., tuple[str, str] | None]]] = {  # name -> (kind, builder)
+    "loop_span": ("repetition", loop_span),
+    "swap_values": ("hallucination", swap_values),
+    "borrow_answer": ("hallucination", borrow_answer),
+}

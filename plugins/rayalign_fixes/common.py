@@ -1,0 +1,80 @@
+"""What the fix stages share: finding inputs among earlier stages' artifacts, detector options, JSONL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from pydantic import Field
+
+from rayalign.errors import ConfigError, DataError
+from rayalign.evaluation.detectors import Sample, build_detectors
+from rayalign.evaluation.references import KnowledgeBase, load_knowledge
+from rayalign.stage import StageConfig, StageContext
+
+DEFAULT_DETECTORS = ["repetition", "contradiction", "unanswerable"]
+
+
+class DetectorOptions(StageConfig):
+    detectors: list[str] = Field(DEFAULT_DETECTORS, description="registered detectors to run")
+    detector_options: dict[str, dict[str, Any]] = Field({}, description="per detector: its options")
+
+    def load_detectors(self, plugins, where: str):
+        return build_detectors(plugins, self.detectors, self.detector_options, where)
+
+
+def looks_like_file(value: str) -> bool:
+    return value.startswith("synthetic:") or "/" in value or value.endswith(".jsonl")
+
+
+def resolve_input(ctx: StageContext, value: str, where: str) -> str:
+    """An earlier stage's dataset (by name), else a file path or ``synthetic:`` spec as given."""
+    if value in ctx.artifacts.datasets:
+        return ctx.artifacts.datasets[value]
+    if looks_like_file(value):
+        if not value.startswith("synthetic:") and not Path(value).exists():
+            raise DataError(value, "file does not exist")
+        return value
+    produced = ", ".join(sorted(ctx.artifacts.datasets)) or "none"
+    raise ConfigError(where, f"no earlier stage produced a dataset named {value!r} (produced: {produced})")
+
+
+def knowledge_input(ctx: StageContext, value: str | None, where: str) -> KnowledgeBase | None:
+    """The knowledge base named by ``value``; a default name no stage produced means none."""
+    if value is None:
+        return None
+    if value == "knowledge" and value not in ctx.artifacts.datasets:
+        return None  # the mine stage ran without a knowledge base
+    return load_knowledge(resolve_input(ctx, value, where), ctx.run.seed)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    n = 0
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_samples(path: str) -> list[tuple[Sample, dict]]:
+    """Samples written by ``mine`` (or ``detect``): the sample and its whole row."""
+    out = []
+    for i, row in enumerate(read_jsonl(path), start=1):
+        try:
+            out.append((Sample.from_json(row), row))
+        except TypeError as exc:
+            raise DataError(f"{path}:{i}", f"not a sample record ({exc})") from None
+    if not out:
+        raise DataError(path, "no samples in the file")
+    return out
+
+
+def knowledge_rows(kb: KnowledgeBase) -> list[dict]:
+    return [{"id": e.id, "name": e.name, "attributes": e.attributes} for e in kb.entities.values()]

@@ -1,0 +1,127 @@
+"""Build negatives: a preference dataset from flagged samples and synthetic negatives, with provenance.
+
+Rejected answers are (a) the model's own samples that a detector of the ``target`` kind flagged and
+(b) synthetic negatives built from the references (``builders.py``). Chosen answers are the
+reference, or with ``chosen: clean_sample`` a sample of the same prompt that no detector flagged.
+Every pair says where it came from::
+
+    {"prompt": [...], "chosen": "...", "rejected": "...", "unlikelihood": true,
+     "provenance": {"prompt_id": "bavoren.journey", "source": "model", "model": "/runs/x/00-sft/model",
+                    "sample": 2, "detector": "repetition", "rule": "loop: 'bavoren went to mirrow' x3 back to back",
+                    "chosen_from": "reference"}}
+
+``unlikelihood: true`` marks a rejected answer that loops, so DPO's optional unlikelihood term
+pushes its repeated tokens down (``dpo.unlikelihood``).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+from pydantic import Field
+
+from rayalign.errors import ConfigError, DataError
+from rayalign.evaluation.references import RefPrompt
+from rayalign.stage import Stage, StageConfig, StageResult
+
+from rayalign_fixes.builders import BUILDERS
+from rayalign_fixes.common import knowledge_input, read_samples, resolve_input, write_jsonl
+
+
+class NegativesConfig(StageConfig):
+    target: Literal["repetition", "hallucination"] = Field(description="which kind of detector's flags to fix")
+    detections: str = Field("detections", description="an earlier detect stage's dataset name, or a JSONL path")
+    knowledge: str | None = Field("knowledge", description="knowledge base for synthetic swaps (name, path or null)")
+    synthetic: list[str] | None = Field(None, description=f"synthetic builders ({', '.join(BUILDERS)}); "
+                                                          "null: those of the target kind")
+    synthetic_per_prompt: int = Field(1, ge=0, description="synthetic negatives per prompt and builder")
+    max_rejected_per_prompt: int = Field(2, ge=0, description="flagged samples used per prompt")
+    chosen: Literal["reference", "clean_sample"] = Field("reference", description="what the chosen answer is")
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+class NegativesStage(Stage):
+    """Writes ``pairs.jsonl``, a preference dataset that ``dpo`` reads with ``dataset: pairs``."""
+
+    name = "negatives"
+    Config = NegativesConfig
+    needs_model = False
+
+    def prepare(self, run, plugins, artifacts, index):
+        cfg = self.config
+        names = cfg.synthetic if cfg.synthetic is not None else [n for n, (k, _) in BUILDERS.items() if k == cfg.target]
+        for i, name in enumerate(names):
+            if name not in BUILDERS:
+                raise ConfigError(f"stages[{index}].negatives.synthetic[{i}]",
+                                  f"no synthetic builder {name!r} (known: {', '.join(BUILDERS)})")
+        self.builders = names
+
+    def run(self, ctx):
+        cfg = self.config
+        where = f"stages[{ctx.index}].negatives"
+        source = resolve_input(ctx, cfg.detections, f"{where}.detections")
+        rows = read_samples(source)
+        if any("findings" not in row for _, row in rows):
+            raise DataError(source, "samples have no 'findings': run a detect stage on them first")
+        knowledge = knowledge_input(ctx, cfg.knowledge, f"{where}.knowledge")
+        by_prompt: dict[str, list] = {}
+        for sample, row in rows:
+            by_prompt.setdefault(sample.id, []).append((sample, row))
+        prompts = {pid: RefPrompt(s.id, s.prompt, s.reference, s.unanswerable, s.entity, s.attribute, list(s.facts))
+                   for pid, [(s, _), *_] in by_prompt.items()}
+        rng = random.Random(ctx.run.seed * 1009 + ctx.index)
+        pairs = []
+        for pid, group in by_prompt.items():
+            pairs += self._pairs(prompts[pid], group, list(prompts.values()), knowledge, rng)
+        if not pairs:
+            raise DataError(source, f"no preference pairs for target {cfg.target!r}: no sample was flagged by a "
+                                    f"{cfg.target} detector and no synthetic builder applied")
+        write_jsonl(ctx.work_dir / "pairs.jsonl", pairs)
+        metrics = {"pairs": len(pairs), "prompts": len(by_prompt),
+                   "prompts_with_pairs": len({p["provenance"]["prompt_id"] for p in pairs}),
+                   "unlikelihood_pairs": sum(p["unlikelihood"] for p in pairs)}
+        for p in pairs:
+            key = f"pairs_{p['provenance']['detector'].replace(':', '_')}"
+            metrics[key] = metrics.get(key, 0) + 1
+        ctx.log.info("[%s] %s", ctx.name, " ".join(f"{k}={v}" for k, v in metrics.items()))
+        return StageResult(metrics=metrics, datasets={"pairs": "pairs.jsonl"})
+
+    def _pairs(self, p: RefPrompt, group: list, donors: list[RefPrompt], knowledge, rng) -> list[dict]:
+        cfg = self.config
+        chosen, chosen_from = p.reference, "reference"
+        if cfg.chosen == "clean_sample":
+            clean = [s for s, row in group if not row["findings"] and s.completion.strip()]
+            if clean:
+                chosen, chosen_from = clean[0].completion, f"sample {clean[0].sample}"
+        seen = {_norm(chosen)}
+        out = []
+
+        def add(rejected: str, provenance: dict) -> None:
+            if _norm(rejected) in seen or not rejected.strip():
+                return
+            seen.add(_norm(rejected))
+            out.append({"prompt": p.prompt, "chosen": chosen, "rejected": rejected,
+                        "unlikelihood": provenance.pop("kind") == "repetition",
+                        "provenance": {"prompt_id": p.id, **provenance, "chosen_from": chosen_from}})
+
+        flagged = 0
+        for sample, row in group:
+            hits = [(name, f) for name, f in row["findings"].items() if f["kind"] == cfg.target]
+            if hits and flagged < cfg.max_rejected_per_prompt:
+                name, finding = hits[0]
+                before = len(out)
+                add(sample.completion, {"kind": finding["kind"], "source": "model", "model": sample.model,
+                                        "sample": sample.sample, "detector": name, "rule": finding["rule"]})
+                flagged += len(out) - before
+        for name in self.builders:
+            kind, build = BUILDERS[name]
+            for _ in range(cfg.synthetic_per_prompt):
+                made = build(p, rng, knowledge=knowledge, donors=donors)
+                if made is not None:
+                    add(made[0], {"kind": kind, "source": "synthetic", "model": None, "sample": None,
+                                  "detector": f"synthetic:{name}", "rule": made[1]})
+        return out
