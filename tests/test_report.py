@@ -46,15 +46,17 @@ def fake_run(root: Path) -> Path:
          "datasets": {}, "metrics": {"eval_loss_before": 6.2, "eval_loss": 0.31, "steps": 40, "history": sft}},
         {"stage": "generate", "seconds": 20.0, "input_model": str(run / "00-sft/model"), "model": None,
          "datasets": {"generations": str(run / "01-generate/generations.jsonl")},
-         "metrics": {"distinct_2": 0.61, "samples": 3}},
+         "metrics": {"distinct_2": 0.61, "repetition_rate": 0.4, "samples": 3}},
         {"stage": "dpo", "seconds": 61.0, "input_model": str(run / "00-sft/model"), "model": str(run / "02-dpo/model"),
          "datasets": {}, "metrics": {"reward_accuracy_before": 0.5, "reward_accuracy": 0.8, "history": dpo}},
         {"stage": "evaluate", "seconds": 5.0, "input_model": str(run / "02-dpo/model"), "model": None, "datasets": {},
          "metrics": {"repetition_rate_before": 0.3, "repetition_rate": 0.05,
-                     "hallucination_rate_before": 0.4, "hallucination_rate": 0.45}},
+                     "hallucination_rate_before": 0.4, "hallucination_rate": 0.45,
+                     "accuracy_before": 0.6, "accuracy": 0.7, "decline_rate_before": None, "decline_rate": None,
+                     "table": ["| metric | before | after |"], "samples": 30}},
         {"stage": "generate", "seconds": 19.0, "input_model": str(run / "02-dpo/model"), "model": None,
          "datasets": {"generations": str(run / "04-generate/generations.jsonl")},
-         "metrics": {"distinct_2": 0.7, "samples": 3}},
+         "metrics": {"distinct_2": 0.7, "repetition_rate": 0.1, "samples": 3}},
         {"stage": "grpo", "status": "failed", "seconds": 3.5, "error": "WorkerError: worker grpo/trainer/0: died"},
     ]
     (run / "summary.json").write_text(json.dumps({"stages": records, "lineage": []}))
@@ -66,6 +68,15 @@ def fake_run(root: Path) -> Path:
             for q, c in zip(questions, completions):
                 fh.write(json.dumps({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}],
                                      "completion": c, "reference": "Lyon" if "Alice" in q else None, "num_tokens": 5}) + "\n")
+    # An evaluation answers its own prompts with the baseline and the new model, and flags answers.
+    (run / "03-evaluate").mkdir()
+    with open(run / "03-evaluate" / "evaluation.jsonl", "w") as fh:
+        for label, model, answer, findings in (
+                ("before", run / "00-sft/model", "red red red red", {"loop": {"kind": "repetition"}}),
+                ("after", run / "02-dpo/model", "Red.", {})):
+            for q, a, f in (("Colour of the sky at dusk?", "blue", {}), ("Colour of Carol's car?", answer, findings)):
+                fh.write(json.dumps({"label": label, "model": str(model), "prompt": [{"role": "user", "content": q}],
+                                     "completion": a, "reference": "red", "findings": f}) + "\n")
     return run
 
 
@@ -76,6 +87,7 @@ class Dom(HTMLParser):
         super().__init__()
         self.elements: list[tuple[str, dict, list[str]]] = []
         self.open: list[tuple[str, dict, list[str]]] = []
+        self.markup = markup
         self.feed(markup)
 
     def handle_starttag(self, tag, attrs):
@@ -149,14 +161,23 @@ def test_loss_reward_and_kl_are_plotted_per_training_stage(rendered):
 
 
 @needs_browser
-def test_fix_table_compares_before_and_after(rendered):
+def test_fix_tables_compare_an_evaluation_with_its_baseline_and_like_stages_with_each_other(rendered):
     _, dom = rendered
-    rows = {a["data-metric"]: t for _, a, t in dom.find("tr") if "data-metric" in a}
-    assert set(rows) == {"repetition_rate", "hallucination_rate"}
-    assert "0.3" in rows["repetition_rate"] and "0.05" in rows["repetition_rate"] and "-0.25" in rows["repetition_rate"]
-    assert "+0.05" in rows["hallucination_rate"]  # a regression is shown as one
-    headers = [t for _, _, t in dom.find("th")]
-    assert "03-evaluate (before)" in headers and "03-evaluate" in headers
+    section = re.search(r'<section id="fixes">.*?</section>', dom.markup, re.S).group(0)
+    evaluation, measured = [Dom(t) for t in re.findall(r'<table class="fix-table">.*?</table>', section, re.S)]
+    rows = {a["data-metric"]: t for _, a, t in evaluation.find("tr") if "data-metric" in a}
+    # The evaluation's fix metrics first, then what else it reports before and after (not None, not lists).
+    assert list(rows) == ["repetition_rate", "hallucination_rate", "accuracy"]
+    changes = dict(zip(rows, [(a["class"], t) for _, a, t in evaluation.find("span")]))  # one per row, in order
+    assert changes["repetition_rate"] == ("better", "-0.25")
+    assert changes["hallucination_rate"] == ("worse", "+0.05")  # a regression is shown as one
+    assert changes["accuracy"] == ("", "+0.1")  # no judgement where higher may be better
+    assert [t for _, _, t in evaluation.find("th")] == ["metric", "before", "after", "change"]
+    # The two generate stages measured the same prompts before and after DPO: compared too.
+    assert [t for _, _, t in measured.find("th")] == ["metric", "01-generate", "04-generate", "change"]
+    row = next(t for _, a, t in measured.find("tr") if a.get("data-metric") == "repetition_rate")
+    assert "0.4" in row and "0.1" in row and "-0.3" in row
+    assert [t for _, _, t in dom.find("h3")].count("03-evaluate") == 1
 
 
 @needs_browser
@@ -169,6 +190,12 @@ def test_samples_before_and_after_side_by_side_and_escaped(rendered):
     assert "Be brief." not in row  # the question shown is the user's turn, not the system prompt
     assert EVIL in "".join(t for _, _, t in dom.find("td"))  # shown as text...
     assert not dom.find("script")  # ...never run: the report has no script at all
+    # The evaluation's models side by side, the prompt with a flagged answer first.
+    evaluation = Dom(re.findall(r'<table class="sample-table">.*?</table>', dom.markup, re.S)[1])
+    assert [t for _, _, t in evaluation.find("th")] == ["prompt", "reference", "before: 00-sft", "after: 02-dpo"]
+    first = evaluation.find("tr")[1][2]
+    assert first.startswith("Colour of Carol's car?") and "red red red red" in first and "Red." in first
+    assert [t for _, _, t in evaluation.find("div", **{"class": "flag"})] == ["flagged: repetition"]
     html = path.read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)  # self-contained: nothing fetched
 

@@ -1,10 +1,10 @@
 """A run's report: one self-contained ``report.html`` in its output directory.
 
 Built only from what the run wrote (``config.yaml``, ``summary.json`` or else each finished stage's
-``metrics.json``, ``NN-<stage>/generations.jsonl``), so ``rayalign report RUN_DIR`` rebuilds it at
-any time, also for a run that was killed. Nothing is fetched when it opens: the plots are inline
-SVG drawn here, so the file works offline and can be attached to a ticket. Every piece of run
-text is escaped.
+``metrics.json``, and the stages' ``generations.jsonl`` and ``evaluation.jsonl``), so ``rayalign
+report RUN_DIR`` rebuilds it at any time, also for a run that was killed. Nothing is fetched when
+it opens: the plots are inline SVG drawn here, so the file works offline and can be attached to a
+ticket. Every piece of run text is escaped.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ CURVES: dict[str, tuple[str, ...]] = {
     "learning rate": ("lr",),
     "grad norm": ("grad_norm",),
 }
-# Stage metrics whose name says they measure a fix; "<name>_before" is the value before the stage.
+# The fixes: stage metrics named for what they target. A stage that measures one against a baseline
+# ("<name>_before", an evaluation) gets a before/after table of every metric it has both ways.
+# Failure rates and losses improve downwards.
 FIX_WORDS = ("repetition", "hallucination")
+LOWER_IS_BETTER = ("repetition", "hallucination", "loss", "false_")
 MAX_SAMPLES = 8
 MAX_POINTS = 1000  # per line: longer histories are thinned so the file stays small
 ARROW = '<li class="arrow" aria-hidden="true">&#8594;</li>'
@@ -54,6 +57,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 svg.plot{border:1px solid #d0d7de;border-radius:4px;background:#fff}
 pre{white-space:pre-wrap;word-break:break-word;margin:0}
 pre.config{background:#f6f8fa;padding:10px;border-radius:4px}
+.flag{color:#a40e26;font-size:12px;margin-top:4px}
 """
 
 
@@ -97,15 +101,23 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     return {"config_text": config_text, "config": config, "stages": records, "planned": planned}
 
 
-def read_generations(path: Path) -> dict[str, dict[str, Any]]:
-    """The first sample per prompt, keyed by the prompt's text, in file order."""
-    out: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                out.setdefault(prompt_text(row.get("prompt")), row)
+def read_samples(path: Path, by: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """The first sample per prompt, keyed by the prompt's text, in file order; grouped by the
+    value of field ``by`` (an evaluation's ``model``), or all in group ""."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out.setdefault(str(row.get(by, "")) if by else "", {}).setdefault(prompt_text(row.get("prompt")), row)
     return out
+
+
+def made_by(model: str | None) -> str:
+    """``00-sft`` for a model a stage of the run wrote, else the model's own name."""
+    path = Path(model or "")
+    if re.fullmatch(r"\d\d-.+", path.parent.name):
+        return path.parent.name
+    return path.name or "base model"
 
 
 def prompt_text(prompt: Any) -> str:
@@ -232,64 +244,105 @@ def section_curves(run: dict[str, Any]) -> str:
 
 
 def section_fixes(run: dict[str, Any]) -> str:
-    """Repetition and hallucination measurements, in stage order, first to last."""
-    columns: list[tuple[str, dict[str, float]]] = []
+    """Evaluations of the fixes against their baselines; then other stages' fix measurements."""
+    evaluations, measured = [], []
     for record in run["stages"]:
-        metrics = record.get("metrics") or {}
-        found = {k: v for k, v in metrics.items()
-                 if any(w in k for w in FIX_WORDS) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers = {k: v for k, v in (record.get("metrics") or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        fixes = [k for k in numbers if any(w in k for w in FIX_WORDS) and not k.endswith("_before")]
         label = f"{record['index']:02d}-{record['stage']}"
-        before = {k[: -len("_before")]: v for k, v in found.items() if k.endswith("_before")}
-        after = {k: v for k, v in found.items() if not k.endswith("_before")}
-        if before:
-            columns.append((f"{label} (before)", before))
-        if after:
-            columns.append((label, after))
-    if not columns:
-        return ('<section id="fixes"><h2>Repetition and hallucination</h2><p class="note">No stage of this run '
-                "measured repetition or hallucination (metrics named *repetition* or *hallucination*), "
-                "so there is no before/after table.</p></section>")
-    names = list(dict.fromkeys(k for _, values in columns for k in values))
-    head = "".join(f"<th>{esc(label)}</th>" for label, _ in columns)
-    rows = []
-    for name in names:
-        values = [values.get(name) for _, values in columns]
+        paired = [k for k in numbers if f"{k}_before" in numbers]
+        if any(k in paired for k in fixes):
+            paired.sort(key=lambda k: k not in fixes)  # the fixes' own rows first
+            rows = [(k, [numbers[f"{k}_before"], numbers[k]]) for k in paired]
+            evaluations.append(f"<h3>{esc(label)}</h3>" + fix_table(["before", "after"], rows, change=True))
+        elif fixes:
+            measured.append((label, record["stage"], {k: numbers[k] for k in fixes}))
+    body = "".join(evaluations)
+    if measured:
+        names = list(dict.fromkeys(k for _, _, values in measured for k in values))
+        # Stages of one kind (two `generate`s) measure the same prompts, so their change means something.
+        same_kind = len(measured) > 1 and len({kind for _, kind, _ in measured}) == 1
+        title = "Measured by other stages" if evaluations else "Measured by stage"
+        body += f"<h3>{title}</h3>" + fix_table([label for label, _, _ in measured],
+                                                [(k, [values.get(k) for _, _, values in measured]) for k in names],
+                                                change=same_kind)
+    if not body:
+        body = ('<p class="note">No stage of this run measured repetition or hallucination (a metric named '
+                "*repetition* or *hallucination*), so there is no before/after table.</p>")
+    return f'<section id="fixes"><h2>Fixes: before and after</h2>{body}</section>'
+
+
+def fix_table(columns: list[str], rows: list[tuple[str, list[float | None]]], change: bool) -> str:
+    """Rows of values, one per column; ``change`` adds last minus first, coloured where lower is better."""
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns) + ("<th>change</th>" if change else "")
+    body = []
+    for name, values in rows:
         cells = "".join(f'<td class="num">{esc(fmt(v))}</td>' for v in values)
         seen = [v for v in values if v is not None]
-        change = ""
-        if len(seen) > 1:
-            delta = seen[-1] - seen[0]  # rates of failures: lower is better
-            css = "better" if delta < 0 else "worse" if delta > 0 else ""
-            change = f'<span class="{css}">{delta:+.4g}</span>'
-        rows.append(f'<tr data-metric="{esc(name)}"><td>{esc(name)}</td>{cells}<td class="num">{change}</td></tr>')
-    return ('<section id="fixes"><h2>Repetition and hallucination</h2>'
-            f'<table id="fix-table"><thead><tr><th>metric</th>{head}<th>change</th></tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></section>')
+        if change:
+            delta = seen[-1] - seen[0] if len(seen) > 1 else None
+            css = ""
+            if delta and any(w in name for w in LOWER_IS_BETTER):
+                css = "better" if delta < 0 else "worse"
+            cells += f'<td class="num"><span class="{css}">{"" if delta is None else f"{delta:+.4g}"}</span></td>'
+        body.append(f'<tr data-metric="{esc(name)}"><td>{esc(name)}</td>{cells}</tr>')
+    return (f'<table class="fix-table"><thead><tr><th>metric</th>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')
 
 
 def section_samples(run: dict[str, Any]) -> str:
-    sources = []
+    """The generation stages side by side (same prompts), then each evaluation's models side by side."""
+    tables, generated = [], []
     for record in run["stages"]:
-        path = record["dir"] / "generations.jsonl"
-        if record["status"] == "done" and path.exists():
-            parent = Path(record.get("input_model") or "").parent.name
-            made_by = parent if re.fullmatch(r"\d\d-.+", parent) else "base model"
-            sources.append((f"{record['index']:02d}-{record['stage']} ({made_by})", read_generations(path)))
-    if not sources:
+        label = f"{record['index']:02d}-{record['stage']}"
+        if record["status"] != "done":
+            continue
+        if (record["dir"] / "generations.jsonl").exists():
+            rows = read_samples(record["dir"] / "generations.jsonl").get("", {})
+            generated.append((f"{label} ({made_by(record.get('input_model'))})", rows))
+        if (record["dir"] / "evaluation.jsonl").exists():
+            models = read_samples(record["dir"] / "evaluation.jsonl", by="model")
+            tables.append((f"{label}: the same prompts for each model, changed and flagged answers first",
+                           [(column(m, rows), rows) for m, rows in models.items()]))
+    if generated:
+        note = ("each generation stage's answers, first stage on the left" if len(generated) > 1
+                else "one generation stage only: no before/after comparison")
+        tables.insert(0, (f"Generation stages: {note}", generated))
+    if not tables:
         return '<section id="samples"><h2>Sample generations</h2><p class="note">No stage generated samples.</p></section>'
-    note = ('<p class="meta">The same prompts answered by each model, first stage on the left.</p>' if len(sources) > 1
-            else '<p class="note">One generation stage only: no before/after comparison.</p>')
-    prompts = list(sources[0][1])[:MAX_SAMPLES]
+    return '<section id="samples"><h2>Sample generations</h2>' + "".join(
+        f"<h3>{esc(title)}</h3>" + samples_table(sources) for title, sources in tables) + "</section>"
+
+
+def column(model: str, rows: dict[str, dict[str, Any]]) -> str:
+    """An evaluation's column: the model, and its role (before, after) where the rows name it."""
+    label = next(iter(rows.values())).get("label")
+    return f"{label}: {made_by(model)}" if label else f"model {made_by(model)}"
+
+
+def samples_table(sources: list[tuple[str, dict[str, dict[str, Any]]]]) -> str:
+    """Up to MAX_SAMPLES prompts, one column per source. First the prompts a fix changed (an answer
+    flagged by one model and not by another), then those still flagged, then the rest."""
+    prompts = list(dict.fromkeys(p for _, rows in sources for p in rows))
+    flags = {p: [bool(rows.get(p, {}).get("findings")) for _, rows in sources] for p in prompts}
+    changed = [p for p in prompts if len(set(flags[p])) > 1]
+    flagged = [p for p in prompts if any(flags[p])]
+    chosen = list(dict.fromkeys(changed + flagged + prompts))[:MAX_SAMPLES]
     head = "".join(f"<th>{esc(label)}</th>" for label, _ in sources)
-    rows = []
-    for prompt in prompts:
-        reference = sources[0][1][prompt].get("reference")
-        cells = "".join(f'<td><pre class="gen">{esc(rows_.get(prompt, {}).get("completion", "-"))}</pre></td>'
-                        for _, rows_ in sources)
-        rows.append(f"<tr><td><pre>{esc(prompt)}</pre></td><td><pre>{esc(fmt(reference))}</pre></td>{cells}</tr>")
-    return (f'<section id="samples"><h2>Sample generations</h2>{note}'
-            f'<table id="sample-table"><thead><tr><th>prompt</th><th>reference</th>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></section>')
+    body = []
+    for prompt in chosen:
+        reference = next(rows[prompt].get("reference") for _, rows in sources if prompt in rows)
+        cells = ""
+        for _, rows in sources:
+            row = rows.get(prompt, {})
+            kinds = sorted({f.get("kind", name) if isinstance(f, dict) else name
+                            for name, f in (row.get("findings") or {}).items()})
+            flag = f'<div class="flag">flagged: {esc(", ".join(kinds))}</div>' if kinds else ""
+            cells += f'<td><pre class="gen">{esc(row.get("completion", "-"))}</pre>{flag}</td>'
+        body.append(f"<tr><td><pre>{esc(prompt)}</pre></td><td><pre>{esc(fmt(reference))}</pre></td>{cells}</tr>")
+    return (f'<table class="sample-table"><thead><tr><th>prompt</th><th>reference</th>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')
 
 
 def section_config(run: dict[str, Any]) -> str:
