@@ -10,6 +10,7 @@ import pytest
 
 from rayalign.config import RunConfig, validate_stages
 from rayalign.errors import ConfigError
+from rayalign.hookspecs import HOOKSPEC_VERSION
 from rayalign.plugins import PluginManager
 
 
@@ -40,7 +41,7 @@ BROKEN = {
     "wrong signature": (STAGE_PLUGIN.format(hook="register_stages", extra=", extra"), "extra"),
     "hookspec version": (
         "RAYALIGN_HOOKSPEC = '>=2'\n" + STAGE_PLUGIN.format(hook="register_stages", extra=""),
-        "supports hookspec versions >=2 but this rayalign provides 1.0",
+        f"supports hookspec versions >=2 but this rayalign provides {HOOKSPEC_VERSION}",
     ),
     "raising hook": (
         "from rayalign.hookspecs import hookimpl\n@hookimpl\ndef register_stages(register):\n    raise RuntimeError('boom')\n",
