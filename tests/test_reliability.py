@@ -166,7 +166,7 @@ def test_exploding_loss_skips_then_rolls_back_with_a_smaller_lr(local_ray, tmp_p
 
     plugin = types.ModuleType(f"inject_{loss_cls.name}")
     plugin.register_losses = hookimpl(lambda register: register(loss_cls))
-    out = run_pipeline(sft_run(tmp_path, loss_cls.name, loss=loss_cls.name),
+    out = run_pipeline(sft_run(tmp_path, loss_cls.name, loss=loss_cls.name, loss_spike_factor=10.0),
                        plugins=PluginManager(extra_plugins=(plugin,)))
     metrics = sft_record(out)["metrics"]
     assert metrics["rollbacks"] == 1

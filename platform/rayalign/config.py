@@ -102,7 +102,9 @@ class ReliabilityConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     max_restarts: int = Field(2, ge=0)  # per stage: dead or hung workers survived from the last checkpoint
     max_consecutive_skips: int = Field(3, ge=1)  # non-finite steps in a row before a rollback
-    loss_spike_factor: float = Field(10.0, gt=1)  # a loss this many times its running mean rolls back
+    # A loss this many times its running mean rolls back; off by default because a loss near zero
+    # (DPO once most pairs are separated) makes one hard batch look like a 1000x spike.
+    loss_spike_factor: float | None = Field(None, gt=1)
     lr_backoff: float = Field(0.5, gt=0, lt=1)  # LR multiplier applied at each rollback
     max_rollbacks: int = Field(3, ge=0)
 

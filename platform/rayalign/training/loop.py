@@ -208,7 +208,7 @@ class TrainingDiverged(RuntimeError):
     """The loss kept exploding after every rollback the config allows."""
 
 
-def exploded(history: list[dict], max_skips: int, spike_factor: float, window: int = 20) -> str | None:
+def exploded(history: list[dict], max_skips: int, spike_factor: float | None, window: int = 20) -> str | None:
     """Why the last step calls for a rollback: too many skipped steps in a row, or a loss spike."""
     skips = 0
     for m in reversed(history):
@@ -217,6 +217,8 @@ def exploded(history: list[dict], max_skips: int, spike_factor: float, window: i
         skips += 1
     if skips >= max_skips:
         return f"{skips} consecutive non-finite steps"
+    if spike_factor is None:
+        return None
     previous = [m["loss"] for m in history[-window - 1 : -1] if not m.get("skipped") and math.isfinite(m["loss"])]
     loss = history[-1].get("loss", float("nan"))
     if len(previous) >= 3 and math.isfinite(loss) and loss > spike_factor * (sum(previous) / len(previous)):
