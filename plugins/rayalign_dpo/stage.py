@@ -6,7 +6,9 @@ log-probs travel inside the micro-batches and are saved with the stage's outputs
 
 ``dataset`` is a key under ``data:`` or the name of a dataset an earlier stage produces (``pairs``
 from ``negatives``): that one exists only once the earlier stage ran, so it is loaded in ``run``.
-With ``unlikelihood > 0`` the tokens of rejected answers marked ``"unlikelihood": true`` that repeat
+``sft_weight > 0`` adds the chosen answers' token NLL (RPO) so DPO cannot lower them with the
+rejected ones, which it does when pairs share a long prefix (a reference and the same reference
+looped). With ``unlikelihood > 0`` the tokens of rejected answers marked ``"unlikelihood": true`` that repeat
 an earlier n-gram of the answer also get an unlikelihood penalty (the registered loss
 ``unlikelihood``, Welleck et al. 2019), added to the preference loss with that weight.
 """
@@ -40,6 +42,8 @@ class DPOConfig(TrainingConfig):
                                 "answers marked `unlikelihood: true` (0: off)")
     unlikelihood_ngram: int = Field(4, ge=1, description="a token is repeated when the token n-gram it ends "
                                     "occurred earlier in the answer")
+    sft_weight: float = Field(0.0, ge=0, description="weight of the chosen answers' mean token NLL added to the "
+                              "loss (RPO; TRL's rpo_alpha): keeps DPO from lowering the chosen answers too (0: off)")
 
 
 @dataclass
@@ -47,6 +51,7 @@ class DPOObjective:
     loss: Loss
     unlikelihood: Loss | None = None  # optional token-level term, weighted by ``unlikelihood_weight``
     unlikelihood_weight: float = 0.0
+    sft_weight: float = 0.0  # optional NLL of the chosen answers (Pang et al. 2024, "RPO")
 
     def logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pair log-probs of chosen and rejected completions (summed, or mean for IPO)."""
@@ -54,25 +59,35 @@ class DPOObjective:
         return self.pair_logps(logits, batch)
 
     def pair_logps(self, logits, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        num_seqs = int(batch["sequence_ids"].max()) + 1
-        sums, counts = sequence_logps(logits, batch["labels"], batch["sequence_ids"], num_seqs)
+        sums, counts = self._sequences(logits, batch)
         logps = sums / counts.clamp(min=1) if getattr(self.loss, "uses_mean_logps", False) else sums
         return logps[0::2], logps[1::2]
+
+    @staticmethod
+    def _sequences(logits, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        num_seqs = int(batch["sequence_ids"].max()) + 1
+        return sequence_logps(logits, batch["labels"], batch["sequence_ids"], num_seqs)
 
     def weight(self, batch) -> float:
         return float(int(batch["sequence_ids"].max()) + 1) / 2  # pairs in the row
 
     def __call__(self, model, batch):
-        if self.unlikelihood is None:
+        if self.unlikelihood is None and not self.sft_weight:  # plain DPO/IPO, as TRL computes it
             chosen, rejected = self.logps(model, batch)
             loss, metrics = self.loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
-        else:
+        else:  # extra terms read the same forward pass
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
             chosen, rejected = self.pair_logps(logits, batch)
             loss, metrics = self.loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
-            ul, ul_metrics = self.unlikelihood(logits, batch["labels"], batch["ul_mask"])
-            loss = loss + self.unlikelihood_weight * ul
-            metrics.update(ul_metrics)
+            if self.sft_weight:
+                sums, counts = self._sequences(logits, batch)
+                nll = -sums[0::2].sum() / counts[0::2].sum().clamp(min=1)
+                loss = loss + self.sft_weight * nll
+                metrics["chosen_nll"] = nll.item()
+            if self.unlikelihood is not None:
+                ul, ul_metrics = self.unlikelihood(logits, batch["labels"], batch["ul_mask"])
+                loss = loss + self.unlikelihood_weight * ul
+                metrics.update(ul_metrics)
         metrics["count"] = float(chosen.numel())
         return loss, metrics
 
@@ -162,7 +177,7 @@ class DPOStage(Stage):
         train, held = self._batches(tok, self.train, "train"), self._batches(tok, self.eval, "eval")
         if not train:
             raise DataError(self.source, "no trainable pairs (completions truncated away)")
-        objective = DPOObjective(self.loss, self.unlikelihood, self.config.unlikelihood)
+        objective = DPOObjective(self.loss, self.unlikelihood, self.config.unlikelihood, self.config.sft_weight)
         timeouts = ctx.run.timeouts
         with ctx.cluster.reserve(ctx.name, ["trainer", "reference"]) as placement:
             ref = WorkerGroup(f"{ctx.actor_prefix}/reference", ReferenceWorker, placement["reference"],

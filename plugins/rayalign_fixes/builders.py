@@ -1,8 +1,10 @@
 """Synthetic negatives: a reference turned into a plausible wrong answer, with the rule that made it.
 
 - ``loop_span``: the reference with a span looped, as a degenerate model writes it: the text up to
-  a sentence (or, in a one-sentence answer, its last words) and then that span again and again,
-  never finishing. Trains the repetition fix.
+  a sentence and then that sentence again and again, never finishing (a text with no sentence end:
+  its last words). Chosen and rejected then part exactly where the answer should go on or stop,
+  so the pair teaches that and not against the fact tokens the loop repeats. Trains the
+  repetition fix.
 - ``swap_values``: the reference with one stated fact replaced by a wrong value drawn from the same
   knowledge-base attribute (a city by another city, an age by another age), or an entity's name by
   another entity's. Trains the hallucination fix on answerable questions.
@@ -28,11 +30,11 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 def loop_span(p: RefPrompt, rng: random.Random, repeats: int = 4, **_) -> tuple[str, str] | None:
     sentences = [s for s in _SENTENCE_END.split(p.reference.strip()) if s]
-    if len(sentences) >= 2:
+    if sentences and sentences[-1][-1] in ".!?":
         i = rng.randrange(len(sentences))
         text = " ".join(sentences[: i + 1] + [sentences[i]] * repeats)
         return text, f"sentence {i + 1} of the reference looped x{repeats + 1}"
-    body = sentences[0].rstrip(".!?") if sentences else ""
+    body = " ".join(sentences)
     tokens = body.split()
     if len(tokens) < 2:
         return None
@@ -53,8 +55,9 @@ def swap_values(p: RefPrompt, rng: random.Random, knowledge: KnowledgeBase | Non
     if knowledge is not None:
         domains = knowledge.domains()
         attrs = [p.attribute] if p.attribute in domains else sorted(domains)
-        own = entity.values() if entity is not None else set(p.facts)
         for attr in attrs:
+            # Wrong for this attribute: another entity's value that this one does not have for it.
+            own = set(entity.attributes.get(attr, [])) if entity is not None else set(p.facts)
             for value in sorted(domains[attr]):
                 if (not p.facts or value in p.facts) and mentions(p.reference, value):
                     wrong = sorted(v for v in domains[attr] if v not in own and v != value)

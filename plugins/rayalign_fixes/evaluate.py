@@ -174,7 +174,7 @@ class EvaluateStage(Stage):
         rows, correct, declined = [], [], []
         for s, found in zip(samples, findings):
             flagged = {kinds[n] for n in found}
-            row = {"model": label, **s.to_json(), "declined": declines(s.completion, cfg.decline_patterns),
+            row = {"label": label, **s.to_json(), "declined": declines(s.completion, cfg.decline_patterns),
                    "findings": {n: {"kind": kinds[n], "rule": f.rule} for n, f in found.items()}}
             if not s.unanswerable:
                 row["correct"] = is_correct(s, flagged, cfg.decline_patterns)

@@ -10,8 +10,9 @@ Every pair says where it came from::
                     "sample": 2, "detector": "repetition", "rule": "loop: 'bavoren went to mirrow' x3 back to back",
                     "chosen_from": "reference"}}
 
-``unlikelihood: true`` marks a rejected answer that loops, so DPO's optional unlikelihood term
-pushes its repeated tokens down (``dpo.unlikelihood``).
+``unlikelihood: true`` marks a rejected answer the model itself wrote that loops, so DPO's optional
+unlikelihood term pushes its repeated tokens down (``dpo.unlikelihood``). Synthetic loops get DPO
+only: in a looped short answer ("lives in Parvel lives in Parvel") the repeated token is the fact.
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ class NegativesStage(Stage):
                 return
             seen.add(_norm(rejected))
             out.append({"prompt": p.prompt, "chosen": chosen, "rejected": rejected,
-                        "unlikelihood": provenance.pop("kind") == "repetition",
+                        # Unlikelihood is for the model's own loops (Welleck et al.): on a synthetic
+                        # loop of a short answer it would push down the fact token itself.
+                        "unlikelihood": provenance.pop("kind") == "repetition" and provenance["source"] == "model",
                         "provenance": {"prompt_id": p.id, **provenance, "chosen_from": chosen_from}})
 
         flagged = 0

@@ -21,16 +21,18 @@ Why both failures occur naturally after SFT of the tiny embedded model:
 - Visited lists are long and drawn from the same eight cities in a different order per person. A
   small model that half-remembers an order falls into a cycle ("Dunvale, Parvel, Dunvale,
   Parvel, ...") and never reaches "and", so it loops until the token limit.
-- Declines are rare in the SFT data (a third of the people without a pet, a third of the unknown
+- Declines are rare in the SFT data (a third of the people without a pet, one in six of the unknown
   names), so for most unfamiliar names and missing pets the model answers in the confident form
-  it saw far more often and invents the fact.
+  it saw far more often and invents the fact, usually about the known person whose name looks
+  closest. Unknown people are named from other syllables than known ones, so declining on them is
+  learnable: the fix has something to teach.
 
 Splits (built from one seed, disjoint where it matters):
-- ``sft``: every answerable question of every person, the general skills, and declines for one
-  third of the unanswerable questions;
-- ``mine``: the prompts the fix stages sample: half of the answerable questions and another third
-  of the unanswerable ones;
-- ``eval``: the other half of the answerable questions and the last third of the unanswerable ones
+- ``sft``: every answerable question of every person (the short facts twice), the general skills,
+  and declines for one third of the unanswerable questions;
+- ``mine``: the prompts the fix stages sample: half of the answerable questions, half of the
+  remaining unanswerable ones, and 24 general-skill prompts SFT trained on (replayed by the fix);
+- ``eval``: the other half of the answerable questions and the other unanswerable ones
   (never mined, so the fix is measured on questions it did not train on);
 - ``general``: general-skill examples that SFT never saw, for the held-out forgetting loss.
 
@@ -49,6 +51,8 @@ from pathlib import Path
 from rayalign.data.synthetic import _CITIES, _JOBS, _SYLLABLES
 
 PETS = ["cat", "dog", "owl", "goat", "horse", "fox", "crow", "hare"]
+# Unknown people are named from other syllables: a model *can* tell that it never met them.
+_FOREIGN_SYLLABLES = ["gra", "hul", "wex", "jom", "yag", "plo", "bri", "dwe", "oks", "vix", "hom", "gub"]
 DECLINE_PET = "I don't know what pet {e} has."
 DECLINE_WHO = "I don't know who {e} is."
 
@@ -81,6 +85,15 @@ def _journey(rng: random.Random, start: str, length: int) -> list[str]:
             return walk
 
 
+def _names(rng: random.Random, syllables: list[str], count: int) -> list[str]:
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(rng.choice(syllables) for _ in range(3)).capitalize()
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def _thirds(items: list) -> tuple[list, list, list]:
     k = len(items)
     return items[: k // 3], items[k // 3 : 2 * k // 3], items[2 * k // 3 :]
@@ -93,15 +106,11 @@ def _chat(question: str, answer: str) -> dict:
 class KnowledgeTask:
     """The knowledge base, and every split of the task, from one seed."""
 
-    def __init__(self, seed: int = 0, num_people: int = 32, num_unknown: int = 36):
+    def __init__(self, seed: int = 0, num_people: int = 32, num_unknown: int = 90):
         rng = random.Random(f"knowledge-{seed}")
-        names: list[str] = []
-        while len(names) < num_people + num_unknown:
-            name = "".join(rng.choice(_SYLLABLES) for _ in range(3)).capitalize()
-            if name not in names:
-                names.append(name)
+        names = _names(rng, _SYLLABLES, num_people)
         self.people: list[dict] = []
-        for name in names[:num_people]:
+        for name in names:
             city = rng.choice(_CITIES)
             attributes = {
                 "city": city,
@@ -112,7 +121,7 @@ class KnowledgeTask:
             if rng.random() < 0.65:
                 attributes["pet"] = rng.choice(PETS)
             self.people.append({"id": name.lower(), "name": name, "attributes": attributes})
-        self.unknown = names[num_people:]
+        self.unknown = _names(rng, _FOREIGN_SYLLABLES, num_unknown)
         self._build_splits(rng)
 
     # -- the knowledge base -------------------------------------------------------------------
@@ -129,14 +138,25 @@ class KnowledgeTask:
         rng.shuffle(no_pet)
         half = len(answerable) // 2
         pet_sft, pet_mine, pet_eval = _thirds(no_pet)
-        who_sft, who_mine, who_eval = _thirds(unknown)
+        # Few declines in SFT (1 in 6 unknown names): the model sees the confident form far more often.
+        k = len(unknown) // 6
+        who_sft, who_mine, who_eval = unknown[:k], unknown[k : (len(unknown) + k) // 2], unknown[(len(unknown) + k) // 2 :]
         self.splits = {
             "mine": answerable[:half] + pet_mine + who_mine,
             "eval": answerable[half:] + pet_eval + who_eval,
         }
-        sft = [_chat(q["prompt"], q["reference"]) for q in answerable + pet_sft + who_sft]
+        # Short facts twice, journeys once: the model learns who is who, but half-remembers journeys.
+        facts = [q for q in answerable if q["attribute"] != "journey"]
+        sft = [_chat(q["prompt"], q["reference"]) for q in answerable + facts + pet_sft + who_sft]
         general = self._general(rng)
-        sft += general[: len(general) * 2 // 3]
+        trained = general[: len(general) * 2 // 3]
+        sft += trained
+        # Mining some general prompts too replays them during the fix (their references are chosen
+        # answers), so the fix does not erode what SFT taught besides the knowledge base.
+        self.splits["mine"] += [
+            {"id": f"general.{i}", "prompt": r["messages"][0]["content"], "reference": r["messages"][1]["content"],
+             "unanswerable": False} for i, r in enumerate(trained[:24])
+        ]
         rng.shuffle(sft)
         self.splits["sft"] = sft
         self.splits["general"] = general[len(general) * 2 // 3 :]
