@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   install into .venv, start a local Ray head, submit the SFT->DPO recipe, print results
 #   make test   install into .venv and run the whole test suite
+SHELL  := /bin/bash  # the demo reads PIPESTATUS
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
@@ -31,8 +32,13 @@ demo: install
 	$(BIN)/ray get-auth-token --generate >/dev/null
 	RAY_AUTH_MODE=token PATH=$(BIN):$$PATH $(BIN)/ray start --head --port=$(RAY_PORT) --dashboard-host=127.0.0.1 \
 		--dashboard-port=$(DASHBOARD_PORT) --disable-usage-stats
-	RAY_AUTH_MODE=token PATH=$(BIN):$$PATH $(BIN)/ray job submit --address http://127.0.0.1:$(DASHBOARD_PORT) --working-dir . \
-		-- python recipes/sft_then_dpo.py "output_dir=$(CURDIR)/runs/sft_then_dpo/{time}"; status=$$?; $(BIN)/ray stop --force >/dev/null 2>&1; exit $$status
+	# Retried only while Ray refuses the submission because its dashboard agent is not up yet.
+	for i in 1 2 3 4 5 6 7 8 9 10; do \
+		RAY_AUTH_MODE=token PATH=$(BIN):$$PATH $(BIN)/ray job submit --address http://127.0.0.1:$(DASHBOARD_PORT) \
+			--working-dir . -- python recipes/sft_then_dpo.py "output_dir=$(CURDIR)/runs/sft_then_dpo/{time}" \
+			2>&1 | tee .demo-submit.log; status=$${PIPESTATUS[0]}; \
+		grep -q "No available agent to submit job" .demo-submit.log || break; sleep 3; \
+	done; rm -f .demo-submit.log; $(BIN)/ray stop --force >/dev/null 2>&1; exit $$status
 
 test: install
 	# The example third-party plugin, installed as its own distribution like any author's would be.

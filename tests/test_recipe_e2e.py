@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,11 +43,17 @@ def job(tmp_path_factory):
     )
     out = tmp / "run"
     try:
-        proc = subprocess.run(
-            [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-             "--", "python", "recipes/sft_then_dpo.py", f"output_dir={out}"],
-            env=env, capture_output=True, text=True, timeout=1500,
-        )
+        for _ in range(20):
+            proc = subprocess.run(
+                [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                 "--", "python", "recipes/sft_then_dpo.py", f"output_dir={out}"],
+                env=env, capture_output=True, text=True, timeout=1500,
+            )
+            # A loaded machine can take a while to register the dashboard agent after `ray start`;
+            # until then the job is refused, never started, so submitting again is safe.
+            if "No available agent to submit job" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(3)
         actors = subprocess.run(
             [BIN / "ray", "list", "actors", "--address", f"127.0.0.1:{gcs}", "--format", "json", "--limit", "1000"],
             env=env, capture_output=True, text=True, timeout=120,
