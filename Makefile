@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   install into .venv, start a local Ray head, submit the SFT->DPO recipe, print results
 #   make test   install into .venv and run the whole test suite
-SHELL  := /bin/bash  # the demo reads PIPESTATUS
+# bash: the demo reads PIPESTATUS.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
