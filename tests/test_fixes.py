@@ -301,3 +301,28 @@ def test_dpo_reads_a_dataset_of_an_earlier_stage_at_run_time(tmp_path):
     stage._load(write_jsonl(tmp_path / "pairs.jsonl", pairs), run)
     loaded = sorted(stage.train + stage.eval, key=lambda r: r["prompt"][0]["content"])
     assert [r["unlikelihood"] for r in loaded] == [True, False]
+
+
+def test_negatives_pairs_carry_provenance_and_honour_the_detector_filter():
+    from rayalign_fixes.negatives import NegativesConfig, NegativesStage
+
+    p = ref("I don't know who Zitanmo is.", id="z", prompt="Where does Zitanmo live?", unanswerable=True,
+            attribute="city")
+    donor = ref("Bavoren lives in Kelmora.", id="d", prompt="Where does Bavoren live?", attribute="city")
+    invented = sample("Zitanmo lives in Dunvale.", id="z", unanswerable=True)
+    invented.model, invented.sample = "/runs/x/00-sft/model", 3
+    group = [(invented, {"findings": {"unanswerable": {"kind": "hallucination", "rule": "answered instead"}}})]
+
+    def build(**options):
+        stage = NegativesStage(NegativesConfig(target="hallucination", **options))
+        stage.prepare(None, None, None, 3)
+        return stage._pairs(p, group, [donor], None, random.Random(0))
+
+    model_pair, synthetic_pair = build()
+    assert model_pair["chosen"] == p.reference and model_pair["rejected"] == "Zitanmo lives in Dunvale."
+    assert model_pair["provenance"] == {"prompt_id": "z", "source": "model", "model": "/runs/x/00-sft/model",
+                                        "sample": 3, "detector": "unanswerable", "rule": "answered instead",
+                                        "chosen_from": "reference"}
+    assert synthetic_pair["provenance"]["detector"] == "synthetic:borrow_answer" and not synthetic_pair["unlikelihood"]
+    only_contradictions = build(detectors=["contradiction"])
+    assert [q["provenance"]["source"] for q in only_contradictions] == ["synthetic"]

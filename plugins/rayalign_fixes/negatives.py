@@ -38,6 +38,8 @@ class NegativesConfig(StageConfig):
                                                           "null: those of the target kind")
     synthetic_per_prompt: int = Field(1, ge=0, description="synthetic negatives per prompt and builder")
     max_rejected_per_prompt: int = Field(2, ge=0, description="flagged samples used per prompt")
+    detectors: list[str] | None = Field(None, description="detectors whose flags make rejected answers "
+                                                          "(null: every detector of the target kind)")
     chosen: Literal["reference", "clean_sample"] = Field("reference", description="what the chosen answer is")
 
 
@@ -113,7 +115,8 @@ class NegativesStage(Stage):
 
         flagged = 0
         for sample, row in group:
-            hits = [(name, f) for name, f in row["findings"].items() if f["kind"] == cfg.target]
+            hits = [(name, f) for name, f in row["findings"].items()
+                    if f["kind"] == cfg.target and (cfg.detectors is None or name in cfg.detectors)]
             if hits and flagged < cfg.max_rejected_per_prompt:
                 name, finding = hits[0]
                 before = len(out)
