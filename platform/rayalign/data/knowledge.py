@@ -223,7 +223,12 @@ def load_synthetic(spec: str, kind: str, formats: list, seed: int = 0) -> list[d
     """``synthetic_records`` converted by the registered formats, as the JSONL loader would."""
     from rayalign.errors import DataError
 
-    records = synthetic_records(spec, seed)
+    if spec.startswith("synthetic:arithmetic/"):
+        from rayalign.data import arithmetic
+
+        records = arithmetic.synthetic_records(spec, seed)
+    else:
+        records = synthetic_records(spec, seed)
     candidates = [f for f in formats if f.kind == kind]
     out = []
     for i, record in enumerate(records, start=1):
