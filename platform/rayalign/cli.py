@@ -51,7 +51,7 @@ def cmd_plugins(args) -> None:
     for info in sorted(pm.info.values(), key=lambda i: i.name):
         status = f"BROKEN: {info.error}" if info.broken else f"hooks: {', '.join(info.hooks)}"
         print(f"{info.name:<24} {info.package} {info.version}  {status}")
-    for kind in ("stages", "losses", "metrics", "rewards", "formats", "detectors"):
+    for kind in ("stages", "losses", "metrics", "rewards", "formats", "detectors", "filters"):
         registry = getattr(pm, kind)
         print(f"{kind}: {', '.join(f'{n} ({registry.owner[n]})' for n in registry) or '-'}")
 
@@ -64,7 +64,8 @@ def describe(pm, name: str) -> str:
         lines += schema_lines(stage.Config)
         return "\n".join(lines)
     for kind, registry in (("loss", pm.losses), ("metric", pm.metrics), ("reward", pm.rewards),
-                           ("data format", pm.formats), ("detector", pm.detectors)):
+                           ("data format", pm.formats), ("detector", pm.detectors),
+                           ("filter", pm.filters)):
         if name in registry:
             item = registry.get(name, where=name)
             return f"{kind} {name} (plugin {registry.owner[name]}): {first_line(item.__doc__)}"

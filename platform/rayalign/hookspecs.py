@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:
+    from rayalign.data.filters import Filter
     from rayalign.data.formats import DataFormat
     from rayalign.evaluation.detectors import Detector
     from rayalign.metrics import Metric
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from rayalign.training.losses import Loss
 
 PROJECT = "rayalign"
-HOOKSPEC_VERSION = "1.1"  # 1.1: register_detectors
+HOOKSPEC_VERSION = "1.2"  # 1.1: register_detectors; 1.2: register_filters
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -97,4 +98,16 @@ def register_detectors(register: Callable[[type["Detector"]], None]) -> None:
     (``detector_options.<name>`` in a stage). ``detect(samples, knowledge)`` returns, per sample, a
     ``Finding(rule, details)`` when it flags the sample and ``None`` otherwise. A detector that
     raises stops its stage with an error naming the detector and its plugin.
+    """
+
+
+@hookspec
+def register_filters(register: Callable[[type["Filter"]], None]) -> None:
+    """Register quality filters for data curation.
+
+    Call ``register(FilterClass)``, a subclass of ``rayalign.data.filters.Filter``. ``name`` is
+    what the ``curate`` stage's ``filters:`` list names; ``Config`` is its pydantic options schema
+    (``filter_options.<name>``). ``reject(example)`` gets an ``Example`` (``messages``, ``prompt``,
+    ``response``, ``record``, ``source``) and returns a short reason to drop it, or ``None`` to
+    keep it; the curation report counts drops per filter and reason.
     """

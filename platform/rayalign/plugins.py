@@ -116,6 +116,7 @@ _REGISTRIES = {  # property -> (hook, kind)
     "metrics": ("register_metrics", "metric"),
     "formats": ("register_data_formats", "data format"),
     "detectors": ("register_detectors", "detector"),
+    "filters": ("register_filters", "filter"),
 }
 
 
@@ -235,6 +236,10 @@ class PluginManager:
     @cached_property
     def detectors(self) -> Registry:
         return self._collect("detectors")
+
+    @cached_property
+    def filters(self) -> Registry:
+        return self._collect("filters")
 
 
 def _hook_names() -> list[str]:
