@@ -15,6 +15,8 @@ from conftest import REPO
 RECIPE = REPO / "recipes" / "sft_then_dpo.py"
 GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 GOOD_PAIR = {"prompt": "hi", "chosen": "hello", "rejected": "go away"}
+BOT_CHAT = {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+LONG_CHAT = {"messages": [{"role": "user", "content": "tell me " * 100}, {"role": "assistant", "content": "no"}]}
 
 def run_recipe(tmp_path, *args):
     out = tmp_path / "out"
@@ -35,14 +37,31 @@ CASES = {
         lambda t: ["--config", str(write_lines(t / "c.yaml", ["data: {sft: null}"]))],
         r"stages: no stages configured",
     ),
+    # data.bad_records=skip (the default) still stops a run whose file is mostly bad: the wrong file.
     "malformed line": (
         lambda t: [f"data.sft={write_lines(t / 'sft.jsonl', [GOOD_CHAT, GOOD_CHAT, '{oops'])}"],
-        r"sft\.jsonl:3: malformed JSON",
+        r"sft\.jsonl:3: malformed JSON .*; 1 of 3 records are bad \(33%\), above data\.max_bad_fraction=0\.1$",
     ),
     "missing field": (
         lambda t: [f"data.preference={write_lines(t / 'p.jsonl', [GOOD_PAIR, {'prompt': 'x', 'chosen': 'y'}])}"],
-        r"p\.jsonl:2: missing fields .*rejected",
+        r"p\.jsonl:2: missing fields .*rejected.*1 of 2 records are bad",
     ),
+    # data.bad_records=fail: one bad record among many stops the run, naming it.
+    "malformed line, fail": (
+        lambda t: [f"data.sft={write_lines(t / 'sft.jsonl', [GOOD_CHAT] * 30 + ['{oops'])}", "data.bad_records=fail"],
+        r"sft\.jsonl:31: malformed JSON .*\(data\.bad_records=fail\)$",
+    ),
+    "unknown role, fail": (
+        lambda t: [f"data.sft={write_lines(t / 'sft.jsonl', [GOOD_CHAT] * 5 + [BOT_CHAT] + [GOOD_CHAT] * 5)}",
+                   "data.bad_records=fail"],
+        r"sft\.jsonl:6: field 'messages\[0\]\.role': expected one of system, user, assistant, got 'bot'",
+    ),
+    "too long, fail": (
+        lambda t: [f"data.sft={write_lines(t / 'sft.jsonl', [GOOD_CHAT] * 3 + [LONG_CHAT] + [GOOD_CHAT] * 30)}",
+                   "data.bad_records=fail", "sft.max_length=64"],
+        r"sft\.jsonl:4: \d+ tokens after the chat template, above max_length=64 \(data\.bad_records=fail\)$",
+    ),
+    "bad policy": (lambda t: ["data.bad_records=drop"], r"data\.bad_records: Input should be 'skip' or 'fail'"),
     "empty dataset": (lambda t: [f"data.sft={write_lines(t / 'e.jsonl', [])}"], r"e\.jsonl: no chat examples"),
     "model path": (lambda t: ["model=/nonexistent/model"], r"model: path '/nonexistent/model' does not exist"),
     "unknown stage": (

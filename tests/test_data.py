@@ -8,6 +8,7 @@ import torch
 from rayalign.data.chat import tokenize_completion, tokenize_conversation
 from rayalign.data.datasets import load_records
 from rayalign.data.packing import collate_packed, group_by_tokens
+from rayalign.data.validation import Policy
 from rayalign.errors import DataError
 from rayalign.plugins import get_plugin_manager
 from rayalign.training.losses import IGNORE_INDEX, sequence_logps
@@ -19,8 +20,8 @@ def jsonl(tmp_path, lines, name="d.jsonl"):
     return path
 
 
-def load(path, kind):
-    return load_records(str(path), kind, get_plugin_manager().formats, 0)[0]
+def load(path, kind, policy=None):
+    return load_records(str(path), kind, get_plugin_manager().formats, 0, policy=policy)[0]
 
 
 def test_formats_normalise_to_messages(tmp_path):
@@ -43,14 +44,16 @@ def test_formats_normalise_to_messages(tmp_path):
         ([{"prompt": "q", "chosen": "a"}], "preference", r"d\.jsonl:1: missing fields .*rejected"),
         ([{"messages": [{"role": "bot", "content": "x"}]}], "chat", r"d\.jsonl:1: field 'messages\[0\]\.role'"),
         ([{"messages": [{"role": "user", "content": 3}]}], "chat", r"d\.jsonl:1: field 'messages\[0\]\.content'"),
-        ([{"messages": [{"role": "user", "content": "only a question"}]}], "chat", "no assistant message"),
+        ([{"messages": [{"role": "user", "content": "only a question"}]}], "chat",
+         r"d\.jsonl:1: the conversation does not end with an assistant message"),
         ([{"prompt": "q", "chosen": "", "rejected": "b"}], "preference", r"d\.jsonl:1: field 'chosen': empty"),
         (["", "  "], "chat", r"d\.jsonl: no chat examples"),
     ],
 )
 def test_bad_records_name_file_line_and_field(tmp_path, lines, kind, message):
+    # data.bad_records=fail: the first bad record stops the load (tests/test_bad_data.py: skip).
     with pytest.raises(DataError, match=message):
-        load(jsonl(tmp_path, lines), kind)
+        load(jsonl(tmp_path, lines), kind, Policy("fail"))
 
 
 def test_missing_file(tmp_path):

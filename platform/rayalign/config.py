@@ -86,6 +86,13 @@ class DataConfig(Strict):
     preference: str | None = None
     prompts: str | None = None
     eval_fraction: float = Field(0.1, ge=0, lt=1)
+    # What a bad record (malformed JSON, missing/empty field, unknown role, no final assistant
+    # turn, too long after the chat template, duplicate id) does: `skip` drops it, counted in the
+    # stage's metrics and named (file:line, reason) in the log; `fail` stops the run at the first.
+    bad_records: Literal["skip", "fail"] = "skip"
+    # Even under `skip`, more bad records than this share of a file (or none valid) stop the run:
+    # that is the wrong file or format, not a few bad lines.
+    max_bad_fraction: float = Field(0.1, ge=0, le=1)
 
 
 class TimeoutConfig(Strict):

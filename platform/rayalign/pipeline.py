@@ -24,6 +24,7 @@ import yaml
 
 from rayalign import telemetry
 from rayalign.config import RunConfig, validate_stages
+from rayalign.data.validation import DataChecks, Policy, data_checks
 from rayalign.errors import ConfigError
 from rayalign.plugins import PluginManager, get_plugin_manager
 from rayalign.report import write_report
@@ -77,8 +78,11 @@ def run_pipeline(cfg: RunConfig, plugins: PluginManager | None = None, source: s
     entries = validate_stages(cfg, plugins.stages, source)
     stages = [plugins.stages.get(e.name, where=f"stages[{i}]")(e.config) for i, e in enumerate(entries)]
     artifacts = Artifacts(model=resolve_model(cfg))
+    # Each stage's datasets follow data.bad_records; what they skipped lands in its metrics.
+    checks = [DataChecks(Policy.of(cfg.data)) for _ in stages]
     for i, stage in enumerate(stages):
-        stage.prepare(cfg, plugins, artifacts, i)
+        with data_checks(checks[i]):
+            stage.prepare(cfg, plugins, artifacts, i)
 
     out = Path(cfg.output_dir).resolve()
     created = not out.exists()
@@ -96,7 +100,8 @@ def run_pipeline(cfg: RunConfig, plugins: PluginManager | None = None, source: s
     try:
         for i, (entry, stage) in enumerate(zip(entries, stages)):
             current, started = entry.name, time.time()
-            summary["stages"].append(_run_stage(cfg, plugins, cluster, out, i, entry.name, stage, artifacts))
+            record = _run_stage(cfg, plugins, cluster, out, i, entry.name, stage, artifacts, checks[i])
+            summary["stages"].append(record)
     except BaseException as exc:
         if created and not any(p.name[0].isdigit() or p.name == "checkpoints" for p in out.iterdir()):
             shutil.rmtree(out, ignore_errors=True)  # nothing finished or resumable: leave no trace
@@ -140,7 +145,8 @@ def _run_with_restarts(stage, ctx: StageContext, max_restarts: int):
                         ctx.name, exc, restarts, max_restarts)
 
 
-def _run_stage(cfg, plugins, cluster, out: Path, index: int, name: str, stage, artifacts: Artifacts) -> dict:
+def _run_stage(cfg, plugins, cluster, out: Path, index: int, name: str, stage, artifacts: Artifacts,
+               checks: DataChecks) -> dict:
     final = out / f"{index:02d}-{name}"
     if (final / "metrics.json").exists():
         record = json.loads((final / "metrics.json").read_text())
@@ -155,7 +161,9 @@ def _run_stage(cfg, plugins, cluster, out: Path, index: int, name: str, stage, a
         telemetry.stage_started(name)
         started = time.time()
         try:
-            result = _run_with_restarts(stage, ctx, cfg.reliability.max_restarts)
+            with data_checks(checks):
+                result = _run_with_restarts(stage, ctx, cfg.reliability.max_restarts)
+            result.metrics.update(checks.metrics())
             record = {
                 "stage": name,
                 "seconds": round(time.time() - started, 2),

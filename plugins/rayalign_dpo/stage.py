@@ -25,6 +25,7 @@ from rayalign.cluster.worker_group import WorkerGroup
 from rayalign.data.chat import tokenize_completion
 from rayalign.data.datasets import dataset_path, load_records, split
 from rayalign.data.packing import collate_packed, group_by_tokens
+from rayalign.data.validation import within_max_length
 from rayalign.errors import ConfigError, DataError
 from rayalign.stage import Stage, StageResult
 from rayalign.training.loop import TrainerSession, TrainingConfig
@@ -38,6 +39,8 @@ class DPOConfig(TrainingConfig):
     loss: str = Field("sigmoid", description="registered preference loss: sigmoid (DPO) or ipo")
     beta: float = Field(0.1, gt=0, description="strength of the KL constraint to the reference")
     lr: float = Field(5e-7, gt=0, description="peak learning rate (cosine decay after warmup)")
+    max_length: int = Field(1024, ge=8, description="tokens of prompt + chosen (and of prompt + rejected) after the "
+                            "chat template; a longer pair is a bad record (`data.bad_records`), never truncated")
     unlikelihood: float = Field(0.0, ge=0, description="weight of unlikelihood on repeated tokens of rejected "
                                 "answers marked `unlikelihood: true` (0: off)")
     unlikelihood_ngram: int = Field(4, ge=1, description="a token is repeated when the token n-gram it ends "
@@ -105,13 +108,19 @@ def repeated_tokens(tokenized, n: int) -> list[int]:
     return mask
 
 
-def unlikelihood_flags(path: str | None, count: int) -> list[bool]:
-    """The ``unlikelihood`` field of every record of a pairs JSONL, in file order (False if absent)."""
+def unlikelihood_flags(path: str | None) -> set[int]:
+    """Line numbers of the pairs JSONL records marked ``"unlikelihood": true`` (bad lines are not)."""
     if path is None or path.startswith("synthetic:"):
-        return [False] * count
+        return set()
+    flagged = set()
     with open(path) as fh:
-        flags = [bool(json.loads(line).get("unlikelihood", False)) for line in fh if line.strip()]
-    return flags if len(flags) == count else [False] * count
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                if json.loads(line).get("unlikelihood", False):
+                    flagged.add(lineno)
+            except (ValueError, AttributeError):
+                pass  # a bad record: the loader named and counted it
+    return flagged
 
 
 class DPOStage(Stage):
@@ -131,24 +140,28 @@ class DPOStage(Stage):
         data_keys = [k for k, v in type(run.data).model_fields.items() if v.annotation == (str | None)]
         if cfg.dataset in data_keys:
             path = dataset_path(run, cfg.dataset, where=f"stages[{index}].dpo.dataset")
-            self._load(path, run)
+            self._load(path, run, artifacts.model)
         # else: an earlier stage's dataset, which does not exist yet; run() loads it.
 
-    def _load(self, path: str | None, run) -> None:
-        records, self.source = load_records(path, "preference", self.formats, run.seed)
-        for record, flag in zip(records, unlikelihood_flags(path, len(records))):
-            record["unlikelihood"] = flag
-        self.train, self.eval = split(records, run.data.eval_fraction, run.seed)
+    def _load(self, path: str | None, run, model: str) -> None:
+        """Load and tokenize the pairs; an over-long pair is a bad record (skipped and counted, or fatal)."""
+        from transformers import AutoTokenizer
 
-    def _batches(self, tok, records, part: str) -> list[dict]:
+        records, self.source = load_records(path, "preference", self.formats, run.seed)
+        flagged = unlikelihood_flags(path)
+        tok = AutoTokenizer.from_pretrained(model)
+
+        def tokenize(r):
+            return (tokenize_completion(tok, r["prompt"], r["chosen"], None, r.where),
+                    tokenize_completion(tok, r["prompt"], r["rejected"], None, r.where))
+
+        records, tokenized = within_max_length(records, tokenize, self.config.max_length)
+        pairs = [(c, rj, r.line in flagged) for r, (c, rj) in zip(records, tokenized)]
+        self.train, self.eval = split(pairs, run.data.eval_fraction, run.seed)
+
+    def _batches(self, pairs: list) -> list[dict]:
+        """Pairs (chosen, rejected, unlikelihood flag) packed into rows: chosen then rejected."""
         cfg = self.config
-        pairs = []
-        for i, r in enumerate(records):
-            where = f"{self.source} ({part} #{i})"
-            chosen = tokenize_completion(tok, r["prompt"], r["chosen"], cfg.max_length, where)
-            rejected = tokenize_completion(tok, r["prompt"], r["rejected"], cfg.max_length, where)
-            if chosen.num_trained and rejected.num_trained:
-                pairs.append((chosen, rejected, r.get("unlikelihood", False)))
         groups = group_by_tokens([len(c) + len(r) for c, r, _ in pairs], cfg.max_tokens_per_micro_batch, 0)
         batches = []
         for g in groups:
@@ -164,19 +177,16 @@ class DPOStage(Stage):
         return batches
 
     def run(self, ctx):
-        from transformers import AutoTokenizer
-
         if self.train is None:
             name = self.config.dataset
             if name not in ctx.artifacts.datasets:
                 produced = ", ".join(sorted(ctx.artifacts.datasets)) or "none"
                 raise ConfigError(f"stages[{ctx.index}].dpo.dataset", f"{name!r} is no key under data: and no "
                                   f"earlier stage produced a dataset of that name (produced: {produced})")
-            self._load(ctx.artifacts.datasets[name], ctx.run)
-        tok = AutoTokenizer.from_pretrained(ctx.artifacts.model)
-        train, held = self._batches(tok, self.train, "train"), self._batches(tok, self.eval, "eval")
+            self._load(ctx.artifacts.datasets[name], ctx.run, ctx.artifacts.model)
+        train, held = self._batches(self.train), self._batches(self.eval)
         if not train:
-            raise DataError(self.source, "no trainable pairs (completions truncated away)")
+            raise DataError(self.source, "no training pairs left after the held-out split")
         objective = DPOObjective(self.loss, self.unlikelihood, self.config.unlikelihood, self.config.sft_weight)
         timeouts = ctx.run.timeouts
         with ctx.cluster.reserve(ctx.name, ["trainer", "reference"]) as placement:

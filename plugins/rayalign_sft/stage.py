@@ -9,6 +9,7 @@ from pydantic import Field
 from rayalign.data.chat import tokenize_conversation
 from rayalign.data.datasets import dataset_path, load_records, split
 from rayalign.data.packing import collate_packed, group_by_tokens
+from rayalign.data.validation import within_max_length
 from rayalign.errors import DataError
 from rayalign.stage import Stage, StageResult
 from rayalign.training.loop import TrainerSession, TrainingConfig
@@ -19,6 +20,8 @@ class SFTConfig(TrainingConfig):
     dataset: str = Field("sft", description="key under `data:` naming the chat JSONL (null: synthetic)")
     loss: str = Field("sft", description="registered loss applied to the logits")
     epochs: int = Field(3, ge=1, description="passes over the training split")
+    max_length: int = Field(1024, ge=8, description="tokens per conversation after the chat template; a longer one "
+                            "is a bad record (`data.bad_records`), never truncated")
 
 
 @dataclass
@@ -51,31 +54,20 @@ class SFTStage(Stage):
         self.loss_cls = plugins.losses.get(cfg.loss, where=f"stages[{index}].sft.loss")
         path = dataset_path(run, cfg.dataset, where=f"stages[{index}].sft.dataset")
         records, self.source = load_records(path, "chat", plugins.formats, run.seed)
-        self.train, self.eval = split(records, run.data.eval_fraction, run.seed)
-
-    def run(self, ctx):
+        # Tokenized here, before any work, so an over-long conversation is a bad record of the
+        # preflight (skipped and counted, or the run's one-line error), never a truncated one.
         from transformers import AutoTokenizer
 
+        tok = AutoTokenizer.from_pretrained(artifacts.model)
+        _, tokenized = within_max_length(
+            records, lambda r: tokenize_conversation(tok, r["messages"], None, where=r.where), self.config.max_length)
+        self.train, self.eval = split(tokenized, run.data.eval_fraction, run.seed)
+
+    def run(self, ctx):
         cfg = self.config
-        tok = AutoTokenizer.from_pretrained(ctx.artifacts.model)
-
-        def tokenize(records, part):
-            out = [
-                tokenize_conversation(tok, r["messages"], cfg.max_length, where=f"{self.source} ({part} #{i})")
-                for i, r in enumerate(records)
-            ]
-            kept = [t for t in out if t.num_trained > 0]
-            return kept, len(out) - len(kept)
-
-        train, dropped_train = tokenize(self.train, "train")
-        held, dropped_eval = tokenize(self.eval, "eval")
-        if dropped_train or dropped_eval:
-            ctx.log.warning(
-                "[%s] %d examples have no assistant token left after truncation to %d tokens; skipped",
-                ctx.name, dropped_train + dropped_eval, cfg.max_length,
-            )
+        train, held = self.train, self.eval
         if not train:
-            raise DataError(self.source, "no trainable examples (every assistant turn was truncated away)")
+            raise DataError(self.source, "no training examples left after the held-out split (data.eval_fraction)")
         train_batches = pack(train, cfg.max_tokens_per_micro_batch, ctx.run.seed)
         eval_batches = pack(held, cfg.max_tokens_per_micro_batch, ctx.run.seed)
         objective = SFTObjective(self.loss_cls())
@@ -101,7 +93,6 @@ class SFTStage(Stage):
                 "steps": len(history),
                 "train_examples": len(train),
                 "eval_examples": len(held),
-                "skipped_examples": dropped_train + dropped_eval,
                 "train_tokens": sum(len(t) for t in train),
                 "history": history,
                 **session.reliability,

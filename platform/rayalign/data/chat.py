@@ -33,8 +33,12 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> lis
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, where: str = "conversation") -> Tokenized:
-    """Token ids of the whole conversation; labels are the ids on assistant turns only."""
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | None, where: str = "conversation") -> Tokenized:
+    """Token ids of the whole conversation; labels are the ids on assistant turns only.
+
+    ``max_length`` truncates; stages pass None and treat a longer example as a bad record
+    (``validation.within_max_length``), so nothing is cut silently.
+    """
     input_ids = _render(tokenizer, messages, add_generation_prompt=False)
     labels = [IGNORE_INDEX] * len(input_ids)
     for i, message in enumerate(messages):
@@ -45,7 +49,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, wher
         if input_ids[: len(before)] != before or input_ids[: len(through)] != through:
             raise DataError(where, "the chat template does not render a prefix of the conversation as a token prefix")
         labels[len(before) : len(through)] = through[len(before) :]
-    if len(input_ids) > max_length:
+    if max_length is not None and len(input_ids) > max_length:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return Tokenized(input_ids, labels)
 
@@ -56,7 +60,7 @@ def tokenize_prompt(tokenizer, prompt: list[dict]) -> list[int]:
 
 
 def tokenize_completion(
-    tokenizer, prompt: list[dict], completion: list[dict], max_length: int, where: str = "pair"
+    tokenizer, prompt: list[dict], completion: list[dict], max_length: int | None, where: str = "pair"
 ) -> Tokenized:
     """A prompt followed by its completion; only the completion's assistant tokens are labelled."""
     tokenized = tokenize_conversation(tokenizer, prompt + completion, max_length=max_length, where=where)

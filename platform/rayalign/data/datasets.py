@@ -7,6 +7,7 @@ from typing import Any
 
 from rayalign.data.formats import Kind, load_jsonl
 from rayalign.data.synthetic import SyntheticWorld
+from rayalign.data.validation import Policy, Record, Records, new_ledger
 from rayalign.errors import ConfigError
 
 
@@ -18,15 +19,28 @@ def dataset_path(run, key: str, where: str) -> str | None:
     return getattr(run.data, key)
 
 
-def load_records(path: str | None, kind: Kind, registry, seed: int) -> tuple[list[dict[str, Any]], str]:
-    """Canonical records and a label of their source (for error messages and provenance)."""
+def load_records(path: str | None, kind: Kind, registry, seed: int, policy: Policy | None = None) -> tuple[Records, str]:
+    """Canonical records and a label of their source (for error messages and provenance).
+
+    The records are a ``Records`` list: each one knows its file and line (``record.where``), and
+    ``records.ledger`` counts the bad ones, skipped or fatal by ``policy`` (default: the run's
+    ``data.bad_records`` inside a pipeline stage, else ``skip``).
+    """
     formats = [f for _, f in registry.items()]
-    if path is not None and path.startswith("synthetic:"):  # a named embedded dataset, e.g. synthetic:knowledge/sft
+    if path is not None and not path.startswith("synthetic:"):
+        return load_jsonl(path, kind, formats, policy), str(path)
+    if path is not None:  # a named embedded dataset, e.g. synthetic:knowledge/sft
         from rayalign.data.knowledge import load_synthetic
 
-        return load_synthetic(path, kind, formats, seed), path
-    if path is not None:
-        return load_jsonl(path, kind, formats), str(path)
+        records, source = load_synthetic(path, kind, formats, seed), path
+    else:
+        records, source = _synthetic(kind, formats, seed)
+    ledger = new_ledger(source, kind, policy)
+    ledger.read = len(records)
+    return Records([Record(r, source, index=i) for i, r in enumerate(records)], ledger), source
+
+
+def _synthetic(kind: Kind, formats: list, seed: int) -> tuple[list[dict[str, Any]], str]:
     world = SyntheticWorld(seed)
     if kind == "chat":
         return world.chat_examples(), "synthetic:chat"
