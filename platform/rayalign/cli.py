@@ -4,6 +4,7 @@
     rayalign plugins show NAME       a stage's config schema with defaults and help
     rayalign run CONFIG [key=value]  run a recipe config's stages as one job
     rayalign report RUN_DIR          (re)write a run's report.html from its outputs
+    rayalign estimate-memory ...     per-GPU memory of a training plan, by part, and whether it fits
 """
 
 from __future__ import annotations
@@ -120,6 +121,20 @@ def cmd_report(args) -> None:
     print(write_report(run_dir))
 
 
+def cmd_estimate_memory(args) -> None:
+    from rayalign.memory import ModelShape, TrainingPlan, estimate, kv_cache_tokens
+
+    plan = TrainingPlan(method=args.method, zero=args.zero, gpus=args.gpus, seq=args.seq, micro_batch=args.micro_batch,
+                        grad_ckpt=args.grad_ckpt, lora_r=args.lora_r, gpu_memory_gib=args.gpu_memory,
+                        vllm_fraction=args.vllm_colocated)
+    est = estimate(ModelShape.from_dir(args.model), plan)
+    print(est.table())
+    if est.vllm:
+        print(f"vLLM KV cache holds about {kv_cache_tokens(est)} tokens")
+    if not est.fits:
+        sys.exit(1)
+
+
 @exits_cleanly
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rayalign")
@@ -136,6 +151,19 @@ def main(argv: list[str] | None = None) -> None:
     report = sub.add_parser("report", help="(re)write RUN_DIR/report.html from the run's outputs")
     report.add_argument("run_dir")
     report.set_defaults(fn=cmd_report)
+    mem = sub.add_parser("estimate-memory", help="per-GPU memory of a training plan, by part; exit 1 if it does not fit")
+    mem.add_argument("--model", required=True, help="Hugging Face model directory (its config.json is read)")
+    mem.add_argument("--method", choices=["full", "lora", "qlora"], default="full")
+    mem.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=2, help="DeepSpeed ZeRO stage")
+    mem.add_argument("--gpus", type=int, default=1, help="trainer GPUs (data parallel)")
+    mem.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
+    mem.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch per GPU")
+    mem.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
+    mem.add_argument("--lora-r", type=int, default=16, help="LoRA rank (lora, qlora)")
+    mem.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default: %(default)s)")
+    mem.add_argument("--vllm-colocated", type=float, default=0.0, metavar="FRACTION",
+                     help="share of the GPU a colocated vLLM engine takes (its gpu_memory_utilization)")
+    mem.set_defaults(fn=cmd_estimate_memory)
     args = parser.parse_args(argv)
     if args.command == "plugins" and args.action == "show" and not args.name:
         parser.error("plugins show needs a NAME")

@@ -26,6 +26,7 @@ from rayalign import telemetry
 from rayalign.config import RunConfig, validate_stages
 from rayalign.data.validation import DataChecks, Policy, data_checks
 from rayalign.errors import ConfigError
+from rayalign.memory import check_training_memory
 from rayalign.plugins import PluginManager, get_plugin_manager
 from rayalign.report import write_report
 from rayalign.stage import Artifacts, StageContext
@@ -84,6 +85,7 @@ def run_pipeline(cfg: RunConfig, plugins: PluginManager | None = None, source: s
         with data_checks(checks[i]):
             stage.prepare(cfg, plugins, artifacts, i)
 
+    check_training_memory(cfg, entries, artifacts.model, log)  # a GPU plan that cannot fit stops here
     out = Path(cfg.output_dir).resolve()
     created = not out.exists()
     if not created and not cfg.resume and any(out.iterdir()):

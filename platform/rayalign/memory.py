@@ -1,0 +1,307 @@
+"""GPU memory planner: per-GPU bytes of a training configuration, by part, before anything runs.
+
+The model follows what rayalign's trainer does (``workers/trainer.py``): DeepSpeed with bf16
+compute weights, fp32 master weights, fp32 gradient partitions and AdamW's two fp32 moments; ZeRO
+stage ``z`` over ``N`` GPUs shards the optimizer states (z >= 1), the fp32 gradients (z >= 2) and
+the bf16 weights and gradients (z = 3). Per trainable parameter that is 2 + 2 + 4 + 4 + 8 = 20
+bytes without sharding (the Rajbhandari et al. 2020 accounting, plus the fp32 gradient copy
+DeepSpeed's bf16 optimizer keeps).
+
+Activations are counted per token and layer from the tensors a Llama/Qwen2 decoder layer saves
+for backward with SDPA attention (no seq x seq term), in bf16 except the fp32 RMSNorm input:
+
+    norms 2 x (4h fp32 input + 2h normalised + 2h output)          = 16h
+    attention: q, rotate_half(q), rope(q), out; same for k; v       = 8q + 8k   (q = heads x head_dim,
+                                                                                k = kv_heads x head_dim)
+    MLP: gate, silu(gate), up, product                              = 8i
+
+With gradient checkpointing a layer keeps only its input (2h) and one layer is recomputed at a
+time. The loss adds ``LOGITS_BYTES`` bytes per token and vocabulary entry: bf16 logits, their fp32
+copy, the saved log-softmax and its gradient. For small models with large vocabularies (Qwen2-0.5B:
+152k entries) that term is larger than all layers' activations together.
+
+``docs/memory.md`` describes the model and holds the measured check on a GPU
+(``benchmarks/memory_validation.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from rayalign.errors import ConfigError
+
+GiB = 1024**3
+LOGITS_BYTES = 14  # per token x vocab entry with bf16 compute (2 + 4 + 4 + 4)
+CUDA_RESERVE = 1.0 * GiB  # CUDA context, cuBLAS workspaces, allocator slack: outside max_memory_allocated
+DS_BUCKET = 5e8  # DeepSpeed's reduce_bucket_size (elements): bf16 gradients in flight under ZeRO-2
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights, 8-bit absmax per 64, fp32 absmax per 256 blocks
+
+Method = Literal["full", "lora", "qlora"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs of a decoder-only transformer's config.json."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    intermediate: int
+    tied: bool
+    attention_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict, where: str = "config.json") -> "ModelShape":
+        config = config.get("text_config", config)  # multimodal wrappers keep the LM's shape inside
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                               "intermediate_size") if k not in config]
+        if missing:
+            raise ConfigError(where, f"not a decoder config the memory planner knows: missing {', '.join(missing)}")
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden=config["hidden_size"], layers=config["num_hidden_layers"], heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            vocab=config["vocab_size"], intermediate=config["intermediate_size"],
+            tied=bool(config.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama-style configs say so with attention_bias.
+            attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelShape":
+        config = Path(path) / "config.json"
+        if not config.exists():
+            raise ConfigError(str(path), "no config.json: not a Hugging Face model directory")
+        try:
+            return cls.from_config(json.loads(config.read_text()), str(config))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(str(config), f"malformed JSON ({exc.msg})") from None
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear module of one layer, by its Hugging Face name."""
+        h, q, k, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, k), "v_proj": (h, k), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def layer_linear_params(self) -> int:
+        bias = self.q_dim + 2 * self.kv_dim if self.attention_bias else 0
+        return sum(a * b for a, b in self.linear_shapes().values()) + bias
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)  # input embedding (+ untied lm_head)
+
+    @property
+    def params(self) -> int:
+        norms = (2 * self.layers + 1) * self.hidden
+        return self.embedding_params + self.layers * self.layer_linear_params + norms
+
+    def lora_params(self, r: int, targets: list[str]) -> int:
+        shapes = self.linear_shapes()
+        return self.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets if t in shapes)
+
+    def activation_bytes_per_token_layer(self, frozen_mlp: bool = False) -> int:
+        h, q, k, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        mlp = 8 * i if not frozen_mlp else 6 * i  # a frozen down_proj does not keep its input
+        return 16 * h + 8 * q + 8 * k + mlp
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return 2 * self.layers * self.kv_dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    method: Method = "full"
+    zero: int = 2
+    gpus: int = 1
+    seq: int = 2048
+    micro_batch: int = 1
+    grad_ckpt: bool = False
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    gpu_memory_gib: float = 80.0
+    vllm_fraction: float = 0.0  # share of the GPU a colocated vLLM engine takes when awake
+
+
+@dataclass
+class Estimate:
+    plan: TrainingPlan
+    shape: ModelShape
+    parts: dict[str, float] = field(default_factory=dict)  # bytes per GPU while training
+    vllm: dict[str, float] = field(default_factory=dict)  # bytes per GPU of the awake vLLM engine
+    static: float = 0.0  # what stays allocated while vLLM is awake (weights, grads, optimizer)
+    step_temporaries: float = 0.0  # torch AdamW (foreach) allocates a sqrt(v) copy during step()
+
+    @property
+    def training_peak(self) -> float:
+        """Forward/backward with every part live, or the optimizer step after activations are freed."""
+        step = self.parts["weights"] + self.parts["gradients"] + self.parts["optimizer states"] + self.step_temporaries
+        return max(sum(self.parts.values()), step)
+
+    @property
+    def peak(self) -> float:
+        """The larger of training and (colocated) generation, plus the CUDA reserve."""
+        generation = self.static + sum(self.vllm.values())
+        return max(self.training_peak, generation) + CUDA_RESERVE
+
+    @property
+    def capacity(self) -> float:
+        return self.plan.gpu_memory_gib * GiB
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.capacity
+
+    def summary(self) -> str:
+        """One line: the peak, the capacity and the largest parts (for errors and logs)."""
+        top = sorted(self.parts.items(), key=lambda kv: -kv[1])[:3]
+        parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in top)
+        verdict = "fits" if self.fits else "does not fit"
+        return (f"{self.plan.method} ZeRO-{self.plan.zero} on {self.plan.gpus} GPU(s), {self.plan.micro_batch}x"
+                f"{self.plan.seq} tokens per micro-batch: {self.peak / GiB:.1f} GiB per GPU {verdict} in "
+                f"{self.plan.gpu_memory_gib:.0f} GiB ({parts} GiB)")
+
+    def table(self) -> str:
+        p, s = self.plan, self.shape
+        lines = [f"model: {s.params / 1e9:.3f}B parameters ({s.layers} layers, hidden {s.hidden}, heads {s.heads}/"
+                 f"{s.kv_heads} kv, vocab {s.vocab}{', tied embeddings' if s.tied else ''})",
+                 f"plan: {p.method}, ZeRO-{p.zero}, {p.gpus} GPU(s), micro-batch {p.micro_batch} x {p.seq} tokens, "
+                 f"gradient checkpointing {'on' if p.grad_ckpt else 'off'}", "",
+                 f"{'part':<28}{'GiB per GPU':>12}"]
+        lines += [f"{name:<28}{value / GiB:>12.2f}" for name, value in self.parts.items()]
+        lines.append(f"{'training total':<28}{self.training_peak / GiB:>12.2f}")
+        if self.vllm:
+            lines += [f"{'vLLM ' + name:<28}{value / GiB:>12.2f}" for name, value in self.vllm.items()]
+            lines.append(f"{'while vLLM is awake':<28}{(self.static + sum(self.vllm.values())) / GiB:>12.2f}")
+        lines.append(f"{'CUDA context, allocator':<28}{CUDA_RESERVE / GiB:>12.2f}")
+        lines.append(f"{'peak':<28}{self.peak / GiB:>12.2f}  of {p.gpu_memory_gib:.0f} GiB: "
+                     + ("fits" if self.fits else f"DOES NOT FIT (short by {(self.peak - self.capacity) / GiB:.1f} GiB)"))
+        return "\n".join(lines)
+
+
+def estimate(shape: ModelShape, plan: TrainingPlan) -> Estimate:
+    if plan.zero not in (0, 1, 2, 3):
+        raise ConfigError("zero", f"ZeRO stage must be 0, 1, 2 or 3, got {plan.zero}")
+    n, z = plan.gpus, plan.zero
+    total = shape.params
+    if plan.method == "full":
+        trainable = total
+        weights = 2 * total / (n if z == 3 else 1)
+    else:
+        trainable = shape.lora_params(plan.lora_r, list(plan.lora_targets))
+        if plan.method == "lora":
+            frozen = 2 * total
+        else:  # 4-bit linear layers; embeddings, lm_head and norms stay bf16
+            linear = shape.layers * shape.layer_linear_params
+            frozen = NF4_BYTES * linear + 2 * (total - linear)
+        weights = frozen / (n if z == 3 else 1) + 2 * trainable
+    # bf16 working gradients: whole until ZeRO-2 reduces them in buckets, sharded by ZeRO-3
+    bf16_grads = 2 * trainable / n if z == 3 else (min(2 * trainable, 2 * DS_BUCKET) if z == 2 else 2 * trainable)
+    fp32_grads = 4 * trainable / (n if z >= 2 else 1)
+    optimizer = 12 * trainable / (n if z >= 1 else 1)  # fp32 master + Adam m, v
+
+    tokens = plan.seq * plan.micro_batch
+    frozen_mlp = plan.method != "full" and not {"gate_proj", "up_proj", "down_proj"} & set(plan.lora_targets)
+    per_layer = shape.activation_bytes_per_token_layer(frozen_mlp)
+    if plan.grad_ckpt:  # every layer keeps its input; one layer's activations live during recompute
+        activations = tokens * (2 * shape.hidden * shape.layers + per_layer)
+    else:
+        activations = tokens * per_layer * shape.layers
+    activations += tokens * 10 * shape.hidden  # embedding output, final norm
+    logits = tokens * shape.vocab * LOGITS_BYTES
+
+    est = Estimate(plan, shape)
+    est.parts = {"weights": weights, "gradients": bf16_grads + fp32_grads, "optimizer states": optimizer,
+                 "activations": activations, "logits and loss": logits}
+    est.static = weights + fp32_grads + optimizer
+    est.step_temporaries = 4 * trainable / (n if z >= 1 else 1)
+    if plan.vllm_fraction > 0:
+        budget = plan.vllm_fraction * plan.gpu_memory_gib * GiB
+        vllm_weights = 2 * total
+        est.vllm = {"weights": vllm_weights, "KV cache": max(0.0, budget - vllm_weights)}
+    return est
+
+
+def kv_cache_tokens(est: Estimate) -> int:
+    """Tokens the colocated vLLM engine's KV cache holds."""
+    return int(est.vllm.get("KV cache", 0) // est.shape.kv_bytes_per_token())
+
+
+def method_of(stage_config) -> Method:
+    if getattr(stage_config, "qlora", None):
+        return "qlora"
+    return "lora" if getattr(stage_config, "lora", None) else "full"
+
+
+def plan_for_stage(stage_config, run, gpu_memory_gib: float) -> TrainingPlan:
+    """The plan a training stage's config and the run's resources describe (one packed row per micro-batch)."""
+    lora = getattr(stage_config, "lora", None) or getattr(stage_config, "qlora", None)
+    res = run.resources
+    return TrainingPlan(
+        method=method_of(stage_config), zero=stage_config.zero_stage, gpus=res.trainer.num_workers,
+        seq=stage_config.max_tokens_per_micro_batch, micro_batch=1,
+        grad_ckpt=stage_config.gradient_checkpointing,
+        lora_r=getattr(lora, "r", 16), lora_targets=tuple(getattr(lora, "target_modules", TrainingPlan.lora_targets)),
+        gpu_memory_gib=gpu_memory_gib,
+        vllm_fraction=res.rollout.gpu_memory_utilization if res.colocate else 0.0,
+    )
+
+
+def gpu_memory_gib() -> float | None:
+    """Memory of one trainer GPU: ``RAYALIGN_GPU_MEMORY_GIB``, else this machine's first GPU, else unknown."""
+    import os
+
+    if os.environ.get("RAYALIGN_GPU_MEMORY_GIB"):
+        return float(os.environ["RAYALIGN_GPU_MEMORY_GIB"])
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / GiB
+    except Exception:  # a broken CUDA setup is the trainer's error to report, not the planner's
+        return None
+    return None
+
+
+def check_training_memory(run, entries, model_path: str, log) -> list[Estimate]:
+    """Refuse, before anything is allocated, a GPU training stage whose plan cannot fit.
+
+    Training stages are those whose config has ``zero_stage`` (``TrainingConfig``). Skipped on CPU
+    runs, for hub ids without a local config.json, and when the GPU's memory is unknown.
+    """
+    if run.resources.trainer.num_gpus <= 0:
+        return []
+    training = [(i, e) for i, e in enumerate(entries) if hasattr(e.config, "zero_stage")]
+    if not training or not (Path(model_path) / "config.json").exists():
+        return []
+    capacity = gpu_memory_gib()
+    if capacity is None:
+        log.info("memory plan skipped: GPU memory unknown here; set RAYALIGN_GPU_MEMORY_GIB to check it")
+        return []
+    shape = ModelShape.from_dir(model_path)
+    out = []
+    for i, entry in training:
+        est = estimate(shape, plan_for_stage(entry.config, run, capacity))
+        if not est.fits:
+            raise ConfigError(f"stages[{i}].{entry.name}", f"memory plan: {est.summary()}; try LoRA, a higher "
+                              "zero_stage, more GPUs, gradient_checkpointing or a smaller max_tokens_per_micro_batch "
+                              "(rayalign estimate-memory shows every part)")
+        log.info("[%s] memory plan: %s", entry.name, est.summary())
+        out.append(est)
+    return out
