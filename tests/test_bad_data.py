@@ -84,6 +84,29 @@ def test_every_problem_fails_a_fail_run_naming_file_and_line(tmp_path, case):
         load(path, kind, Policy("fail"))
 
 
+def test_a_format_plugins_own_error_is_an_invalid_record(tmp_path):
+    import types
+
+    from rayalign.data.formats import DataFormat
+    from rayalign.hookspecs import hookimpl
+    from rayalign.plugins import PluginManager
+
+    def convert(record):
+        if record["score"] < 0:
+            raise ValueError("field 'score': must not be negative")
+        return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": str(record["score"])}]}
+
+    plugin = types.ModuleType("scored_format")
+    plugin.register_data_formats = hookimpl(lambda register: register(DataFormat("scored", "chat", ("score",), convert)))
+    formats = PluginManager(extra_plugins=(plugin,)).formats
+    path = write(tmp_path / "d.jsonl", [{"score": i} for i in range(20)] + [{"score": -1}])
+    records, _ = load_records(str(path), "chat", formats, 0, policy=Policy("skip"))
+    assert len(records) == 20 and records.ledger.problems[0].kind == "invalid"
+    assert records.ledger.problems[0].where == f"{path}:21"
+    with pytest.raises(DataError, match=r"d\.jsonl:21: field 'score': must not be negative"):
+        load_records(str(path), "chat", formats, 0, policy=Policy("fail"))
+
+
 def test_too_long_after_the_template_is_a_bad_record_not_a_truncation(tmp_path, tokenizer):
     path = write(tmp_path / "d.jsonl", [GOOD, GOOD, LONG, GOOD])
 
