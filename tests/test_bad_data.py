@@ -183,8 +183,9 @@ def test_dpo_skips_bad_pairs_and_keeps_unlikelihood_flags_on_their_own_lines(tmp
     checks = DataChecks(Policy.of(run.data))
     with data_checks(checks):
         stage.prepare(run, get_plugin_manager(), Artifacts(model=tiny_model_path), 0)
-    assert len(stage.train) == 18 and [flag for _, _, flag in stage.train].count(True) == 1
-    assert stage.train[8][2] is True  # line 11, the ninth pair kept
+    assert len(stage.train) == 18 and [r["unlikelihood"] for r in stage.train].count(True) == 1
+    assert stage.train[8].line == 11 and stage.train[8]["unlikelihood"] is True
+    assert all(len(c) <= 64 and len(r) <= 64 for c, r in (p.tokens for p in stage.train))
     assert checks.metrics()["bad_record_kinds"] == {"malformed_json": 1, "too_long": 1}
 
 

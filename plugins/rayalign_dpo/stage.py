@@ -143,25 +143,30 @@ class DPOStage(Stage):
             self._load(path, run, artifacts.model)
         # else: an earlier stage's dataset, which does not exist yet; run() loads it.
 
-    def _load(self, path: str | None, run, model: str) -> None:
+    def _load(self, path: str | None, run, model: str | None = None) -> None:
         """Load and tokenize the pairs; an over-long pair is a bad record (skipped and counted, or fatal)."""
         from transformers import AutoTokenizer
 
+        from rayalign.pipeline import resolve_model
+
         records, self.source = load_records(path, "preference", self.formats, run.seed)
-        flagged = unlikelihood_flags(path)
-        tok = AutoTokenizer.from_pretrained(model)
+        tok = AutoTokenizer.from_pretrained(model or resolve_model(run))
 
         def tokenize(r):
             return (tokenize_completion(tok, r["prompt"], r["chosen"], None, r.where),
                     tokenize_completion(tok, r["prompt"], r["rejected"], None, r.where))
 
         records, tokenized = within_max_length(records, tokenize, self.config.max_length)
-        pairs = [(c, rj, r.line in flagged) for r, (c, rj) in zip(records, tokenized)]
-        self.train, self.eval = split(pairs, run.data.eval_fraction, run.seed)
+        flagged = unlikelihood_flags(path)
+        for record, (chosen, rejected) in zip(records, tokenized):
+            record["unlikelihood"] = record.line in flagged
+            record.tokens = (chosen, rejected)
+        self.train, self.eval = split(records, run.data.eval_fraction, run.seed)
 
-    def _batches(self, pairs: list) -> list[dict]:
-        """Pairs (chosen, rejected, unlikelihood flag) packed into rows: chosen then rejected."""
+    def _batches(self, records: list) -> list[dict]:
+        """Pairs packed into rows, chosen then rejected (tokenized by ``_load``)."""
         cfg = self.config
+        pairs = [(*r.tokens, r["unlikelihood"]) for r in records]
         groups = group_by_tokens([len(c) + len(r) for c, r, _ in pairs], cfg.max_tokens_per_micro_batch, 0)
         batches = []
         for g in groups:

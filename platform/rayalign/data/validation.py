@@ -66,6 +66,7 @@ class Record(dict):
     def __init__(self, data: dict, source: str, line: int | None = None, index: int | None = None):
         super().__init__(data)
         self.source, self.line, self.index = source, line, index
+        self.tokens: Any = None  # what a stage tokenized it into, once it checked the length
 
     @property
     def where(self) -> str:
