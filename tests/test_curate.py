@@ -198,3 +198,24 @@ def test_a_source_emptied_by_filters_stops_the_stage(tmp_path):
     ctx = type("Ctx", (), {"run": RunConfig(), "artifacts": Artifacts(), "index": 0, "work_dir": tmp_path})()
     with pytest.raises(DataError, match="refusals: no examples left after filtering"):
         stage.run(ctx)
+
+
+@pytest.mark.slow
+def test_sft_trains_on_the_curated_dataset_and_its_validation_split(tmp_path):
+    from rayalign.config import RunConfig
+    from rayalign.pipeline import run_pipeline
+    from rayalign.testing import start_local_ray
+
+    held = write_jsonl(tmp_path / "val.jsonl", [chat(f"Held-out question number {w}?", f"Answer {w}.")
+                                                for w in ("one", "two", "three", "four")])
+    cfg = RunConfig.model_validate({
+        "output_dir": str(tmp_path / "run"),
+        "stages": [{"curate": {"sources": [{"path": "sft", "name": "synthetic"}, {"path": held, "split": "validation"}],
+                               "length_unit": "words"}},
+                   {"sft": {"dataset": "curated", "eval_dataset": "curated_validation", "epochs": 1}}]})
+    start_local_ray()
+    out = run_pipeline(cfg)
+    curate = json.loads((out / "00-curate" / "metrics.json").read_text())
+    sft = json.loads((out / "01-sft" / "metrics.json").read_text())["metrics"]
+    assert sft["train_examples"] == curate["metrics"]["examples"] and sft["eval_examples"] == 4
+    assert sft["eval_loss"] < sft["eval_loss_before"]
