@@ -15,9 +15,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rayalign.data.datasets import load_records
 from rayalign.data.filters import Example, build_filters
-from rayalign.errors import ConfigError, DataError
+from rayalign.data.sources import load_now, load_produced
+from rayalign.errors import DataError
 from rayalign.stage import Stage, StageConfig, StageResult
 
 from rayalign_curate.dedup import Deduplicator
@@ -91,27 +91,17 @@ class CurateStage(Stage):
         cfg, where = self.config, f"stages[{index}].curate"
         self.filters = build_filters(plugins.filters, cfg.filters, cfg.filter_options, where)
         self.formats, self.loaded = plugins.formats, {}
-        data_keys = [k for k, v in type(run.data).model_fields.items() if v.annotation == (str | None)]
         for i, source in enumerate(cfg.sources):
-            if source.path in data_keys:
-                self.loaded[i] = load_records(getattr(run.data, source.path), cfg.kind, self.formats, run.seed)[0]
-            elif source.path.startswith("synthetic:") or "/" in source.path or source.path.endswith(".jsonl"):
-                self.loaded[i] = load_records(source.path, cfg.kind, self.formats, run.seed)[0]
-            # else: an earlier stage's dataset, loaded in run()
+            records = load_now(run, self.formats, source.path, cfg.kind)
+            if records is not None:
+                self.loaded[i] = records  # else: an earlier stage's dataset, loaded in run()
 
     def _load_all(self, ctx) -> list[list[dict]]:
-        out = []
         for i, source in enumerate(self.config.sources):
             if i not in self.loaded:
-                if source.path not in ctx.artifacts.datasets:
-                    produced = ", ".join(sorted(ctx.artifacts.datasets)) or "none"
-                    raise ConfigError(f"stages[{ctx.index}].curate.sources[{i}].path",
-                                      f"{source.path!r} is no file, no key under data: and no earlier stage's "
-                                      f"dataset (produced: {produced})")
-                self.loaded[i] = load_records(ctx.artifacts.datasets[source.path], self.config.kind, self.formats,
-                                              ctx.run.seed)[0]
-            out.append(self.loaded[i])
-        return out
+                self.loaded[i] = load_produced(ctx, self.formats, source.path, self.config.kind,
+                                               f"stages[{ctx.index}].curate.sources[{i}].path")
+        return [self.loaded[i] for i in range(len(self.config.sources))]
 
     def run(self, ctx):
         cfg = self.config

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from rayalign.data.chat import tokenize_prompt
 from rayalign.data.datasets import load_records, prompts_from_chat, split
+from rayalign.data.sources import data_keys, load_now, load_produced
 from rayalign.errors import ConfigError
 from rayalign.evaluation.detectors import Sample, build_detectors, run_detectors
 from rayalign.evaluation.references import load_knowledge
@@ -87,16 +88,12 @@ class EvaluateModelStage(Stage):
         if cfg.sheet:
             records, _ = load_records(cfg.sheet, "prompt", plugins.formats, run.seed)
             self.sheet = [r["prompt"] for r in records][: cfg.sheet_size]
-        self.formats, self.heldout = plugins.formats, None
-        data_keys = [k for k, v in type(run.data).model_fields.items() if v.annotation == (str | None)]
-        if cfg.heldout is None:
-            self.heldout = []
-        elif cfg.heldout in data_keys:  # the split the training stages held out
+        self.formats, self.heldout = plugins.formats, []
+        if cfg.heldout in data_keys(run):  # the split the training stages held out
             records, _ = load_records(getattr(run.data, cfg.heldout), "chat", plugins.formats, run.seed)
             self.heldout = split(records, run.data.eval_fraction, run.seed)[1]
-        elif cfg.heldout.startswith("synthetic:") or "/" in cfg.heldout or cfg.heldout.endswith(".jsonl"):
-            self.heldout = load_records(cfg.heldout, "chat", plugins.formats, run.seed)[0]
-        # else: an earlier stage's dataset, loaded in run()
+        elif cfg.heldout is not None:
+            self.heldout = load_now(run, self.formats, cfg.heldout, "chat")  # None: an earlier stage's, in run()
 
     # -- what to evaluate ------------------------------------------------------------------------
 
@@ -134,11 +131,7 @@ class EvaluateModelStage(Stage):
     def run(self, ctx):
         cfg = self.config
         if self.heldout is None:
-            if cfg.heldout not in ctx.artifacts.datasets:
-                produced = ", ".join(sorted(ctx.artifacts.datasets)) or "none"
-                raise ConfigError(f"stages[{ctx.index}].evaluate_model.heldout", f"{cfg.heldout!r} is no key under "
-                                  f"data:, no file and no earlier stage's dataset (produced: {produced})")
-            self.heldout = load_records(ctx.artifacts.datasets[cfg.heldout], "chat", self.formats, ctx.run.seed)[0]
+            self.heldout = load_produced(ctx, self.formats, cfg.heldout, "chat", f"stages[{ctx.index}].evaluate_model.heldout")
         sheet = self._sheet_prompts()
         rows, generations, choices, sheet_answers = [], [], [], {}
         for label, model in self._models(ctx):
