@@ -11,7 +11,7 @@ key=value (a stage's options by its name: dpo.beta=0.2).
 import sys
 from pathlib import Path
 
-from rayalign.cli import exits_cleanly, recipe_config
+from rayalign.cli import exits_cleanly, print_results, recipe_config
 from rayalign.config import RunConfig
 from rayalign.pipeline import run_pipeline, setup_logging
 
@@ -22,16 +22,8 @@ CONFIG = Path(__file__).parent / "configs" / "sft_then_dpo.yaml"
 def main(cfg: RunConfig) -> Path:
     setup_logging()
     out = run_pipeline(cfg, source=str(CONFIG))
-
     # What a user looks at first: did SFT learn, what does the model say, did DPO help.
-    import json
-
-    print("\n=== results ===")
-    for record in json.loads((out / "summary.json").read_text())["stages"]:
-        metrics = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float, str)) or v is None}
-        print(f"{record['stage']:>10}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                   for k, v in metrics.items()))
-    print(f"outputs: {out}")
+    print_results(out)
     return out
 
 

@@ -42,6 +42,18 @@ def recipe_config(default_config: Path, argv: list[str]) -> RunConfig:
     return load_config(args.config, args.overrides)
 
 
+def print_results(out: Path) -> None:
+    """Each stage's scalar metrics, one line per stage: what a user reads first in the job log."""
+    import json
+
+    print("\n=== results ===")
+    for record in json.loads((out / "summary.json").read_text())["stages"]:
+        metrics = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float, str)) or v is None}
+        print(f"{record['stage']:>12}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in metrics.items()))
+    print(f"outputs: {out}")
+
+
 def cmd_plugins(args) -> None:
     from rayalign.plugins import get_plugin_manager
 

@@ -71,6 +71,8 @@ class ResourcesConfig(Strict):
     trainer: RoleResources = RoleResources()
     reference: RoleResources = RoleResources()
     rollout: RolloutResources = RolloutResources()
+    reward: RoleResources = RoleResources()  # reward-model workers (RL stages with a reward model)
+    critic: RoleResources = RoleResources()  # value-model trainers (PPO)
     # Trainer, reference and rollout engines share the trainer's GPUs; vLLM sleeps while the
     # trainer works, so a single-GPU machine runs every recipe.
     colocate: bool = False
@@ -100,6 +102,8 @@ class TimeoutConfig(Strict):
 
     worker_start_s: float = Field(600, gt=0)
     step_s: float = Field(1800, gt=0)
+    # One trainer -> rollout weight sync (every bucket, every engine), after each policy update.
+    sync_s: float = Field(300, gt=0)
 
 
 class ReliabilityConfig(Strict):

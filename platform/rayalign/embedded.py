@@ -40,13 +40,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("RAYALIGN_CACHE", Path.home() / ".cache" / "rayalign"))
 
 
-def build_tokenizer(texts: list[str], vocab_size: int = 600):
-    """Train a byte-level BPE tokenizer on ``texts`` and wrap it for transformers."""
+def build_tokenizer(texts: list[str], vocab_size: int = 600, split_digits: bool = False):
+    """Train a byte-level BPE tokenizer on ``texts`` and wrap it for transformers.
+
+    ``split_digits`` keeps every digit its own token (as Llama and Qwen tokenizers do), so a tiny
+    model can learn arithmetic digit by digit instead of memorising multi-digit tokens.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -65,15 +73,30 @@ def build_tokenizer(texts: list[str], vocab_size: int = 600):
     return hf
 
 
-def build_tiny_model(dest: Path, seed: int = 0, texts: list[str] | None = None) -> Path:
+def task_corpus(task: str, seed: int) -> list[str]:
+    """The text an embedded tokenizer learns: the synthetic world's, or the arithmetic task's."""
+    if task == "arithmetic":
+        from rayalign.data.arithmetic import ArithmeticTask
+
+        return ArithmeticTask(seed).corpus()
+    if task != "knowledge":
+        raise ValueError(f"unknown embedded task {task!r} (known: {', '.join(EMBEDDED_TASKS)})")
+    from rayalign.data.synthetic import SyntheticWorld
+
+    return SyntheticWorld(seed).corpus()
+
+
+EMBEDDED_TASKS = ("knowledge", "arithmetic")
+
+
+def build_tiny_model(dest: Path, seed: int = 0, texts: list[str] | None = None, task: str = "knowledge") -> Path:
     """Write a random-initialised tiny Llama and its tokenizer to ``dest`` (atomically)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rayalign.data.synthetic import SyntheticWorld
-
     dest = Path(dest)
-    tokenizer = build_tokenizer(texts if texts is not None else SyntheticWorld(seed).corpus())
+    tokenizer = build_tokenizer(texts if texts is not None else task_corpus(task, seed),
+                                split_digits=task == "arithmetic")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -110,13 +133,17 @@ def _quiet_progress():
             hf_logging.enable_progress_bar()
 
 
-def embedded_model_path(seed: int = 0) -> Path:
-    """The cached embedded model for ``seed``, built on first use."""
-    key = hashlib.sha256(json.dumps([TINY_MODEL, CHAT_TEMPLATE, seed], sort_keys=True).encode()).hexdigest()[:12]
+def embedded_model_path(seed: int = 0, task: str = "knowledge") -> Path:
+    """The cached embedded model for ``seed`` (and ``task``'s tokenizer), built on first use."""
+    # The knowledge model's key predates tasks; other tasks' keys cover their corpus, so a changed
+    # generator never reuses a tokenizer trained on other text.
+    extra = [task, hashlib.sha256("\n".join(task_corpus(task, seed)).encode()).hexdigest()] if task != "knowledge" else []
+    parts = [TINY_MODEL, CHAT_TEMPLATE, seed] + extra
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_root() / f"tiny-llama-{key}"
     if not (path / "config.json").exists():
         try:
-            build_tiny_model(path, seed)
+            build_tiny_model(path, seed, task=task)
         except OSError:
             # Another process won the race to build the same model: use theirs.
             if not (path / "config.json").exists():

@@ -44,11 +44,15 @@ def setup_logging() -> None:
 
 
 def resolve_model(cfg: RunConfig) -> str:
-    """A local directory, a hub id, or (null) the embedded tiny model built on first use."""
-    if cfg.model is None:
-        from rayalign.embedded import embedded_model_path
+    """A local directory, a hub id, or (null, ``embedded:<task>``) the embedded tiny model built on first use."""
+    if cfg.model is None or cfg.model.startswith("embedded:"):
+        from rayalign.embedded import EMBEDDED_TASKS, embedded_model_path
 
-        return str(embedded_model_path(cfg.seed))
+        task = "knowledge" if cfg.model is None else cfg.model.split(":", 1)[1]
+        if task not in EMBEDDED_TASKS:
+            raise ConfigError("model", f"{cfg.model!r}: no such embedded model (known: "
+                              f"{', '.join('embedded:' + t for t in EMBEDDED_TASKS)})")
+        return str(embedded_model_path(cfg.seed, task))
     path = Path(cfg.model).expanduser()
     looks_local = cfg.model.startswith(("/", ".", "~")) or path.exists()
     if looks_local:
@@ -172,6 +176,7 @@ def _run_stage(cfg, plugins, cluster, out: Path, index: int, name: str, stage, a
                 "input_model": artifacts.model,
                 "model": str(final / result.model) if result.model else None,
                 "datasets": {k: str(final / v) for k, v in result.datasets.items()},
+                "models": {k: str(final / v) for k, v in result.models.items()},
                 "metrics": result.metrics,
             }
             _write_json(work / "metrics.json", record)
@@ -190,5 +195,6 @@ def _run_stage(cfg, plugins, cluster, out: Path, index: int, name: str, stage, a
     if record.get("model"):
         artifacts.model = record["model"]
     artifacts.datasets.update(record.get("datasets", {}))
+    artifacts.models.update(record.get("models", {}))
     artifacts.lineage.append({"stage": name, "dir": str(final), "input_model": record.get("input_model")})
     return record

@@ -32,6 +32,8 @@ class Artifacts:
 
     model: str | None = None  # Hugging Face directory
     datasets: dict[str, str] = field(default_factory=dict)  # name -> JSONL path
+    # Models that serve later stages without becoming the policy (e.g. "reward_model").
+    models: dict[str, str] = field(default_factory=dict)  # name -> Hugging Face directory
     lineage: list[dict[str, Any]] = field(default_factory=list)  # (stage, output dir) in order
 
 
@@ -57,6 +59,7 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     model: str | None = None  # relative to the stage dir, when the stage trained a model
     datasets: dict[str, str] = field(default_factory=dict)  # name -> path relative to the stage dir
+    models: dict[str, str] = field(default_factory=dict)  # name -> model dir relative to the stage dir
 
 
 class Stage:

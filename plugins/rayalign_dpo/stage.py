@@ -205,13 +205,7 @@ class DPOStage(Stage):
                 batch["ref_chosen"], batch["ref_rejected"] = c, r
             torch.save(ref_logps, ctx.work_dir / "reference_logps.pt")
             session = TrainerSession(ctx, placement["trainer"], self.config, objective, train, held)
-            try:
-                before = session.evaluate() if held else {}
-                history = session.fit()
-                after = session.evaluate() if held else {}
-                session.save(str(ctx.work_dir / "model"))
-            finally:
-                session.shutdown()
+            before, history, after = session.train_and_save(str(ctx.work_dir / "model"))
         ctx.log.info(
             "[%s] held-out reward accuracy %.3f -> %.3f, margin %.4f -> %.4f",
             ctx.name, before.get("reward_accuracy", float("nan")), after.get("reward_accuracy", float("nan")),

@@ -99,13 +99,7 @@ class SFTStage(Stage):
         objective = SFTObjective(self.loss_cls())
         with ctx.cluster.reserve(ctx.name, ["trainer"]) as placement:
             session = TrainerSession(ctx, placement["trainer"], cfg, objective, train_batches, eval_batches)
-            try:
-                before = session.evaluate() if eval_batches else {}
-                history = session.fit()
-                after = session.evaluate() if eval_batches else {}
-                session.save(str(ctx.work_dir / "model"))
-            finally:
-                session.shutdown()
+            before, history, after = session.train_and_save(str(ctx.work_dir / "model"))
         ctx.log.info(
             "[%s] eval loss %.4f -> %.4f over %d steps",
             ctx.name, before.get("loss", float("nan")), after.get("loss", float("nan")), len(history),

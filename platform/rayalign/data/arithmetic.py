@@ -11,9 +11,10 @@ Parts (``synthetic:arithmetic/<part>`` in a config):
 
 * ``sft``: chat examples with the worked answer;
 * ``preference``: the worked answer (chosen) against the same work ending in a wrong number
-  (rejected), for the reward model;
+  (rejected), for the reward model (the SFT questions);
 * ``prompts``: questions with the reference number, for RL (``reference`` is what the exact-match
-  reward compares to); ``eval``: held-out questions the other parts never contain.
+  reward compares to): questions SFT never showed, so RL has to generalise, not recall;
+* ``eval``: held-out questions no other part contains.
 
 Run ``python -m rayalign.data.arithmetic`` to print a few.
 """
@@ -60,16 +61,16 @@ def final_number(text: str) -> str | None:
 class ArithmeticTask:
     """Seeded multiplication problems: ``digits`` gives the factors' digit counts."""
 
-    def __init__(self, seed: int = 0, digits: tuple[int, int] = (2, 1), num_train: int = 600, num_eval: int = 64):
+    def __init__(self, seed: int = 0, digits: tuple[int, int] = (2, 1), num_sft: int = 320, num_eval: int = 64):
         rng = random.Random(f"arithmetic-{seed}")
         lo = lambda d: 10 ** (d - 1) if d > 1 else 2  # noqa: E731  (no *0 or *1 problems)
         pool = [(a, b) for a in range(lo(digits[0]), 10 ** digits[0]) for b in range(lo(digits[1]), 10 ** digits[1])]
         rng.shuffle(pool)
-        if len(pool) < num_train + num_eval:
-            num_train = len(pool) - num_eval
+        if len(pool) < num_sft + num_eval + 1:
+            raise ValueError(f"only {len(pool)} problems with digits {digits}")
         self.eval_problems = pool[:num_eval]
-        self.train_problems = pool[num_eval : num_eval + num_train]
-        self._rng = rng
+        self.train_problems = pool[num_eval : num_eval + num_sft]
+        self.rl_problems = pool[num_eval + num_sft :]
 
     def records(self, part: str) -> list[dict]:
         if part == "sft":
@@ -82,13 +83,14 @@ class ArithmeticTask:
                      "rejected": worked_answer(a, b, final=_near_miss(a * b, rng))}
                     for a, b in self.train_problems]
         if part in ("prompts", "eval"):
-            problems = self.train_problems if part == "prompts" else self.eval_problems
+            problems = self.rl_problems if part == "prompts" else self.eval_problems
             return [{"prompt": question(a, b), "reference": str(a * b)} for a, b in problems]
         raise KeyError(part)
 
     def corpus(self) -> list[str]:
         """Text the embedded tokenizer is trained on (every template word and digit appears)."""
-        texts = [f"{question(a, b)} {worked_answer(a, b)}" for a, b in self.train_problems + self.eval_problems]
+        problems = self.train_problems + self.rl_problems + self.eval_problems
+        texts = [f"{question(a, b)} {worked_answer(a, b)}" for a, b in problems]
         return texts + ["0123456789"]
 
 

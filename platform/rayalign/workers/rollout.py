@@ -14,6 +14,23 @@ class RolloutWorker(Worker):
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
         return self.engine.generate(prompts, sampling)
 
+    def update_weights(self, bucket_refs: list, version: int) -> int:
+        """Stream the buckets (object-store refs from ``export_weights``) into the engine, one in
+        memory at a time, then switch to ``version``. Returns the bytes loaded."""
+        import ray
+
+        loaded = [0]
+
+        def stream():
+            for ref in bucket_refs:
+                for name, tensor in ray.get(ref):
+                    loaded[0] += tensor.numel() * tensor.element_size()
+                    yield name, tensor
+
+        self.engine.load_weights(stream())
+        self.engine.finish_weight_update(version)
+        return loaded[0]
+
     def sleep(self) -> None:
         self.engine.sleep()
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from rayalign.workers.base import Worker, pick_device, weighted_mean
+from rayalign.workers.quantization import load_qlora_model, save_qlora  # issue 9: QLoRA
 
 
 @dataclass
@@ -42,7 +43,11 @@ class TrainSpec:
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     lora: LoraSpec | None = None
+    qlora: LoraSpec | None = None  # issue 9: 4-bit base + LoRA (workers/quantization.py)
     seed: int = 0
+    # "lm": a causal LM (policy, SFT, DPO). "score": the same backbone with a one-output linear
+    # head (AutoModelForSequenceClassification, num_labels=1): reward models and PPO critics.
+    head: str = "lm"
 
 
 Objective = Callable[[Any, dict], tuple[Any, dict[str, float]]]
@@ -63,7 +68,7 @@ class TrainerWorker(Worker):
     def setup(self, master: tuple[str, int], spec: TrainSpec, objective: Objective) -> int:
         import deepspeed
         import torch
-        from transformers import AutoModelForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
         self.spec, self.objective = spec, objective
         self.device = pick_device()
@@ -75,9 +80,7 @@ class TrainerWorker(Worker):
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         torch.manual_seed(spec.seed)
 
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.model_path, dtype=torch.float32, attn_implementation=spec.attn_implementation
-        )
+        model = load_qlora_model(spec, self.device) if spec.qlora else _load_for_training(spec)
         model.config.use_cache = False  # a KV cache would switch off packed-sequence masking
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -88,7 +91,8 @@ class TrainerWorker(Worker):
                 model,
                 LoraConfig(
                     r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                    target_modules=spec.lora.target_modules, task_type="CAUSAL_LM",
+                    target_modules=spec.lora.target_modules,
+                    task_type="SEQ_CLS" if spec.head == "score" else "CAUSAL_LM",  # SEQ_CLS trains the head too
                 ),
             )
         params = [p for p in model.parameters() if p.requires_grad]
@@ -141,13 +145,30 @@ class TrainerWorker(Worker):
             # DeepSpeed only steps the optimizer at the accumulation boundary, and skips the step
             # (and the scheduler) when the gradient norm is not finite.
             engine.step()
-            metrics.append(m)
-        out = weighted_mean(metrics)
+            if scale:  # a scale-0 micro-batch only fills an empty accumulation slot
+                metrics.append(m)
+        out = weighted_mean(metrics) if metrics else {"count": 0.0}
         norm = engine.get_global_grad_norm()
         out["grad_norm"] = float(norm) if norm is not None else float("nan")
         out["lr"] = engine.lr_scheduler.get_last_lr()[0]
         out["skipped"] = float(engine.skipped_steps - skipped_before)
         return out
+
+    def compute(self, fn: Callable[[Any, dict], Any], indices: list[int]) -> list[Any]:
+        """``fn(model, batch)`` on loaded micro-batches ``indices`` without gradients (old
+        log-probs, values), tensors moved to CPU."""
+        import torch
+
+        self.engine.eval()
+        with torch.no_grad():
+            return [tuple(t.float().cpu() for t in fn(self.engine, self._to_device(self.batches[i]))) for i in indices]
+
+    def export_weights(self, bucket_bytes: int) -> list:
+        """The policy's weights as the inference engine names them, in buckets of about
+        ``bucket_bytes``, each put in the object store (rank 0 returns the refs; others [])."""
+        from rayalign.rollout.weight_sync import export_buckets
+
+        return export_buckets(self.engine.module, self.spec.zero_stage, self.rank, bucket_bytes)
 
     def save_checkpoint(self, path: str) -> None:
         """Model, optimizer, scheduler (DeepSpeed, every rank its shards) and this rank's RNG."""
@@ -186,6 +207,8 @@ class TrainerWorker(Worker):
             state = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls
         if self.rank != 0:
             return
+        if self.spec.qlora is not None:  # issue 9: adapter + merged bf16 model (workers/quantization.py)
+            return save_qlora(module, self.spec, path)
         if self.spec.lora is not None:
             module.save_pretrained(os.path.join(path, "adapter"))
             module = module.merge_and_unload()
@@ -202,6 +225,17 @@ class TrainerWorker(Worker):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _load_for_training(spec: TrainSpec):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs = dict(dtype=torch.float32, attn_implementation=spec.attn_implementation)
+    if spec.head == "score":
+        # A causal-LM checkpoint gets a fresh one-output head; a reward model keeps its own.
+        return AutoModelForSequenceClassification.from_pretrained(spec.model_path, num_labels=1, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(spec.model_path, **kwargs)
 
 
 def _save_rng(prefix: str) -> None:

@@ -1,0 +1,25 @@
+"""Built-in online RL: the PPO and GRPO/RLOO stages, their losses and rule-based rewards."""
+
+from rayalign.hookspecs import hookimpl
+
+from rayalign_rl.losses import ClippedPolicyLoss, ClippedValueLoss
+from rayalign_rl.rewards import RULE_REWARDS
+from rayalign_rl.stage import GRPOStage, PPOStage
+
+
+@hookimpl
+def register_stages(register):
+    register(PPOStage)
+    register(GRPOStage)
+
+
+@hookimpl
+def register_losses(register):
+    register(ClippedPolicyLoss)
+    register(ClippedValueLoss)
+
+
+@hookimpl
+def register_rewards(register):
+    for name, fn in RULE_REWARDS.items():
+        register(name, fn)

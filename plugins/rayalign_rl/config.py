@@ -1,0 +1,69 @@
+"""Options of the RL stages. ``ppo`` and ``grpo`` share them and differ only in defaults."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rayalign.training.loop import TrainingConfig
+
+
+class RewardTerm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="a registered reward (`rayalign plugins` lists them), or `reward_model`")
+    weight: float = 1.0
+    options: dict[str, Any] = Field({}, description="keyword arguments for the reward function (e.g. `pattern`)")
+
+
+class RLConfig(TrainingConfig):
+    prompts: str = Field("prompts", description="key under `data:` naming the prompts JSONL (with `reference` "
+                         "answers for rule rewards); `eval_fraction` of them are held out for evaluation")
+    steps: int = Field(20, ge=1, description="rollout batches: generate, score, update, sync")
+    prompts_per_step: int = Field(8, ge=1, description="prompts per rollout batch")
+    num_generations: int = Field(1, ge=1, description="answers sampled per prompt (a group, for grpo/rloo)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(128, ge=1, description="tokens per sampled answer")
+    max_prompt_length: int = Field(512, ge=1, description="prompt tokens after the chat template; a longer prompt "
+                                   "is a bad record (`data.bad_records`)")
+    advantage: Literal["gae", "grpo", "rloo"] = Field("gae", description="gae (PPO, with a critic), grpo or rloo "
+                                                      "(group baselines, no critic)")
+    scale_rewards: bool = Field(True, description="grpo: divide by the group's reward std")
+    whiten_advantages: bool = Field(True, description="gae: normalise advantages over the batch")
+    gamma: float = Field(1.0, ge=0, le=1, description="gae discount")
+    lam: float = Field(0.95, ge=0, le=1, description="gae lambda")
+    kl_coef: float = Field(0.05, ge=0, description="weight of the KL to the reference (0: none)")
+    kl_in: Literal["reward", "loss"] = Field("reward", description="reward: a per-token penalty in the reward "
+                                             "(PPO); loss: a k3 term in the loss (GRPO)")
+    kl_ratio_correction: bool = Field(True, description="loss KL: weight it by the importance ratio (unbiased "
+                                      "off-policy; TRL's use_bias_correction_kl)")
+    ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    clip_low: float = Field(0.2, gt=0, lt=1, description="policy ratio clip below 1")
+    clip_high: float = Field(0.2, gt=0, description="policy ratio clip above 1 (DAPO's clip-higher when larger)")
+    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    value_clip: float = Field(0.2, gt=0, description="critic: how far a new value may move from the old one")
+    critic_lr: float = Field(1e-5, gt=0, description="critic learning rate (ppo)")
+    rewards: list[RewardTerm] = Field([RewardTerm(name="exact_match")], description="rewards summed with weights")
+    reward_model: str | None = Field(None, description="a model named by an earlier stage (`reward_model`) or a "
+                                     "path; scores answers as the reward term named `reward_model`")
+    eval_every: int = Field(5, ge=1, description="steps between held-out evaluations (greedy)")
+    eval_prompts: int = Field(64, ge=1, description="held-out prompts evaluated (at most)")
+    sync_bucket_mb: int = Field(256, ge=1, description="weight-sync bucket size")
+    lr: float = Field(1e-6, gt=0, description="policy learning rate")
+    min_lr_ratio: float = Field(1.0, ge=0, le=1, description="1.0: constant after warmup (RL's usual schedule)")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    grad_accum: int = Field(4, ge=1, description="packed micro-batches per optimizer step per rank")
+    max_tokens_per_micro_batch: int = Field(4096, ge=8, description="packing budget of one row")
+
+
+class PPOConfig(RLConfig):
+    pass
+
+
+class GRPOConfig(RLConfig):
+    num_generations: int = Field(4, ge=2, description="answers sampled per prompt (a group)")
+    advantage: Literal["gae", "grpo", "rloo"] = Field("grpo", description="grpo or rloo (group baselines, no "
+                                                      "critic), or gae")
+    kl_coef: float = Field(0.04, ge=0, description="weight of the k3 KL to the reference in the loss (0: none)")
+    kl_in: Literal["reward", "loss"] = "loss"

@@ -1,0 +1,70 @@
+"""Episodes (a prompt and one sampled answer) and their packing into training rows.
+
+Per-token quantities (log-probs, values, advantages) live per episode as arrays over the answer's
+tokens. In a packed row they sit at the answer tokens' label positions: ``scatter`` puts them
+there and ``gather`` reads a model's shifted outputs (position t-1 scores label t) back out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rayalign.data.chat import Tokenized
+from rayalign.data.packing import collate_packed, group_by_tokens
+from rayalign.training.losses import IGNORE_INDEX
+
+
+@dataclass
+class Episode:
+    prompt_index: int  # into the step's prompt records
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    finish_reason: str
+    weights_version: int
+    vllm_logps: np.ndarray
+    reward: float = 0.0
+    reward_terms: dict[str, float] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # old_logps, ref_logps, values, ...
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+@dataclass
+class PackedRow:
+    batch: dict[str, torch.Tensor]
+    episodes: list[int]  # indices of the episodes in the row, in order
+    positions: list[np.ndarray]  # label positions of each episode's answer tokens
+
+
+def pack(episodes: list[Episode], max_tokens: int, seed: int) -> list[PackedRow]:
+    rows = []
+    for group in group_by_tokens([len(e) for e in episodes], max_tokens, seed):
+        seqs = [Tokenized(episodes[i].prompt_ids + episodes[i].completion_ids,
+                          [IGNORE_INDEX] * len(episodes[i].prompt_ids) + episodes[i].completion_ids) for i in group]
+        batch = collate_packed(seqs)
+        positions, start = [], 0
+        for i in group:
+            begin = start + len(episodes[i].prompt_ids)
+            positions.append(np.arange(begin, begin + len(episodes[i].completion_ids)))
+            start += len(episodes[i])
+        rows.append(PackedRow(batch, list(group), positions))
+    return rows
+
+
+def gather(row: PackedRow, shifted: torch.Tensor) -> list[np.ndarray]:
+    """Per-episode arrays from a [1, T-1] tensor aligned with the shifted labels."""
+    flat = shifted[0].numpy()
+    return [flat[pos - 1] for pos in row.positions]
+
+
+def scatter(row: PackedRow, arrays: list[np.ndarray]) -> torch.Tensor:
+    """A [1, T] float tensor holding each episode's array at its answer tokens' label positions."""
+    full = np.zeros(row.batch["input_ids"].shape[1], dtype=np.float32)
+    for pos, values in zip(row.positions, arrays):
+        full[pos] = values
+    return torch.from_numpy(full)[None]

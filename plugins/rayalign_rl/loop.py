@@ -1,0 +1,382 @@
+"""The driver of online RL: generate -> score -> update -> sync, once per step.
+
+Actor groups (each its own resources, or sharing the trainer's GPUs when ``colocate``):
+
+* ``rollout``: vLLM engines; they sample with the policy's latest synced weights;
+* ``trainer``: the policy (DeepSpeed), which also recomputes the sampled tokens' log-probs;
+* ``critic``: the value model (PPO with gae only);
+* ``reference``: the frozen input model, for the KL term (only when ``kl_coef > 0``);
+* ``reward``: a reward model (only when one is configured); rule rewards run on the driver.
+
+One step: sample ``num_generations`` answers for each of ``prompts_per_step`` prompts; score
+them; compute reference and old log-probs (and values) on packed rows; turn rewards into
+advantages; run ``ppo_epochs`` passes of clipped updates; push the new weights to the engines
+with a version. Engines stamp completions with the version they sampled under, and any answer
+from an older version is counted as stale and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from rayalign import telemetry
+from rayalign.cluster.worker_group import Placement, WorkerGroup
+from rayalign.rollout.sharding import generate_sharded
+from rayalign.rollout.vllm_engine import EngineConfig, Sampling
+from rayalign.rollout.weight_sync import WeightSync
+from rayalign.stage import StageContext
+from rayalign.training.loop import start_trainers, to_numpy, train_step
+from rayalign.training.progress import Progress
+from rayalign.workers.reference import ReferenceWorker
+from rayalign.workers.reward import RewardWorker
+from rayalign.workers.rollout import RolloutWorker
+from rayalign_rl import advantages as adv
+from rayalign_rl.config import RLConfig
+from rayalign_rl.episodes import Episode, PackedRow, gather, pack, scatter
+from rayalign_rl.losses import ClippedPolicyLoss, ClippedValueLoss
+from rayalign_rl.objectives import PolicyForward, PolicyObjective, TokenLogps, ValueObjective, token_values
+
+
+@dataclass
+class Prompt:
+    messages: list[dict]
+    reference: str | None
+    ids: list[int]
+
+    @property
+    def text(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass
+class RewardFn:
+    name: str
+    weight: float
+    fn: object  # a rule reward; None for the reward model
+    options: dict
+
+
+def _shards(n_items: int, n_ranks: int) -> list[list[int]]:
+    return [list(range(n_items))[r::n_ranks] for r in range(n_ranks)]
+
+
+class RLLoop:
+    def __init__(self, ctx: StageContext, cfg: RLConfig, placement: dict[str, Placement],
+                 train: list[Prompt], held_out: list[Prompt], rewards: list[RewardFn], reward_model: str | None):
+        self.ctx, self.cfg, self.train, self.held_out, self.rewards = ctx, cfg, train, held_out, rewards
+        self.timeouts = ctx.run.timeouts
+        self.colocated = ctx.run.resources.colocate and ctx.run.resources.trainer.num_gpus > 0
+        self.groups: list[WorkerGroup] = []
+        self.rollouts = None
+        try:
+            self._start(placement, reward_model)
+        except BaseException:
+            self.shutdown()  # the groups that did start
+            raise
+
+    def _start(self, placement: dict[str, Placement], reward_model: str | None) -> None:
+        ctx, cfg = self.ctx, self.cfg
+        model = ctx.artifacts.model
+        res = ctx.run.resources.rollout
+        engine = EngineConfig(model=model, gpu_memory_utilization=res.gpu_memory_utilization,
+                              max_model_len=res.max_model_len, seed=ctx.run.seed, dtype=res.dtype,
+                              tensor_parallel_size=res.tensor_parallel_size, enable_sleep_mode=self.colocated)
+        # Engines first: on a shared GPU vLLM sizes its KV cache from the memory free at start.
+        self.engines = self._group("rollout", RolloutWorker, placement, lambda r, t: (engine, t))
+        self.engines.run(lambda a, r: a.ping.remote(), self.timeouts.worker_start_s)
+        self._sleep()
+        ga, n = cfg.grad_accum, len(placement["trainer"].bundles)
+        tokens = cfg.prompts_per_step * cfg.num_generations * (cfg.max_new_tokens + 64)
+        opt_steps = cfg.steps * cfg.ppo_epochs * max(1, -(-tokens // cfg.max_tokens_per_micro_batch) // (n * ga))
+        loss = ClippedPolicyLoss(cfg.clip_low, cfg.clip_high, cfg.kl_coef if cfg.kl_in == "loss" else 0.0,
+                                 cfg.loss_aggregation, cfg.kl_ratio_correction)
+        self.policy_objective = PolicyObjective(loss, kl_in_loss=cfg.kl_in == "loss" and cfg.kl_coef > 0,
+                                                temperature=cfg.temperature)
+        self.policy = start_trainers(ctx, placement["trainer"], cfg.spec(model, opt_steps, ctx.run.seed),
+                                     self.policy_objective)
+        self.groups.append(self.policy)
+        self.critic = None
+        if cfg.advantage == "gae":
+            # The critic starts from the reward model when there is one (it already reads answers
+            # for quality), else from the policy with a fresh value head.
+            spec = cfg.spec(reward_model or model, opt_steps, ctx.run.seed, head="score")
+            spec.lr = cfg.critic_lr
+            self.value_objective = ValueObjective(ClippedValueLoss(cfg.value_clip))
+            self.critic = start_trainers(ctx, placement["critic"], spec, self.value_objective, role="critic")
+            self.groups.append(self.critic)
+        self.reference = None
+        if cfg.kl_coef > 0:
+            self.reference = self._group("reference", ReferenceWorker, placement, lambda r, t: (model, t))
+        self.reward_model = None
+        if reward_model is not None:
+            self.reward_model = self._group("reward", RewardWorker, placement,
+                                            lambda r, t: (reward_model, 4096, cfg.max_tokens_per_micro_batch, t))
+        self.sync = WeightSync(self.policy, self.engines, self.timeouts.sync_s, cfg.sync_bucket_mb << 20)
+        self.rollouts = open(ctx.work_dir / "rollouts.jsonl", "w")
+
+    def _group(self, role: str, cls, placement: dict[str, Placement], args) -> WorkerGroup:
+        p = placement[role]
+        threads = max(1, int(p.num_cpus))
+        group = WorkerGroup(f"{self.ctx.actor_prefix}/{role}", cls, p, lambda r: args(r, threads))
+        self.groups.append(group)
+        return group
+
+    # Colocated engines give the GPU back while the trainers work. No-ops on CPU.
+    def _sleep(self) -> None:
+        if self.colocated:
+            self.engines.run(lambda a, r: a.sleep.remote(), self.timeouts.step_s)
+
+    def _wake(self) -> None:
+        if self.colocated:
+            self.engines.run(lambda a, r: a.wake_up.remote(), self.timeouts.step_s)
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def step_prompts(self, step: int) -> list[Prompt]:
+        """The prompts of ``step``: consecutive slices of one seeded order per pass over the data."""
+        per = self.cfg.prompts_per_step
+        start = step * per
+        out = []
+        for k in range(start, start + per):
+            epoch, i = divmod(k, len(self.train))
+            order = list(range(len(self.train)))
+            random.Random(self.ctx.run.seed * 7919 + epoch).shuffle(order)
+            out.append(self.train[order[i]])
+        return out
+
+    def sample(self, prompts: list[Prompt], sampling: Sampling) -> tuple[list[Episode], int]:
+        """Episodes sampled under the current weights, and how many stale answers were dropped.
+        A prompt keeps its answers only if all are current (group baselines need whole groups)."""
+        grouped = generate_sharded(self.engines, [p.ids for p in prompts], sampling, self.timeouts.step_s)
+        episodes, stale = [], 0
+        for i, completions in enumerate(grouped):
+            old = sum(c.weights_version != self.sync.version for c in completions)
+            if old:
+                stale += len(completions)
+                continue
+            episodes += [Episode(i, prompts[i].ids, c.token_ids, c.text, c.finish_reason, c.weights_version,
+                                 np.asarray(c.logprobs if c.logprobs is not None else [], dtype=np.float32))
+                         for c in completions if c.token_ids]
+        return episodes, stale
+
+    def score(self, prompts: list[Prompt], episodes: list[Episode]) -> None:
+        """Every reward term of every episode, and their weighted sum (``episode.reward``)."""
+        for term in self.rewards:
+            if term.fn is None:
+                values = self._reward_model_scores(prompts, episodes)
+            else:
+                values = [float(term.fn(prompts[e.prompt_index].text, e.text,
+                                        reference=prompts[e.prompt_index].reference, **term.options)) for e in episodes]
+            for e, v in zip(episodes, values):
+                e.reward_terms[term.name] = v
+        for e in episodes:
+            e.reward = sum(t.weight * e.reward_terms[t.name] for t in self.rewards)
+
+    def _reward_model_scores(self, prompts: list[Prompt], episodes: list[Episode]) -> list[float]:
+        convs = [prompts[e.prompt_index].messages + [{"role": "assistant", "content": e.text}] for e in episodes]
+        shards = _shards(len(convs), len(self.reward_model))
+        results = self.reward_model.run(lambda a, r: a.score.remote([convs[i] for i in shards[r]]),
+                                        self.timeouts.step_s)
+        out = [0.0] * len(convs)
+        for shard, scores in zip(shards, results):
+            for i, s in zip(shard, scores):
+                out[i] = s
+        return out
+
+    def _per_episode(self, group: WorkerGroup, rows: list[PackedRow], call, episodes, names: list[str]) -> None:
+        """Run ``call(actor, row ids)`` over the rows sharded across ``group``; store the returned
+        per-token tensors in each episode's ``arrays`` under ``names``."""
+        shards = _shards(len(rows), len(group))
+        results = group.run(lambda a, r: call(a, shards[r]), self.timeouts.step_s)
+        for shard, outputs in zip(shards, results):
+            for row_id, tensors in zip(shard, outputs):
+                row = rows[row_id]
+                for name, tensor in zip(names, tensors):
+                    for e, values in zip(row.episodes, gather(row, tensor)):
+                        episodes[e].arrays[name] = values
+
+    def advantages(self, prompts: list[Prompt], episodes: list[Episode]) -> None:
+        cfg = self.cfg
+        for e in episodes:
+            e.arrays["kl"] = (e.arrays["old_logps"] - e.arrays["ref_logps"]) if "ref_logps" in e.arrays \
+                else np.zeros(len(e.completion_ids), dtype=np.float32)
+        kl_penalty = cfg.kl_coef if cfg.kl_in == "reward" else 0.0
+        if cfg.advantage == "gae":
+            for e in episodes:
+                token_rewards = -kl_penalty * e.arrays["kl"]
+                token_rewards[-1] += e.reward
+                e.arrays["advantages"], e.arrays["returns"] = adv.gae(token_rewards, e.arrays["values"], cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                for e, a in zip(episodes, adv.whiten([e.arrays["advantages"] for e in episodes])):
+                    e.arrays["advantages"] = a
+            return
+        # Group estimators: episodes arrive prompt-major, num_generations per prompt.
+        g = cfg.num_generations
+        rewards = np.array([e.reward - kl_penalty * e.arrays["kl"].sum() for e in episodes]).reshape(-1, g)
+        scalar = adv.grpo(rewards, cfg.scale_rewards) if cfg.advantage == "grpo" else adv.rloo(rewards)
+        for e, a in zip(episodes, scalar.reshape(-1)):
+            e.arrays["advantages"] = np.full(len(e.completion_ids), a, dtype=np.float32)
+
+    def step(self, step: int) -> dict:
+        cfg, t = self.cfg, {}
+        clock = time.monotonic()
+        prompts = self.step_prompts(step)
+        sampling = Sampling(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_tokens=cfg.max_new_tokens, seed=self.ctx.run.seed * 100003 + step, logprobs=True)
+        episodes, stale = self.sample(prompts, sampling)
+        self._sleep()
+        t["generate"] = time.monotonic() - clock
+        if not episodes:
+            raise RuntimeError(f"step {step}: every sampled answer was stale or empty")
+        clock = time.monotonic()
+        self.score(prompts, episodes)
+        t["reward"] = time.monotonic() - clock
+
+        clock = time.monotonic()
+        rows = pack(episodes, cfg.max_tokens_per_micro_batch, self.ctx.run.seed + step)
+        data = ray.put([to_numpy(r.batch) for r in rows])
+        self.policy.run(lambda a, r: a.load_batches.remote(data), self.timeouts.step_s)
+        forward, ref_logps = PolicyForward(cfg.temperature), TokenLogps(cfg.temperature)
+        self._per_episode(self.policy, rows, lambda a, ids: a.compute.remote(forward, ids),
+                          episodes, ["old_logps", "entropy", "raw_logps"])
+        if self.reference is not None:
+            self._per_episode(self.reference, rows, lambda a, ids: a.score.remote(ref_logps, [rows[i].batch for i in ids]),
+                              episodes, ["ref_logps"])
+        if self.critic is not None:
+            self.critic.run(lambda a, r: a.load_batches.remote(data), self.timeouts.step_s)
+            self._per_episode(self.critic, rows, lambda a, ids: a.compute.remote(token_values, ids), episodes, ["values"])
+        self.advantages(prompts, episodes)
+        t["score"] = time.monotonic() - clock
+
+        clock = time.monotonic()
+        policy_metrics, critic_metrics = self.update(step, rows, episodes)
+        t["train"] = time.monotonic() - clock
+        clock = time.monotonic()
+        self._wake()
+        sync = self.sync.sync()
+        t["sync"] = time.monotonic() - clock
+        self._log_rollouts(step, prompts, episodes)
+        return self.metrics(episodes, stale, t, sync, policy_metrics, critic_metrics)
+
+    def update(self, step: int, rows: list[PackedRow], episodes: list[Episode]) -> tuple[dict, dict]:
+        """``ppo_epochs`` passes of clipped updates over the rows, for the policy (and critic)."""
+        cfg = self.cfg
+        for row in rows:
+            eps = [episodes[i] for i in row.episodes]
+            row.batch["old_logps"] = scatter(row, [e.arrays["old_logps"] for e in eps])
+            row.batch["advantages"] = scatter(row, [e.arrays["advantages"] for e in eps])
+            if self.policy_objective.kl_in_loss:
+                row.batch["ref_logps"] = scatter(row, [e.arrays["ref_logps"] for e in eps])
+            if self.critic is not None:
+                row.batch["old_values"] = scatter(row, [e.arrays["values"] for e in eps])
+                row.batch["returns"] = scatter(row, [e.arrays["returns"] for e in eps])
+        data = ray.put([to_numpy(r.batch) for r in rows])
+        trainers = [(self.policy, self.policy_objective)]
+        if self.critic is not None:
+            trainers.append((self.critic, self.value_objective))
+        out = []
+        for group, objective in trainers:
+            group.run(lambda a, r: a.load_batches.remote(data), self.timeouts.step_s)
+            weights = [objective.weight(r.batch) for r in rows]
+            slots = len(group) * cfg.grad_accum
+            metrics = []
+            for epoch in range(cfg.ppo_epochs):
+                order = list(range(len(rows)))
+                random.Random(f"{self.ctx.run.seed}-{step}-{epoch}").shuffle(order)
+                for k in range(0, len(order), slots):
+                    metrics.append(train_step(group, order[k : k + slots], weights, cfg.grad_accum, self.timeouts.step_s))
+            out.append(_mean(metrics))
+        return out[0], (out[1] if len(out) > 1 else {})
+
+    # -- evaluation, metrics, output ---------------------------------------------------------------
+
+    def evaluate(self, step: int) -> dict:
+        """Greedy answers to the held-out prompts: mean reward and each term's mean."""
+        prompts = self.held_out[: self.cfg.eval_prompts]
+        if not prompts:
+            return {"step": step}
+        greedy = Sampling(n=1, temperature=0.0, max_tokens=self.cfg.max_new_tokens)
+        grouped = generate_sharded(self.engines, [p.ids for p in prompts], greedy, self.timeouts.step_s)
+        episodes = [Episode(i, p.ids, c.token_ids, c.text, c.finish_reason, c.weights_version, np.zeros(0))
+                    for i, (p, cs) in enumerate(zip(prompts, grouped)) for c in cs]
+        self.score(prompts, episodes)
+        out = {"step": step, "reward": float(np.mean([e.reward for e in episodes]))}
+        for term in self.rewards:
+            out[term.name] = float(np.mean([e.reward_terms[term.name] for e in episodes]))
+        out["response_length"] = float(np.mean([len(e.completion_ids) for e in episodes]))
+        self.ctx.log.info("[%s] held-out after %d step(s): %s", self.ctx.name, step,
+                          " ".join(f"{k}={v:.3f}" for k, v in out.items() if k != "step"))
+        return out
+
+    def metrics(self, episodes, stale, t, sync, policy_metrics, critic_metrics) -> dict:
+        total = sum(t.values())
+        lengths = [len(e.completion_ids) for e in episodes]
+        tokens = np.concatenate([e.arrays["raw_logps"] for e in episodes])
+        sampled = np.concatenate([e.vllm_logps for e in episodes])
+        m = {
+            "reward": float(np.mean([e.reward for e in episodes])),
+            "reward_std": float(np.std([e.reward for e in episodes])),
+            "kl": float(np.mean(np.concatenate([e.arrays["kl"] for e in episodes]))),
+            "entropy": float(np.mean(np.concatenate([e.arrays["entropy"] for e in episodes]))),
+            "response_length": float(np.mean(lengths)),
+            "truncated": float(np.mean([e.finish_reason == "length" for e in episodes])),
+            "episodes": float(len(episodes)),
+            "stale": float(stale),
+            "weights_version": float(sync.version),
+            "sync_bytes": float(sync.bytes),
+            # The trainer's log-probs of the tokens vLLM sampled, against vLLM's own: the
+            # importance ratio old/sampling should be ~1 when the weights really are in sync.
+            "sampler_logprob_diff": float(np.abs(tokens - sampled).max()) if sampled.size == tokens.size else float("nan"),
+            "sampler_ratio_mean": float(np.mean(np.exp(tokens - sampled))) if sampled.size == tokens.size else float("nan"),
+        }
+        for term in self.rewards:
+            m[f"reward/{term.name}"] = float(np.mean([e.reward_terms[term.name] for e in episodes]))
+        for k, v in t.items():
+            m[f"time/{k}_s"] = v
+            m[f"time/{k}_share"] = v / total if total else 0.0
+        m.update({f"policy/{k}": v for k, v in policy_metrics.items() if isinstance(v, float)})
+        m.update({f"critic/{k}": v for k, v in critic_metrics.items() if isinstance(v, float)})
+        m["count"] = float(sum(lengths))
+        telemetry.record_generation(self.ctx.name, int(sum(lengths)), t["generate"])
+        return m
+
+    def _log_rollouts(self, step: int, prompts: list[Prompt], episodes: list[Episode]) -> None:
+        for e in episodes:
+            self.rollouts.write(json.dumps({
+                "step": step, "prompt": prompts[e.prompt_index].text, "completion": e.text,
+                "reference": prompts[e.prompt_index].reference, "reward": e.reward, "rewards": e.reward_terms,
+                "weights_version": e.weights_version, "finish_reason": e.finish_reason,
+            }, ensure_ascii=False) + "\n")
+        self.rollouts.flush()
+
+    def run(self) -> tuple[list[dict], list[dict]]:
+        progress = Progress(self.ctx.name, self.cfg.steps, self.ctx.log)
+        history, evals = [], [self.evaluate(0)]
+        for step in range(self.cfg.steps):
+            metrics = self.step(step)
+            metrics["step"] = step + 1
+            history.append(metrics)
+            progress.update(step + 1, metrics)
+            if (step + 1) % self.cfg.eval_every == 0 or step + 1 == self.cfg.steps:
+                evals.append(self.evaluate(step + 1))
+        return history, evals
+
+    def save(self, path: str) -> None:
+        self.policy.run(lambda a, r: a.save.remote(path), self.timeouts.step_s)
+
+    def shutdown(self) -> None:
+        if self.rollouts is not None:
+            self.rollouts.close()
+        for group in reversed(self.groups):
+            group.shutdown()
+
+
+def _mean(metrics: list[dict]) -> dict:
+    keys = {k for m in metrics for k, v in m.items() if isinstance(v, float)}
+    return {k: float(np.nanmean([m[k] for m in metrics if k in m])) for k in keys}

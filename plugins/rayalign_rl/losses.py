@@ -1,0 +1,97 @@
+"""Policy and value losses of PPO-style RL, on per-token tensors of packed rows.
+
+All tensors are aligned with the shifted labels of a packed row (shape [1, T-1]); ``mask`` marks
+the completion tokens, the only ones that count.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from rayalign.training.losses import Loss
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate, ``exp(r) - r - 1`` with ``r = ref - policy``
+    (Schulman's "k3": unbiased, always >= 0), as GRPO adds it to the loss."""
+    r = ref_logps - logps
+    return torch.exp(r) - r - 1
+
+
+class ClippedPolicyLoss(Loss):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), GRPO's when advantages are per
+    sequence (Shao et al. 2024), with an optional k3 KL-to-reference term of weight ``kl_coef``.
+
+    ``aggregation``: ``token_mean`` averages over every completion token of the micro-batch (TRL's
+    ``dapo``/``bnpo``; the step-level mean is over all tokens of the step, see the stage's
+    ``weight``); ``sequence_mean`` averages each sequence's tokens first, then sequences (TRL's
+    ``grpo``). Asymmetric clipping (DAPO's "clip-higher") via ``clip_low``/``clip_high``.
+    ``kl_ratio_correction`` multiplies the KL term by the importance ratio, which makes its
+    gradient the unbiased reverse-KL gradient off-policy (DeepSeek-V3.2; TRL's default
+    ``use_bias_correction_kl``).
+    """
+
+    name = "clipped_policy"
+
+    def __init__(self, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.0,
+                 aggregation: Literal["token_mean", "sequence_mean"] = "token_mean", kl_ratio_correction: bool = True):
+        super().__init__(clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef)
+        self.clip_low, self.clip_high, self.kl_coef, self.aggregation = clip_low, clip_high, kl_coef, aggregation
+        self.kl_ratio_correction = kl_ratio_correction
+
+    def forward(self, logps, old_logps, advantages, mask, ref_logps=None, sequence_ids=None):
+        mask = mask.to(logps.dtype)
+        ratio = torch.exp(logps - old_logps)
+        clipped = torch.clamp(ratio, 1 - self.clip_low, 1 + self.clip_high)
+        per_token = -torch.min(ratio * advantages, clipped * advantages)
+        kl = None
+        if ref_logps is not None:
+            kl = kl_k3(logps, ref_logps)
+            if self.kl_coef:
+                per_token = per_token + self.kl_coef * (kl * ratio if self.kl_ratio_correction else kl)
+        if self.aggregation == "sequence_mean":
+            owner = sequence_ids.reshape(-1)
+            n = int(owner.max()) + 1
+            sums = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add_(0, owner, (per_token * mask).reshape(-1))
+            counts = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add_(0, owner, mask.reshape(-1))
+            present = counts > 0
+            loss = (sums[present] / counts[present]).mean()
+        else:
+            loss = masked_mean(per_token, mask)
+        with torch.no_grad():
+            is_clipped = ((ratio < 1 - self.clip_low) & (advantages < 0)) | ((ratio > 1 + self.clip_high) & (advantages > 0))
+            metrics = {
+                "policy_loss": loss.item(),
+                "clip_fraction": masked_mean(is_clipped.to(mask.dtype), mask).item(),
+                "approx_kl_old": masked_mean(0.5 * (logps - old_logps) ** 2, mask).item(),
+                "ratio_max": (ratio * mask).max().item(),
+            }
+            if kl is not None:
+                metrics["kl_ref"] = masked_mean(kl, mask).item()
+        return loss, metrics
+
+
+class ClippedValueLoss(Loss):
+    """PPO's value loss with the new value kept within ``clip`` of the old one (as in OpenAI's
+    baselines and TRL's former PPOTrainer): ``0.5 * max((v - R)^2, (v_clipped - R)^2)``."""
+
+    name = "clipped_value"
+
+    def __init__(self, clip: float = 0.2):
+        super().__init__(clip=clip)
+        self.clip = clip
+
+    def forward(self, values, old_values, returns, mask):
+        mask = mask.to(values.dtype)
+        clipped = old_values + torch.clamp(values - old_values, -self.clip, self.clip)
+        loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+        with torch.no_grad():
+            frac = masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).to(mask.dtype), mask)
+        return loss, {"value_loss": loss.item(), "value_clip_fraction": frac.item(),
+                      "value_mean": masked_mean(values.detach(), mask).item()}

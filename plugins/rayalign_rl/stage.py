@@ -1,0 +1,119 @@
+"""The ``ppo`` and ``grpo`` stages: one RL machinery (``loop.RLLoop``), two sets of defaults.
+
+``ppo``: a critic, GAE advantages, the KL to the reference as a per-token reward penalty.
+``grpo``: no critic, group-relative advantages over ``num_generations`` answers per prompt, the
+KL as a k3 loss term; ``advantage: rloo`` switches it to RLOO's leave-one-out baseline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rayalign.data.chat import tokenize_prompt
+from rayalign.data.datasets import dataset_path, load_records, split
+from rayalign.errors import ConfigError, DataError
+from rayalign.stage import Stage, StageResult
+from rayalign_rl.config import GRPOConfig, PPOConfig, RLConfig
+from rayalign_rl.loop import Prompt, RewardFn, RLLoop
+
+REWARD_MODEL = "reward_model"
+
+
+class RLStage(Stage):
+    Config = RLConfig
+
+    def prepare(self, run, plugins, artifacts, index):
+        from transformers import AutoTokenizer
+
+        cfg, where = self.config, f"stages[{index}].{self.name}"
+        if cfg.advantage in ("grpo", "rloo") and cfg.num_generations < 2:
+            raise ConfigError(f"{where}.num_generations", f"advantage {cfg.advantage!r} compares answers to the "
+                              "same prompt: needs at least 2")
+        self.rewards = []
+        for k, term in enumerate(cfg.rewards):
+            if term.name == REWARD_MODEL:
+                if cfg.reward_model is None:
+                    raise ConfigError(f"{where}.rewards[{k}]", "the `reward_model` term needs "
+                                      f"{where}.reward_model (a path, or the name an earlier stage gives its model)")
+                self.rewards.append(RewardFn(term.name, term.weight, None, term.options))
+            else:
+                fn = plugins.rewards.get(term.name, where=f"{where}.rewards[{k}].name")
+                self.rewards.append(RewardFn(term.name, term.weight, fn, term.options))
+        if not self.rewards:
+            raise ConfigError(f"{where}.rewards", "no reward: name at least one")
+        path = dataset_path(run, cfg.prompts, where=f"{where}.prompts")
+        records, self.source = load_records(path, "prompt", plugins.formats, run.seed)
+        tok = AutoTokenizer.from_pretrained(artifacts.model)
+        prompts = []
+        for record in records:
+            ids = tokenize_prompt(tok, record["prompt"])
+            if len(ids) > cfg.max_prompt_length:
+                records.ledger.report(record.where, "too_long", f"{len(ids)} prompt tokens after the chat template, "
+                                      f"above max_prompt_length={cfg.max_prompt_length}")
+            else:
+                prompts.append(Prompt(record["prompt"], record.get("reference"), ids))
+        records.ledger.check()
+        self.train, self.held_out = split(prompts, run.data.eval_fraction, run.seed)
+        if not self.train:
+            raise DataError(self.source, "no prompt left to train on")
+
+    def _reward_model_path(self, ctx) -> str | None:
+        name = self.config.reward_model
+        if name is None:
+            return None
+        if name in ctx.artifacts.models:
+            return ctx.artifacts.models[name]
+        if (Path(name).expanduser() / "config.json").exists():
+            return str(Path(name).expanduser().resolve())
+        known = ", ".join(sorted(ctx.artifacts.models)) or "none"
+        raise ConfigError(f"stages[{ctx.index}].{self.name}.reward_model",
+                          f"{name!r} is neither a model an earlier stage produced (produced: {known}) nor a model directory")
+
+    def run(self, ctx):
+        cfg = self.config
+        reward_model = self._reward_model_path(ctx)
+        roles = ["trainer", "rollout"]
+        roles += ["critic"] if cfg.advantage == "gae" else []
+        roles += ["reference"] if cfg.kl_coef > 0 else []
+        roles += ["reward"] if reward_model else []
+        with ctx.cluster.reserve(ctx.name, roles) as placement:
+            loop = RLLoop(ctx, cfg, placement, self.train, self.held_out, self.rewards, reward_model)
+            try:
+                history, evals = loop.run()
+                loop.save(str(ctx.work_dir / "model"))
+            finally:
+                loop.shutdown()
+        first, last = evals[0], evals[-1]
+        ctx.log.info("[%s] held-out reward %.3f -> %.3f over %d steps", ctx.name,
+                     first.get("reward", float("nan")), last.get("reward", float("nan")), len(history))
+        totals = {k: sum(m[k] for m in history) for k in history[0] if k.startswith("time/") and k.endswith("_s")}
+        spent = sum(totals.values()) or 1.0
+        return StageResult(
+            model="model",
+            datasets={"rollouts": "rollouts.jsonl"},
+            metrics={
+                "eval_reward_before": first.get("reward"),
+                "eval_reward": last.get("reward"),
+                "evals": evals,
+                "steps": len(history),
+                "stale_rollouts": sum(m["stale"] for m in history),
+                "time_share": {k[len("time/"):-len("_s")]: v / spent for k, v in totals.items()},
+                "train_prompts": len(self.train),
+                "eval_prompts": min(len(self.held_out), cfg.eval_prompts),
+                "history": history,
+            },
+        )
+
+
+class PPOStage(RLStage):
+    """PPO with a critic (GAE), KL to the reference in the reward."""
+
+    name = "ppo"
+    Config = PPOConfig
+
+
+class GRPOStage(RLStage):
+    """GRPO (or RLOO): group-relative advantages, no critic, KL in the loss."""
+
+    name = "grpo"
+    Config = GRPOConfig
