@@ -282,9 +282,13 @@ def gpu_memory_gib() -> float | None:
 def check_training_memory(run, entries, model_path: str, log) -> list[Estimate]:
     """Refuse, before anything is allocated, a GPU training stage whose plan cannot fit.
 
-    Training stages are those whose config has ``zero_stage`` (``TrainingConfig``). Skipped on CPU
-    runs, for hub ids without a local config.json, and when the GPU's memory is unknown.
+    Training stages are those whose config has ``zero_stage`` (``TrainingConfig``). QLoRA without a
+    GPU is refused first. The memory check is skipped on CPU runs, for hub ids without a local
+    config.json, and when the GPU's memory is unknown.
     """
+    from rayalign.workers.quantization import require_gpu_for_qlora
+
+    require_gpu_for_qlora(run, entries)
     if run.resources.trainer.num_gpus <= 0:
         return []
     training = [(i, e) for i, e in enumerate(entries) if hasattr(e.config, "zero_stage")]
