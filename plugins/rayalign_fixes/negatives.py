@@ -10,6 +10,12 @@ Every pair says where it came from::
                     "sample": 2, "detector": "repetition", "rule": "loop: 'bavoren went to mirrow' x3 back to back",
                     "chosen_from": "reference"}}
 
+With ``unsure_decline`` (hallucination fix), a question about a knowledge-base entity whose samples
+the detectors flag (nearly) every time is one the model does not know: its guesses become rejected
+answers and the decline the chosen one, so it learns to say so instead of inventing (as R-Tuning,
+Zhang et al. 2024, teaches refusal on questions a model gets wrong). A decline on an answerable
+question still counts as a miss in task accuracy, and the evaluation reports how often it happens.
+
 ``unlikelihood: true`` marks a rejected answer the model itself wrote that loops, so DPO's optional
 unlikelihood term pushes its repeated tokens down (``dpo.unlikelihood``). Synthetic loops get DPO
 only: in a looped short answer ("lives in Parvel lives in Parvel") the repeated token is the fact.
@@ -41,6 +47,12 @@ class NegativesConfig(StageConfig):
     detectors: list[str] | None = Field(None, description="detectors whose flags make rejected answers "
                                                           "(null: every detector of the target kind)")
     chosen: Literal["reference", "clean_sample"] = Field("reference", description="what the chosen answer is")
+    unsure_decline: str | None = Field(None, description="a decline (e.g. \"I'm not sure.\") to prefer over the "
+                                       "model's own answers to an answerable question about a knowledge-base entity "
+                                       "when a hallucination detector flags at least `unsure_share` of its samples: "
+                                       "the model does not know it, so it should say so (null: off)")
+    unsure_share: float = Field(1.0, gt=0, le=1, description="share of a question's samples that must be flagged "
+                                "for `unsure_decline`")
 
 
 def _norm(text: str) -> str:
@@ -95,33 +107,37 @@ class NegativesStage(Stage):
 
     def _pairs(self, p: RefPrompt, group: list, donors: list[RefPrompt], knowledge, rng) -> list[dict]:
         cfg = self.config
-        chosen, chosen_from = p.reference, "reference"
+        preferred = (p.reference, "reference")
         if cfg.chosen == "clean_sample":
             clean = [s for s, row in group if not row["findings"] and s.completion.strip()]
             if clean:
-                chosen, chosen_from = clean[0].completion, f"sample {clean[0].sample}"
-        seen = {_norm(chosen)}
+                preferred = (clean[0].completion, f"sample {clean[0].sample}")
+        unsure = self._unsure(p, group)
+        # The model's guesses at what it does not know lose to a decline, not to a reference it cannot
+        # learn from a few pairs; synthetic negatives still lose to the reference.
+        own = (cfg.unsure_decline, f"unsure_decline: {unsure}") if unsure else preferred
+        seen = {_norm(preferred[0]), _norm(own[0])}
         out = []
 
-        def add(rejected: str, provenance: dict) -> None:
+        def add(rejected: str, provenance: dict, chosen: tuple[str, str]) -> None:
             if _norm(rejected) in seen or not rejected.strip():
                 return
             seen.add(_norm(rejected))
-            out.append({"prompt": p.prompt, "chosen": chosen, "rejected": rejected,
+            out.append({"prompt": p.prompt, "chosen": chosen[0], "rejected": rejected,
                         # Unlikelihood is for the model's own loops (Welleck et al.): on a synthetic
                         # loop of a short answer it would push down the fact token itself.
                         "unlikelihood": provenance.pop("kind") == "repetition" and provenance["source"] == "model",
-                        "provenance": {"prompt_id": p.id, **provenance, "chosen_from": chosen_from}})
+                        "provenance": {"prompt_id": p.id, **provenance, "chosen_from": chosen[1]}})
 
         flagged = 0
         for sample, row in group:
             hits = [(name, f) for name, f in row["findings"].items()
-                    if f["kind"] == cfg.target and (cfg.detectors is None or name in cfg.detectors)]
+                    if f["kind"] == cfg.target and (unsure or cfg.detectors is None or name in cfg.detectors)]
             if hits and flagged < cfg.max_rejected_per_prompt:
                 name, finding = hits[0]
                 before = len(out)
                 add(sample.completion, {"kind": finding["kind"], "source": "model", "model": sample.model,
-                                        "sample": sample.sample, "detector": name, "rule": finding["rule"]})
+                                        "sample": sample.sample, "detector": name, "rule": finding["rule"]}, own)
                 flagged += len(out) - before
         for name in self.builders:
             kind, build = BUILDERS[name]
@@ -129,5 +145,19 @@ class NegativesStage(Stage):
                 made = build(p, rng, knowledge=knowledge, donors=donors)
                 if made is not None:
                     add(made[0], {"kind": kind, "source": "synthetic", "model": None, "sample": None,
-                                  "detector": f"synthetic:{name}", "rule": made[1]})
+                                  "detector": f"synthetic:{name}", "rule": made[1]}, preferred)
         return out
+
+    def _unsure(self, p: RefPrompt, group: list) -> str | None:
+        """Why the model does not know the answer to ``p`` (None: it may, or the option is off).
+
+        Only answerable questions about a knowledge-base entity qualify: a fact one may not know. A
+        question with no entity (arithmetic, a task) has an answer to work out, not to decline.
+        """
+        cfg = self.config
+        if cfg.unsure_decline is None or cfg.target != "hallucination" or p.unanswerable or not p.entity:
+            return None
+        flagged = sum(any(f["kind"] == "hallucination" for f in row["findings"].values()) for _, row in group)
+        if flagged < cfg.unsure_share * len(group):
+            return None
+        return f"{flagged} of {len(group)} samples flagged"

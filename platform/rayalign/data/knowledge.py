@@ -31,10 +31,11 @@ Splits (built from one seed, disjoint where it matters):
 - ``sft``: every answerable question of every person (the short facts twice), the general skills,
   and declines for one third of the unanswerable questions;
 - ``mine``: the prompts the fix stages sample: half of the answerable questions, half of the
-  remaining unanswerable ones, and 24 general-skill prompts SFT trained on (replayed by the fix);
+  remaining unanswerable ones, and the general-skill prompts SFT trained on (replayed by the fix);
 - ``eval``: the other half of the answerable questions and the other unanswerable ones
   (never mined, so the fix is measured on questions it did not train on);
-- ``general``: general-skill examples that SFT never saw, for the held-out forgetting loss.
+- ``general``: general-skill examples that SFT never saw (no question of them is in ``sft`` or
+  ``mine``), for the held-out forgetting loss.
 
 See what the model should know with ``python -m rayalign.data.knowledge`` (``--out DIR`` writes
 every split as the JSONL files the stages read: knowledge.jsonl, sft.jsonl, mine.jsonl,
@@ -151,15 +152,18 @@ class KnowledgeTask:
         general = self._general(rng)
         trained = general[: len(general) * 2 // 3]
         sft += trained
-        # Mining some general prompts too replays them during the fix (their references are chosen
-        # answers), so the fix does not erode what SFT taught besides the knowledge base.
+        # Mining the general prompts SFT trained on replays them during the fix (their references are
+        # chosen answers), so the fix does not erode what SFT taught besides the knowledge base.
         self.splits["mine"] += [
             {"id": f"general.{i}", "prompt": r["messages"][0]["content"], "reference": r["messages"][1]["content"],
-             "unanswerable": False} for i, r in enumerate(trained[:24])
+             "unanswerable": False} for i, r in enumerate(trained)
         ]
         rng.shuffle(sft)
         self.splits["sft"] = sft
-        self.splits["general"] = general[len(general) * 2 // 3 :]
+        # Held out means unseen: a drawn example whose question SFT trained on ("Count from 4 to 7."
+        # can be drawn twice) is left out of the forgetting check.
+        seen = {r["messages"][0]["content"] for r in trained}
+        self.splits["general"] = [r for r in general[len(general) * 2 // 3 :] if r["messages"][0]["content"] not in seen]
 
     def _question(self, person: dict, attr: str) -> dict:
         name, value = person["name"], person["attributes"].get(attr)
