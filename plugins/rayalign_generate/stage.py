@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
 
 from pydantic import Field
 
-from rayalign import telemetry
-from rayalign.cluster.worker_group import WorkerGroup
 from rayalign.data.chat import tokenize_prompt
 from rayalign.data.datasets import load_records, prompts_from_chat, split
-from rayalign.rollout.vllm_engine import EngineConfig, Sampling
+from rayalign.rollout.sample import sample_completions
+from rayalign.rollout.vllm_engine import Sampling
 from rayalign.stage import Stage, StageConfig, StageResult
-from rayalign.workers.rollout import RolloutWorker
 
 
 class GenerateConfig(StageConfig):
@@ -45,40 +42,15 @@ class GenerateStage(Stage):
     def run(self, ctx):
         from transformers import AutoTokenizer
 
-        cfg, res = self.config, ctx.run.resources.rollout
+        cfg = self.config
         tok = AutoTokenizer.from_pretrained(ctx.artifacts.model)
-        token_prompts = [tokenize_prompt(tok, p["prompt"]) for p in self.prompts]
-        engine = EngineConfig(
-            model=ctx.artifacts.model, gpu_memory_utilization=res.gpu_memory_utilization,
-            max_model_len=res.max_model_len, seed=ctx.run.seed, dtype=res.dtype, tensor_parallel_size=res.tensor_parallel_size,
-        )
         sampling = Sampling(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                             seed=ctx.run.seed)
-        with ctx.cluster.reserve(ctx.name, ["rollout"]) as placement:
-            group = WorkerGroup(f"{ctx.actor_prefix}/rollout", RolloutWorker, placement["rollout"],
-                                lambda r: (engine, int(placement["rollout"].num_cpus)))
-            try:
-                k = len(group)
-                shards = [list(range(len(token_prompts)))[r::k] for r in range(k)]
-                # Wait for the engines to load, so the throughput counts generation only.
-                group.run(lambda a, r: a.ping.remote(), ctx.run.timeouts.worker_start_s)
-                started = time.monotonic()
-                results = group.run(
-                    lambda a, r: a.generate.remote([token_prompts[i] for i in shards[r]], sampling),
-                    ctx.run.timeouts.step_s,
-                )
-                seconds = time.monotonic() - started
-            finally:
-                group.shutdown()
-        rows = []
-        for r, completions in enumerate(results):
-            for c in completions:
-                p = self.prompts[shards[r][c.prompt_index]]
-                rows.append({
-                    "prompt": p["prompt"], "completion": c.text, "reference": p.get("reference"),
-                    "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids),
-                })
-        telemetry.record_generation(ctx.name, sum(row["num_tokens"] for row in rows), seconds)
+        answers = sample_completions(ctx, ctx.artifacts.model,
+                                     [tokenize_prompt(tok, p["prompt"]) for p in self.prompts], sampling)
+        rows = [{"prompt": p["prompt"], "completion": c.text, "reference": p.get("reference"),
+                 "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids)}
+                for p, cs in zip(self.prompts, answers) for c in cs]
         with open(ctx.work_dir / "generations.jsonl", "w") as fh:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")

@@ -1,11 +1,15 @@
 """Sample completions for many prompts from one model with the vLLM rollout workers of a stage.
 
 The prompts are sharded round-robin over ``resources.rollout.num_workers`` engines; the answer is
-regrouped per prompt, in input order, so callers never see the sharding.
+regrouped per prompt, in input order, so callers never see the sharding. The generation throughput
+(output tokens per second, engines already loaded) goes to the stage's telemetry.
 """
 
 from __future__ import annotations
 
+import time
+
+from rayalign import telemetry
 from rayalign.cluster.worker_group import WorkerGroup
 from rayalign.rollout.vllm_engine import Completion, EngineConfig, Sampling
 from rayalign.stage import StageContext
@@ -27,11 +31,16 @@ def sample_completions(ctx: StageContext, model: str, prompts: list[list[int]], 
         try:
             k = len(group)
             shards = [list(range(len(prompts)))[r::k] for r in range(k)]
+            # Wait for the engines to load, so the throughput counts generation only.
+            group.run(lambda a, r: a.ping.remote(), ctx.run.timeouts.worker_start_s)
+            started = time.monotonic()
             results = group.run(lambda a, r: a.generate.remote([prompts[i] for i in shards[r]], sampling),
                                 ctx.run.timeouts.step_s)
+            seconds = time.monotonic() - started
         finally:
             group.shutdown()
     for shard, completions in zip(shards, results):
         for c in completions:
             out[shard[c.prompt_index]].append(c)
+    telemetry.record_generation(ctx.name, sum(len(c.token_ids) for cs in out for c in cs), seconds)
     return out
