@@ -68,9 +68,10 @@ def test_builtin_filters():
     assert refusal.reject(ex("Write a poem", "As an AI language model, I have no feelings.")) == "refusal"
     assert refusal.reject(ex("Can you help?", "Yes, I can help with that.")) is None
     chars = CharRatioFilter()
-    assert chars.reject(ex("Decode", "=+=+=+=+=+/////***===")).startswith("letters")
+    assert chars.reject(ex("Decode", "=+=+=+=+=+/////***===")) == "letters and digits < 50%"
+    assert chars.reject(ex("What is 16 plus 12?", "16 + 12 = 28.")) is None  # digits are content
     latin = CharRatioFilter(CharRatioFilter.Config(script="latin"))
-    assert latin.reject(ex("Привет, как дела?", "Хорошо, спасибо.")).startswith("latin letters")
+    assert latin.reject(ex("Привет, как дела?", "Хорошо, спасибо.")) == "latin letters < 80%"
     assert latin.reject(ex("Hello, how are you?", "Fine, thanks.")) is None
 
 
@@ -119,7 +120,9 @@ def test_near_duplicates_are_found_at_the_threshold_and_not_below():
 
 def test_mixture_shares_and_replay_upsampling():
     plans = {p.source: p for p in plan_mix({"task": 100, "general": 1000}, {"task": 0.8, "general": 0.2}, None)}
-    assert (plans["task"].taken, plans["general"].taken) == (100, 25)  # largest mix without repeating task data
+    assert (plans["task"].taken, plans["general"].taken) == (100, 25)  # the task once, general data by its share
+    plans = {p.source: p for p in plan_mix({"task": 90, "general": 5}, {"task": 0.9, "general": 0.1}, None)}
+    assert (plans["task"].taken, plans["general"].taken) == (90, 10)  # a small replay set is repeated
     out, plans = mix({"task": list(range(10)), "replay": ["r1", "r2"]}, {"task": 0.5, "replay": 0.5}, 20, seed=0)
     assert len(out) == 20 and out.count("r1") == 5 and out.count("r2") == 5  # replay repeated whole
     assert sorted(x for x in out if isinstance(x, int)) == list(range(10))
@@ -169,7 +172,7 @@ def test_curate_stage_end_to_end(tmp_path, caplog):
     rows = {r["source"]: r for r in report["sources"]}
     assert rows["task"]["read"] == 44 and rows["task"]["exact_duplicates"] == 2
     assert rows["task"]["near_duplicates"] == 1 and rows["task"]["leaked"] == 1
-    assert rows["replay"]["filtered_by"] == {"char_ratio: letters 0.23 < 0.5": 1}
+    assert rows["replay"]["filtered_by"] == {"char_ratio: letters and digits < 50%": 1}
     assert (rows["task"]["in_mix"], rows["translate"]["in_mix"], rows["replay"]["in_mix"]) == (30, 10, 10)
     curated = [json.loads(line) for line in (run.dir / "curated.jsonl").read_text().splitlines()]
     assert len(curated) == 50 and all("messages" in r for r in curated)
@@ -219,3 +222,27 @@ def test_sft_trains_on_the_curated_dataset_and_its_validation_split(tmp_path):
     sft = json.loads((out / "01-sft" / "metrics.json").read_text())["metrics"]
     assert sft["train_examples"] == curate["metrics"]["examples"] and sft["eval_examples"] == 4
     assert sft["eval_loss"] < sft["eval_loss_before"]
+
+
+def test_validation_fraction_holds_out_after_dedup(tmp_path):
+    import types
+
+    from rayalign.config import RunConfig
+    from rayalign.stage import Artifacts
+    from rayalign_curate.stage import CurateStage
+
+    rows = [chat(f"Question {w} about {w}?", f"Answer {w}.") for w in
+            ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")]
+    path = write_jsonl(tmp_path / "task.jsonl", rows + rows[:3])  # three exact duplicates
+    stage = CurateStage(CurateStage.Config.model_validate({"sources": [{"path": path}], "validation_fraction": 0.2,
+                                                            "length_unit": "words"}))
+    stage.prepare(RunConfig(), PluginManager(), Artifacts(), 0)
+    ctx = types.SimpleNamespace(run=RunConfig(), artifacts=Artifacts(), index=0, name="curate", work_dir=tmp_path,
+                                log=logging.getLogger("test"))
+    result = stage.run(ctx)
+    train = [json.loads(line) for line in (tmp_path / "curated.jsonl").read_text().splitlines()]
+    held = [json.loads(line) for line in (tmp_path / "curated_validation.jsonl").read_text().splitlines()]
+    assert (len(train), len(held)) == (8, 2) and result.datasets["curated_validation"] == "curated_validation.jsonl"
+    questions = lambda rs: {r["messages"][0]["content"] for r in rs}  # noqa: E731
+    assert not questions(train) & questions(held)  # a duplicate cannot sit on both sides
+    assert json.loads((tmp_path / "report.json").read_text())["sources"][0]["held_out"] == 2

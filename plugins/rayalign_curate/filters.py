@@ -76,8 +76,8 @@ def script_share(text: str, script: str) -> float:
 
 
 class CharRatioConfig(FilterConfig):
-    min_alpha: float = Field(0.5, ge=0, le=1, description="least share of letters among non-space characters "
-                             "(drops tables of symbols, base64, markup debris)")
+    min_alnum: float = Field(0.5, ge=0, le=1, description="least share of letters and digits among non-space "
+                             "characters (drops symbol tables, markup and encoding debris)")
     script: Literal["any", "latin", "cyrillic", "greek", "arabic", "cjk"] = Field(
         "any", description="the language's script; letters of other scripts count against `min_script`")
     min_script: float = Field(0.8, ge=0, le=1, description="least share of letters in `script`")
@@ -92,13 +92,11 @@ class CharRatioFilter(Filter):
     def reject(self, example: Example) -> str | None:
         text = example.prompt + "\n" + example.response
         chars = [ch for ch in text if not ch.isspace()]
-        alpha = sum(ch.isalpha() for ch in chars) / max(1, len(chars))
-        if alpha < self.config.min_alpha:
-            return f"letters {alpha:.2f} < {self.config.min_alpha}"
-        if self.config.script != "any":
-            share = script_share(text, self.config.script)
-            if share < self.config.min_script:
-                return f"{self.config.script} letters {share:.2f} < {self.config.min_script}"
+        alnum = sum(ch.isalnum() for ch in chars) / max(1, len(chars))
+        if alnum < self.config.min_alnum:  # a fixed reason, so the report counts drops by cause
+            return f"letters and digits < {self.config.min_alnum:.0%}"
+        if self.config.script != "any" and script_share(text, self.config.script) < self.config.min_script:
+            return f"{self.config.script} letters < {self.config.min_script:.0%}"
         return None
 
 

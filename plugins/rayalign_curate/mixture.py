@@ -1,9 +1,10 @@
 """Mixture weights: how many examples of each training source go into the curated mix.
 
-Weights are shares of the mix (normalised to sum to 1). With ``size`` unset the mix is as large as
-it can be without repeating any example: ``min(available / share)`` over the sources. A source
-asked for more examples than it has is repeated whole and topped up with a seeded sample, so a
-small general-data replay set with a large weight is up-sampled, never silently shortened.
+Weights are shares of the mix (normalised to sum to 1). With ``size`` unset the source with the
+largest share (the task data) is taken exactly once and the others follow their shares:
+``size = available / share`` of that source. So a large general corpus replayed at 10% gives 10%
+of the mix, not all of itself, and a small one is repeated. A source asked for more examples than it
+has is repeated whole and topped up with a seeded sample, never silently shortened.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def plan_mix(available: dict[str, int], weights: dict[str, float], size: int | N
     total = sum(weights[s] for s in available)
     shares = {s: weights[s] / total for s in available}
     if size is None:
-        size = min(math.floor(available[s] / shares[s]) for s in available if shares[s] > 0)
+        primary = max(available, key=lambda s: (shares[s], available[s]))
+        size = math.floor(available[primary] / shares[primary])
     return [MixPlan(s, available[s], round(shares[s] * size), shares[s]) for s in available]
 
 

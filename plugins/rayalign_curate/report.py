@@ -28,6 +28,7 @@ class SourceCounts:
     near_duplicates: int = 0
     leaked: int = 0  # duplicates of a held-out (validation/test) item, removed from training
     kept: int = 0
+    held_out: int = 0  # moved to <output>_validation by validation_fraction
     in_mix: int = 0
     share: float | None = None  # configured share of the mix (train sources)
 
@@ -35,7 +36,7 @@ class SourceCounts:
         return {"source": self.source, "split": self.split, "read": self.read,
                 "filtered": sum(self.filtered.values()), "filtered_by": dict(self.filtered),
                 "exact_duplicates": self.exact_duplicates, "near_duplicates": self.near_duplicates,
-                "leaked": self.leaked, "kept": self.kept, "in_mix": self.in_mix, "share": self.share}
+                "leaked": self.leaked, "kept": self.kept, "held_out": self.held_out, "in_mix": self.in_mix, "share": self.share}
 
 
 def histogram(lengths: list[int], edges=HIST_EDGES) -> dict[str, int]:
@@ -69,12 +70,13 @@ def conversation_stats(examples: list[Example], length: Callable[[str], int], re
 
 
 def source_table(counts: list[SourceCounts]) -> list[str]:
-    head = ["source", "split", "read", "filtered", "exact dup", "near dup", "leaked", "kept", "in mix", "share"]
+    head = ["source", "split", "read", "filtered", "exact dup", "near dup", "leaked", "kept", "held out", "in mix",
+            "share"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in counts:
         share = "-" if c.share is None else f"{c.share:.2f}"
         cells = [c.source, c.split, c.read, sum(c.filtered.values()), c.exact_duplicates, c.near_duplicates,
-                 c.leaked, c.kept, c.in_mix if c.split == "train" else "-", share]
+                 c.leaked, c.kept, c.held_out, c.in_mix if c.split == "train" else "-", share]
         lines.append("| " + " | ".join(str(x) for x in cells) + " |")
     return lines
 

@@ -9,6 +9,7 @@ write the datasets and the report. Later stages name the output (``sft: {dataset
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -59,8 +60,10 @@ class CurateConfig(StageConfig):
     shingle: int = Field(5, ge=1, description="characters per shingle")
     dedup_on: Literal["prompt", "full"] = Field("prompt", description="'prompt': the same question twice is a "
                                                 "duplicate whatever the answers; 'full': prompt and answers")
-    mix_size: int | None = Field(None, ge=1, description="training examples in the mix (null: as many as possible "
-                                 "without repeating any example)")
+    validation_fraction: float = Field(0.0, ge=0, lt=1, description="hold out this share of every training source "
+                                       "(after deduplication) as <output>_validation")
+    mix_size: int | None = Field(None, ge=1, description="training examples in the mix (null: the source with the "
+                                 "largest weight taken once, the others by their weights)")
     length_unit: Literal["tokens", "words"] = Field("tokens", description="unit of the length histogram "
                                                     "(tokens of the run's model tokenizer)")
     refusal_patterns: list[str] = Field(list(REFUSAL_PATTERNS), description="regexes of a refusal, for the report")
@@ -150,6 +153,7 @@ class CurateStage(Stage):
                             f"{counts[oi].source} ({cfg.sources[oi].split}) #{oj}", **example.record})
         for c, s in zip(counts, survivors):
             c.kept = len(s)
+        held_out = self._hold_out(survivors, counts, ctx.run.seed)
 
         # 3. the training mix
         train = {c.source: s for c, s, src in zip(counts, survivors, cfg.sources) if src.split == "train" and src.weight > 0}
@@ -168,6 +172,7 @@ class CurateStage(Stage):
         _write(ctx.work_dir / datasets[cfg.output], mixed)
         for split in ("validation", "test"):
             held = [e for c, s in zip(counts, survivors) if c.split == split for e in s]
+            held += held_out if split == "validation" else []
             if held:
                 datasets[f"{cfg.output}_{split}"] = f"{cfg.output}_{split}.jsonl"
                 _write(ctx.work_dir / datasets[f"{cfg.output}_{split}"], held)
@@ -194,6 +199,23 @@ class CurateStage(Stage):
             "per_source": {c.source: c.in_mix if c.split == "train" else c.kept for c in counts},
         }
         return StageResult(metrics=metrics, datasets=datasets)
+
+    def _hold_out(self, survivors: list[list[Example]], counts: list[SourceCounts], seed: int) -> list[Example]:
+        """A seeded ``validation_fraction`` of each training source, taken out before mixing.
+
+        After deduplication, so no near-duplicate of a held-out example stays in training.
+        """
+        fraction, held = self.config.validation_fraction, []
+        for i, (s, c) in enumerate(zip(survivors, counts)):
+            n = round(len(s) * fraction)
+            if c.split != "train" or not n:
+                continue
+            order = list(range(len(s)))
+            random.Random(f"{seed}-{i}").shuffle(order)
+            held += [s[j] for j in sorted(order[:n])]
+            survivors[i] = [s[j] for j in sorted(order[n:])]
+            c.held_out = n
+        return held
 
     def _length_fn(self, ctx):
         if self.config.length_unit == "words":

@@ -4,7 +4,9 @@ QA (``qa:``), one JSON object per line::
 
     {"id": "q1", "prompt": "What is 6 x 7? End with 'The answer is N.'", "answer": "42"}
 
-``prompt`` is a string (one user turn) or a list of chat messages; ``id`` is optional.
+``prompt`` is a string (one user turn) or a list of chat messages; ``id`` is optional; ``reference``
+is accepted for ``answer``, so the reference prompt sets of the fix stages (``unanswerable``,
+``entity``, ``attribute``, ``facts``, which the hallucination detectors read) work as they are.
 
 Multiple choice (``choices:``)::
 
@@ -64,10 +66,10 @@ def load_qa(path: str) -> list[QAItem]:
     items = []
     for n, (where, record) in enumerate(read_lines(path)):
         prompt = _prompt(record, "prompt", where)
-        answer = _field(record, "answer", where)
+        answer = record["answer"] if "answer" in record else _field(record, "reference", where)  # prompt sets' name
         if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
             raise DataError(where, f"field 'answer': expected a string or number, got {type(answer).__name__}")
-        extra = {k: v for k, v in record.items() if k not in ("id", "prompt", "answer")}
+        extra = {k: v for k, v in record.items() if k not in ("id", "prompt", "answer", "reference")}
         items.append(QAItem(str(record.get("id", n)), prompt, str(answer), extra))
     return items
 

@@ -45,8 +45,8 @@ from rayalign_eval.scoring import (choice_metrics, choice_sequences, heldout_met
 class EvaluateModelConfig(StageConfig):
     models: list[str] = Field(["current"], description="what to evaluate: 'current' (the model so far), 'base' "
                               "(the run's first model), an earlier stage's name, or a model directory")
-    qa: str | None = Field(None, description="QA benchmark JSONL {id?, prompt, answer}: exact match on the "
-                           "extracted answer")
+    qa: str | None = Field(None, description="QA benchmark JSONL {id?, prompt, answer (or reference)}: exact "
+                           "match on the extracted answer")
     choices: str | None = Field(None, description="multiple-choice JSONL {id?, question, choices, answer}: "
                                 "log-likelihood accuracy")
     heldout: str | None = Field("sft", description="chat data for held-out loss and perplexity: a key under data: "
