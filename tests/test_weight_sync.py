@@ -34,8 +34,20 @@ from rayalign_sft.stage import SFTObjective
 
 pytestmark = pytest.mark.slow
 
-# fp32 on both sides (CPU): measured max |vLLM - trainer| ~4e-6 nats on these answers.
-TOLERANCE = 1e-4
+# fp32 on both sides. CPU: measured max |vLLM - trainer| ~2e-6 nats on these answers. A GPU's fp32
+# kernels accumulate differently (vLLM vs HF measured 3.3e-4 on an H200), hence its looser bound.
+TOLERANCE = 1e-3 if torch.cuda.is_available() else 1e-4
+GPUS = torch.cuda.device_count()
+
+# Where the trainer and the engine sit, and the transport that fits: object store on CPU; on GPUs
+# CUDA IPC when they share one, NCCL when the engine has its own.
+LAYOUTS = [pytest.param("object_store", {"trainer": {"num_cpus": 1}, "rollout": {"num_cpus": 1}}, id="cpu-object_store")]
+if GPUS >= 1:
+    LAYOUTS.append(pytest.param("cuda_ipc", {"trainer": {"num_cpus": 1, "num_gpus": 1}, "rollout": {"num_cpus": 1},
+                                             "colocate": True}, id="gpu-colocated-cuda_ipc"))
+if GPUS >= 2:
+    LAYOUTS.append(pytest.param("nccl", {"trainer": {"num_cpus": 1, "num_gpus": 1},
+                                         "rollout": {"num_cpus": 1, "num_gpus": 1}}, id="gpu-apart-nccl"))
 QUESTIONS = ["Where does Bob live?", "Who is Alice?", "What is the capital?", "Tell me about Carol."]
 
 
@@ -69,11 +81,13 @@ def _training_rows(tokenizer) -> list[dict]:
 class Actors:
     """One trainer and one engine in a placement group, torn down by ``close``."""
 
-    def __init__(self, name: str, model: str, tokenizer, lora: LoraSpec | None, lr: float):
-        self.cluster = Cluster(ResourcesConfig.model_validate({"trainer": {"num_cpus": 1}, "rollout": {"num_cpus": 1}}))
+    def __init__(self, name: str, model: str, tokenizer, lora: LoraSpec | None, lr: float, resources: dict | None = None):
+        resources = resources or LAYOUTS[0].values[1]
+        self.cluster = Cluster(ResourcesConfig.model_validate(resources))
         self.reservation = self.cluster.reserve(name, ["trainer", "rollout"])
         placement = self.reservation.__enter__()
-        engine = EngineConfig(model=model, dtype="float32", gpu_memory_utilization=0.15, max_model_len=512)
+        engine = EngineConfig(model=model, dtype="float32", gpu_memory_utilization=0.15 if GPUS == 0 else 0.3,
+                              max_model_len=512)
         self.engines = WorkerGroup(f"{name}/rollout", RolloutWorker, placement["rollout"], lambda r: (engine, 1))
         self.trainers = WorkerGroup(f"{name}/trainer", TrainerWorker, placement["trainer"], lambda r: (r, 1, 1))
         master = self.trainers.run(lambda a, r: a.free_address.remote(), 120)[0]
@@ -127,16 +141,19 @@ def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return float(max(np.abs(x - y).max() for x, y in zip(a, b)))
 
 
+@pytest.mark.parametrize("transport, resources", LAYOUTS)
 @pytest.mark.parametrize("lora", [None, LoraSpec(r=8, alpha=32)], ids=["full", "lora"])
-def test_after_a_sync_vllm_samples_from_the_trained_policy(ray_cluster, tiny_model_path, tokenizer, prompts, lora):
-    actors = Actors(f"sync-{'lora' if lora else 'full'}", tiny_model_path, tokenizer, lora, lr=5e-3)
+def test_after_a_sync_vllm_samples_from_the_trained_policy(ray_cluster, tiny_model_path, tokenizer, prompts, lora,
+                                                           transport, resources):
+    actors = Actors(f"sync-{'lora' if lora else 'full'}-{transport}", tiny_model_path, tokenizer, lora, lr=5e-3,
+                    resources=resources)
     try:
         before = actors.sample(prompts)
         assert {e.weights_version for e in before} == {0}
         actors.train(3)
-        sync = WeightSync(actors.trainers, actors.engines, timeout_s=120, bucket_bytes=1 << 20)
+        sync = WeightSync(actors.trainers, actors.engines, timeout_s=120, bucket_bytes=1 << 20, transport=transport)
         stats = sync.sync()
-        assert stats.version == 1 and sync.version == 1
+        assert stats.version == 1 and sync.version == 1 and stats.transport == transport
         assert stats.buckets > 1  # bucketed: the ~6 MB model in 1 MiB buckets
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_path).parameters())
         assert stats.bytes == 4 * n_params  # every weight, fp32, LoRA merged into its base shape
@@ -148,7 +165,7 @@ def test_after_a_sync_vllm_samples_from_the_trained_policy(ray_cluster, tiny_mod
         base = _base_logps(tiny_model_path, after)
         diff, moved = _max_diff(vllm, trainer), _max_diff(trainer, base)
         ratio = float(np.mean(np.exp(np.concatenate(trainer) - np.concatenate(vllm))))
-        print(f"{'lora' if lora else 'full'}: max |vLLM - trainer| = {diff:.2e}, max |trainer - base| = {moved:.2e}, "
+        print(f"{transport} {'lora' if lora else 'full'}: {stats.seconds:.3f}s, max |vLLM - trainer| = {diff:.2e}, max |trainer - base| = {moved:.2e}, "
               f"mean ratio = {ratio:.6f}")
         assert diff < TOLERANCE
         assert abs(ratio - 1) < TOLERANCE

@@ -65,6 +65,9 @@ class RolloutResources(RoleResources):
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
     max_model_len: int = Field(1024, ge=16)
     dtype: str = "auto"  # vLLM's: auto, bfloat16, float16, float32
+    # How RL stages push new weights into the engines: auto picks object_store on CPU, cuda_ipc
+    # when colocated on the trainer's GPUs, nccl when the engines have GPUs of their own.
+    weight_sync: Literal["auto", "object_store", "cuda_ipc", "nccl"] = "auto"
 
 
 class ResourcesConfig(Strict):

@@ -29,8 +29,9 @@ from rayalign import telemetry
 from rayalign.cluster.worker_group import Placement, WorkerGroup
 from rayalign.rollout.sharding import generate_sharded
 from rayalign.rollout.vllm_engine import EngineConfig, Sampling
-from rayalign.rollout.weight_sync import WeightSync
+from rayalign.rollout.weight_sync import WeightSync, choose_transport
 from rayalign.stage import StageContext
+from rayalign.training.checkpoint import CheckpointStore, TrainingState
 from rayalign.training.loop import start_trainers, to_numpy, train_step
 from rayalign.training.progress import Progress
 from rayalign.workers.reference import ReferenceWorker
@@ -117,7 +118,8 @@ class RLLoop:
         if reward_model is not None:
             self.reward_model = self._group("reward", RewardWorker, placement,
                                             lambda r, t: (reward_model, 4096, cfg.max_tokens_per_micro_batch, t))
-        self.sync = WeightSync(self.policy, self.engines, self.timeouts.sync_s, cfg.sync_bucket_mb << 20)
+        self.sync = WeightSync(self.policy, self.engines, self.timeouts.sync_s, cfg.sync_bucket_mb << 20,
+                               choose_transport(ctx.run.resources))
         self.rollouts = open(ctx.work_dir / "rollouts.jsonl", "w")
 
     def _group(self, role: str, cls, placement: dict[str, Placement], args) -> WorkerGroup:
@@ -356,16 +358,51 @@ class RLLoop:
         self.rollouts.flush()
 
     def run(self) -> tuple[list[dict], list[dict]]:
+        """Every step from the last checkpoint (or the start); returns (history, evaluations)."""
+        rel = self.ctx.run.reliability
+        store = CheckpointStore(self.ctx.checkpoint_dir, rel.keep_checkpoints, self.ctx.log)
+        state = self.restore(store)
+        if not state.extra:
+            state.extra = {"evals": [self.evaluate(0)], "version": 0}
         progress = Progress(self.ctx.name, self.cfg.steps, self.ctx.log)
-        history, evals = [], [self.evaluate(0)]
-        for step in range(self.cfg.steps):
-            metrics = self.step(step)
-            metrics["step"] = step + 1
-            history.append(metrics)
-            progress.update(step + 1, metrics)
-            if (step + 1) % self.cfg.eval_every == 0 or step + 1 == self.cfg.steps:
-                evals.append(self.evaluate(step + 1))
-        return history, evals
+        while state.step < self.cfg.steps:
+            metrics = self.step(state.step)
+            state.step += 1
+            metrics["step"] = state.step
+            state.history.append(metrics)
+            state.extra["version"] = self.sync.version
+            progress.update(state.step, metrics)
+            if state.step % self.cfg.eval_every == 0 or state.step == self.cfg.steps:
+                state.extra["evals"].append(self.evaluate(state.step))
+            if rel.checkpoint_every and state.step % rel.checkpoint_every == 0 and state.step < self.cfg.steps:
+                self.checkpoint(store, state)
+        return state.history, state.extra["evals"]
+
+    # -- checkpoints: the policy and critic (DeepSpeed, every rank) and the loop's position --------
+
+    def checkpoint(self, store: CheckpointStore, state: TrainingState) -> None:
+        tmp = store.begin(state.step)
+        for name, group in (("policy", self.policy), ("critic", self.critic)):
+            if group is not None:
+                group.run(lambda a, r: a.save_checkpoint.remote(str(tmp / name)), self.timeouts.step_s)
+        self.ctx.log.info("[%s] checkpoint %s", self.ctx.name, store.commit(tmp, state).name)
+
+    def restore(self, store: CheckpointStore) -> TrainingState:
+        """Back to the newest valid checkpoint after a restart or resume: trainers reloaded, and the
+        engines given the checkpoint's weights under its version. The prompts and sampling seeds
+        of a step follow from its number, so the steps after it are the ones a whole run takes."""
+        latest = store.latest()
+        if latest is None:
+            return TrainingState()
+        path, state = latest
+        for name, group in (("policy", self.policy), ("critic", self.critic)):
+            if group is not None:
+                group.run(lambda a, r: a.load_checkpoint.remote(str(path / name), 1.0), self.timeouts.step_s)
+        self.sync.version = state.extra["version"] - 1
+        self.sync.sync()
+        self.ctx.log.info("[%s] resumed from %s (step %d of %d, weights version %d)", self.ctx.name, path.name,
+                          state.step, self.cfg.steps, self.sync.version)
+        return state
 
     def save(self, path: str) -> None:
         self.policy.run(lambda a, r: a.save.remote(path), self.timeouts.step_s)

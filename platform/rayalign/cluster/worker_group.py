@@ -80,7 +80,9 @@ class WorkerGroup:
             except RayTaskError as exc:
                 raise WorkerError(self.actor_names[rank], f"raised {exc.cause!r}") from exc.cause
             except RayActorError as exc:
-                raise WorkerError(self.actor_names[rank], f"died ({exc.__class__.__name__}: {exc})", retryable=True) from exc
+                # Ray's message spans many lines (the actor's whole history): the first says why.
+                why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise WorkerError(self.actor_names[rank], f"died ({exc.__class__.__name__}: {why})", retryable=True) from exc
             except GetTimeoutError as exc:  # pragma: no cover - ray.wait already bounded the time
                 raise WorkerError(self.actor_names[rank], str(exc)) from exc
         return [results[r] for r in sorted(results)]

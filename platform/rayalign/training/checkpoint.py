@@ -35,6 +35,7 @@ class TrainingState:
     skipped: int = 0  # optimizer steps skipped for non-finite gradients, rolled-back ones included
     history: list[dict] = field(default_factory=list)  # per-step metrics so far
     events: list[dict] = field(default_factory=list)  # rollbacks and restarts, for the summary
+    extra: dict = field(default_factory=dict)  # a stage's own resumable state (RL: weights version, evals)
 
 
 def _sha256(path: Path) -> str:

@@ -40,7 +40,8 @@ class TrainingConfig(StageConfig):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step per rank")
-    max_length: int = Field(1024, ge=8, description="tokens per example (longer ones are truncated)")
+    max_length: int = Field(1024, ge=8, description="tokens per example after the chat template; a longer one is a "
+                            "bad record (`data.bad_records`), never truncated")
     max_tokens_per_micro_batch: int = Field(4096, ge=8, description="packing budget of one row")
     zero_stage: Literal[2, 3] = 2
     bf16: bool = True

@@ -14,22 +14,34 @@ class RolloutWorker(Worker):
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
         return self.engine.generate(prompts, sampling)
 
-    def update_weights(self, bucket_refs: list, version: int) -> int:
-        """Stream the buckets (object-store refs from ``export_weights``) into the engine, one in
-        memory at a time, then switch to ``version``. Returns the bytes loaded."""
-        import ray
+    def update_weights(self, transport: str, payload: list, version: int) -> int:
+        """Load the trainer's weights, bucket by bucket, then switch to ``version``. ``payload`` is
+        what the transport needs: object-store refs, CUDA IPC handles, or the NCCL layouts.
+        Returns the bytes loaded."""
+        from rayalign.rollout import weight_sync as ws
 
         loaded = [0]
+        source = {
+            "object_store": lambda: ws.from_object_store(payload),
+            "cuda_ipc": lambda: ws.from_cuda_ipc(payload),
+            "nccl": lambda: ws.from_nccl(self._sync_comm, payload),
+        }[transport]()
 
-        def stream():
-            for ref in bucket_refs:
-                for name, tensor in ray.get(ref):
-                    loaded[0] += tensor.numel() * tensor.element_size()
-                    yield name, tensor
+        def counted():
+            for name, tensor in source:
+                loaded[0] += tensor.numel() * tensor.element_size()
+                yield name, tensor
 
-        self.engine.load_weights(stream())
+        self.engine.load_weights(counted())
         self.engine.finish_weight_update(version)
         return loaded[0]
+
+    def join_sync_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        import torch
+
+        from rayalign.rollout.weight_sync import nccl_group
+
+        self._sync_comm = nccl_group(host, port, rank, world_size, torch.device("cuda", 0))
 
     def sleep(self) -> None:
         self.engine.sleep()

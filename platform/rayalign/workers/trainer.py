@@ -163,12 +163,38 @@ class TrainerWorker(Worker):
         with torch.no_grad():
             return [tuple(t.float().cpu() for t in fn(self.engine, self._to_device(self.batches[i]))) for i in indices]
 
-    def export_weights(self, bucket_bytes: int) -> list:
-        """The policy's weights as the inference engine names them, in buckets of about
-        ``bucket_bytes``, each put in the object store (rank 0 returns the refs; others [])."""
-        from rayalign.rollout.weight_sync import export_buckets
+    # -- weight sync to the rollout engines (see rayalign.rollout.weight_sync) -------------------
 
-        return export_buckets(self.engine.module, self.spec.zero_stage, self.rank, bucket_bytes)
+    def export_weights(self, transport: str, bucket_bytes: int):
+        """The policy's weights as the inference engine names them (LoRA merged), in buckets.
+        Every rank must be called (ZeRO-3 gathers); rank 0 returns what the engines need:
+        object-store refs, CUDA IPC handles, or (nccl) the layouts it just broadcast."""
+        from rayalign.rollout import weight_sync as ws
+
+        module, zero = self.engine.module, self.spec.zero_stage
+        if transport == "object_store":
+            return ws.export_to_object_store(module, zero, self.rank, bucket_bytes)
+        if transport == "cuda_ipc":
+            handles, self._exported = ws.export_cuda_ipc(module, zero, self.rank, bucket_bytes)
+            return handles
+        return ws.broadcast_nccl(self._sync_comm if self.rank == 0 else None, module, zero, self.rank, bucket_bytes)
+
+    def release_exported(self) -> None:
+        """The engines have loaded the CUDA IPC buffers: free them."""
+        self._exported = []
+
+    def weights_layout(self, bucket_bytes: int) -> list:
+        from rayalign.rollout.weight_sync import buckets
+
+        return [layout for _, layout in buckets(self.engine.module, self.spec.zero_stage, self.rank, bucket_bytes)]
+
+    def join_sync_group(self, host: str, port: int, world_size: int) -> None:
+        """Rank 0 joins the NCCL group it shares with the engines, as its rank 0."""
+        import torch
+
+        from rayalign.rollout.weight_sync import nccl_group
+
+        self._sync_comm = nccl_group(host, port, 0, world_size, torch.device("cuda", torch.cuda.current_device()))
 
     def save_checkpoint(self, path: str) -> None:
         """Model, optimizer, scheduler (DeepSpeed, every rank its shards) and this rank's RNG."""

@@ -1,0 +1,138 @@
+"""Online RL end to end on CPU: the SFT -> reward model -> GRPO recipe, a PPO stage with a critic,
+and the errors a bad RL config gets before any worker starts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from rayalign.config import RunConfig
+from rayalign.errors import ConfigError
+from rayalign.pipeline import run_pipeline
+from rayalign.testing import run_stage
+
+ARITHMETIC = {"prompts": "synthetic:arithmetic/prompts"}
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """The recipe exactly as the README runs it (its default config), once for the module."""
+    out = tmp_path_factory.mktemp("rl") / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "sft_then_ppo.py"), f"output_dir={out}"],
+                          capture_output=True, text=True, timeout=2400, env={**os.environ, "RAY_ADDRESS": "local"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    return out, {s["stage"]: s for s in summary["stages"]}, proc.stdout
+
+
+@pytest.mark.slow
+def test_rl_raises_the_held_out_reward(recipe):
+    out, stages, stdout = recipe
+    assert list(stages) == ["sft", "reward_model", "grpo"]
+    grpo = stages["grpo"]["metrics"]
+    print(f"held-out reward {grpo['eval_reward_before']:.3f} -> {grpo['eval_reward']:.3f}; "
+          f"exact match {grpo['evals'][0]['exact_match']:.3f} -> {grpo['evals'][-1]['exact_match']:.3f}")
+    assert grpo["eval_reward"] > grpo["eval_reward_before"]
+    assert grpo["evals"][-1]["exact_match"] > grpo["evals"][0]["exact_match"]
+    assert "=== results ===" in stdout and "eval_reward=" in stdout
+
+
+@pytest.mark.slow
+def test_rl_reports_what_operators_watch(recipe):
+    out, stages, _ = recipe
+    grpo = stages["grpo"]["metrics"]
+    assert grpo["steps"] == len(grpo["history"]) > 0
+    for m in grpo["history"]:
+        for key in ("reward", "kl", "entropy", "response_length", "time/generate_share", "time/train_share",
+                    "time/sync_share", "policy/clip_fraction", "reward/exact_match", "reward/reward_model"):
+            assert key in m and math.isfinite(m[key]), key
+        assert m["stale"] == 0
+        # Synced weights are the trained weights: the trainer's log-probs of vLLM's samples match
+        # vLLM's own (fp32 on both sides), so the importance ratio is 1.
+        assert m["sampler_logprob_diff"] < 1e-3 and abs(m["sampler_ratio_mean"] - 1) < 1e-3
+    assert [m["weights_version"] for m in grpo["history"]] == list(range(1, grpo["steps"] + 1))
+    assert set(grpo["time_share"]) >= {"generate", "reward", "score", "train", "sync"}
+    assert abs(sum(grpo["time_share"].values()) - 1) < 1e-6
+    rollouts = [json.loads(line) for line in (out / "02-grpo" / "rollouts.jsonl").read_text().splitlines()]
+    assert {r["weights_version"] for r in rollouts} == set(range(grpo["steps"]))  # sampled before each sync
+    assert all(r["step"] == r["weights_version"] for r in rollouts)
+    # The reward model went to the RL stage by name; the policy stayed the SFT model until RL.
+    assert stages["reward_model"]["models"]["reward_model"].endswith("01-reward_model/model")
+    assert stages["reward_model"]["model"] is None
+    assert stages["grpo"]["input_model"].endswith("00-sft/model")
+
+
+@pytest.mark.slow
+def test_ppo_with_a_critic_runs(tmp_path):
+    from rayalign.embedded import embedded_model_path
+
+    run = run_stage("ppo", {"steps": 2, "prompts_per_step": 4, "max_new_tokens": 16, "eval_every": 2,
+                            "eval_prompts": 4, "rewards": [{"name": "format_check"}, {"name": "length_penalty",
+                                                                                       "options": {"max_chars": 20}}]},
+                    tmp_path=tmp_path, model=str(embedded_model_path(0, "arithmetic")), data=ARITHMETIC,
+                    resources={"trainer": {"num_cpus": 0.5}, "critic": {"num_cpus": 0.5},
+                               "reference": {"num_cpus": 0.5}, "rollout": {"num_cpus": 0.5, "dtype": "float32"}})
+    history = run.metrics["history"]
+    assert len(history) == 2
+    for m in history:
+        assert math.isfinite(m["critic/value_loss"]) and math.isfinite(m["policy/policy_loss"])
+        assert m["kl"] == m["kl"]  # KL to the reference is computed (in the reward, for PPO)
+    assert (run.dir / "model" / "config.json").exists()
+
+
+def _config(stage: str, options: dict, out) -> RunConfig:
+    return RunConfig.model_validate({"model": "embedded:arithmetic", "data": ARITHMETIC, "output_dir": str(out),
+                                     "stages": [{stage: options}]})
+
+
+@pytest.mark.parametrize("stage, options, key, words", [
+    ("grpo", {"num_generations": 1}, "stages[0].grpo.num_generations", "greater than or equal to 2"),
+    ("ppo", {"advantage": "rloo"}, "stages[0].ppo.num_generations", "at least 2"),
+    ("grpo", {"rewards": [{"name": "reward_model"}]}, "stages[0].grpo.rewards[0]", "reward_model"),
+    ("ppo", {"rewards": [{"name": "nonesuch"}]}, "stages[0].ppo.rewards[0].name", "exact_match"),
+])
+def test_bad_rl_configs_fail_before_any_worker(tmp_path, stage, options, key, words):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        run_pipeline(_config(stage, options, out))
+    assert err.value.where == key and words in str(err.value)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_killed_reward_worker_resumes_rl_from_its_last_checkpoint(tmp_path, caplog):
+    from rayalign.embedded import embedded_model_path
+    from rayalign.testing import start_local_ray
+    from test_reliability import kill_trainer_after
+
+    model = str(embedded_model_path(0, "arithmetic"))
+    cfg = RunConfig.model_validate({
+        "model": model, "data": ARITHMETIC, "output_dir": str(tmp_path / "run"),
+        "reliability": {"checkpoint_every": 2},
+        "resources": {"trainer": {"num_cpus": 0.5}, "reward": {"num_cpus": 0.5},
+                      "rollout": {"num_cpus": 0.5, "dtype": "float32"}},
+        # A causal LM loads as a reward model with a fresh score head: enough to have a reward actor.
+        "stages": [{"grpo": {"steps": 4, "prompts_per_step": 4, "num_generations": 2, "max_new_tokens": 16,
+                             "kl_coef": 0.0, "eval_every": 4, "eval_prompts": 4, "reward_model": model,
+                             "rewards": [{"name": "format_check"}, {"name": "reward_model", "weight": 0.1}]}}],
+    })
+    start_local_ray(num_cpus=4)
+    checkpoint = tmp_path / "run" / "checkpoints" / "00-grpo" / "step-00000002"
+    thread, killed = kill_trainer_after(checkpoint, actor_name="grpo/reward/0")
+    out = run_pipeline(cfg)
+    thread.join(timeout=5)
+    metrics = json.loads((out / "00-grpo" / "metrics.json").read_text())["metrics"]
+    assert killed["pid"] and metrics["restarts"] == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("[grpo] worker grpo/reward/0: died (") for m in messages)
+    assert any("resumed from step-00000002 (step 2 of 4, weights version 2)" in m for m in messages)
+    # Nothing lost but the steps after the checkpoint, which were redone: 4 steps, versions 1..4.
+    assert [m["step"] for m in metrics["history"]] == [1, 2, 3, 4]
+    assert [m["weights_version"] for m in metrics["history"]] == [1, 2, 3, 4]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # removed once the stage finished
