@@ -77,24 +77,55 @@ def estimate_case(case: Case) -> dict:
     return {"estimate_gib": est.training_peak / GiB, "parts_gib": {k: v / GiB for k, v in est.parts.items()}}
 
 
-def build_model(case: Case, device):
+def build_model(case: Case, device, dtype=None, shape: dict | None = None):
+    """bf16 on CUDA (fp32 on CPU unless ``dtype``); LoRA adapters in the same dtype, as DeepSpeed's
+    bf16 mode casts them (its fp32 masters live in the optimizer)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(**SHAPES[case.size], attn_implementation="sdpa", use_cache=False)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    config = Qwen2Config(**(shape or SHAPES[case.size]), attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = Qwen2ForCausalLM(config).to(dtype)
     if case.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if case.method == "lora":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(case.plan().lora_targets),
-                                                 task_type="CAUSAL_LM"))
+                                                 task_type="CAUSAL_LM")).to(dtype)
         if case.grad_ckpt:
             model.enable_input_require_grads()
     return model
+
+
+def saved_activation_bytes(shape: dict, method: str = "full", tokens: int = 256) -> tuple[float, float]:
+    """(per layer, outside the layers) bytes per token that autograd saves for backward, bf16, on CPU.
+
+    Counted with saved-tensor hooks (each storage once, parameters excluded) on 1- and 2-layer
+    models of ``shape``: what the planner's activation coefficients were fitted to.
+    """
+    import torch
+
+    def saved(layers: int) -> float:
+        case = Case("probe", "probe", method, tokens, 1, False)
+        model = build_model(case, torch.device("cpu"), torch.bfloat16, {**shape, "num_hidden_layers": layers})
+        params = {p.data_ptr() for p in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, shape["vocab_size"], (1, tokens))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, use_cache=False)
+        return sum(storages.values()) / tokens
+
+    one, two = saved(1), saved(2)
+    return two - one, one - (two - one)
 
 
 def packed_batch(case: Case, vocab: int, device):

@@ -11,6 +11,7 @@ import pytest
 from rayalign.data.filters import Example, build_filters
 from rayalign.errors import ConfigError, DataError
 from rayalign.plugins import PluginManager
+from rayalign.testing import run_stage
 from rayalign_curate.dedup import Deduplicator, jaccard, lsh_params, shingles
 from rayalign_curate.filters import CharRatioFilter, LengthFilter, RefusalFilter
 from rayalign_curate.formats import alpaca, sharegpt
@@ -158,7 +159,7 @@ def test_curate_stage_end_to_end(tmp_path, caplog):
                                             {"from": "gpt", "value": "#$%^&*()_+=-{}[]|\\<>/~`"}]})
     test_rows = [chat(f"Tell me: what is the capital of {names[12]}?", "Unknown."),  # leaks into task (J 0.76)
                  chat("Unrelated held-out question about rivers?", "The Nile.")]
-    run = __import__("rayalign.testing", fromlist=["run_stage"]).run_stage(
+    run = run_stage(
         "curate",
         {"sources": [
             {"path": write_jsonl(tmp_path / "task.jsonl", task), "weight": 0.6},

@@ -131,3 +131,22 @@ def test_benchmark_estimates_and_cpu_step(tmp_path):
         assert out["losses"][-1] < out["losses"][0]  # it trains
     row = mv.compare({"name": "x", "seq": 8, "micro_batch": 1, "estimate_gib": 11.0, "measured_gib": 10.0})
     assert row["error"] == pytest.approx(0.1) and row["within_15pct"]
+
+
+@pytest.mark.parametrize("method, shape", [
+    ("full", dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2)),
+    ("full", dict(hidden_size=384, intermediate_size=1536, num_attention_heads=6, num_key_value_heads=6)),
+    ("lora", dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2)),
+])
+def test_activation_coefficients_match_what_autograd_saves(method, shape):
+    """The planner's per-layer activation bytes against a count of the tensors autograd saves (bf16, CPU)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from memory_validation import saved_activation_bytes
+    finally:
+        sys.path.pop(0)
+    shape = {**shape, "vocab_size": 1000, "tie_word_embeddings": True}
+    per_layer, outside = saved_activation_bytes(shape, method)
+    model = ModelShape.from_config({**shape, "model_type": "qwen2", "num_hidden_layers": 1})
+    assert model.activation_bytes_per_token_layer(method) == pytest.approx(per_layer, rel=0.04)
+    assert model.activation_bytes_outside_layers(method) == pytest.approx(outside, rel=0.1, abs=600)

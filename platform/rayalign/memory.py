@@ -7,13 +7,15 @@ the bf16 weights and gradients (z = 3). Per trainable parameter that is 2 + 2 + 
 bytes without sharding (the Rajbhandari et al. 2020 accounting, plus the fp32 gradient copy
 DeepSpeed's bf16 optimizer keeps).
 
-Activations are counted per token and layer from the tensors a Llama/Qwen2 decoder layer saves
-for backward with SDPA attention (no seq x seq term), in bf16 except the fp32 RMSNorm input:
+Activations are what autograd saves for backward, per token and layer of a Llama/Qwen2 decoder
+layer in bf16 with SDPA attention (no seq x seq term), with h = hidden, q = heads x head_dim,
+k = kv_heads x head_dim, i = intermediate size. The coefficients were fitted to the bytes autograd
+saves on five shapes (``benchmarks/memory_validation.py``'s ``saved_activation_bytes``; the fit is
+exact to about 1%, and ``tests/test_memory.py`` keeps it so):
 
-    norms 2 x (4h fp32 input + 2h normalised + 2h output)          = 16h
-    attention: q, rotate_half(q), rope(q), out; same for k; v       = 8q + 8k   (q = heads x head_dim,
-                                                                                k = kv_heads x head_dim)
-    MLP: gate, silu(gate), up, product                              = 8i
+    full fine-tuning                  16h + 4q + 4k + 8i   (+ 8.3h outside the layers)
+    LoRA on attention (frozen MLP)    10.5h + 4q + 4k + 6i (a frozen linear keeps no input)
+    LoRA on attention and MLP         12.5h + 4q + 4k + 8i
 
 With gradient checkpointing a layer keeps only its input (2h) and one layer is recomputed at a
 time. The loss adds ``LOGITS_BYTES`` bytes per token and vocabulary entry: bf16 logits, their fp32
@@ -116,10 +118,18 @@ class ModelShape:
         shapes = self.linear_shapes()
         return self.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets if t in shapes)
 
-    def activation_bytes_per_token_layer(self, frozen_mlp: bool = False) -> int:
+    def activation_bytes_per_token_layer(self, method: str = "full", lora_targets=()) -> float:
+        """Bytes autograd saves per token in one decoder layer (bf16; fitted, see the module doc)."""
         h, q, k, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
-        mlp = 8 * i if not frozen_mlp else 6 * i  # a frozen down_proj does not keep its input
-        return 16 * h + 8 * q + 8 * k + mlp
+        if method == "full":
+            return 16 * h + 4 * q + 4 * k + 8 * i
+        if {"gate_proj", "up_proj", "down_proj"} & set(lora_targets):
+            return 12.5 * h + 4 * q + 4 * k + 8 * i
+        return 10.5 * h + 4 * q + 4 * k + 6 * i  # frozen MLP linears keep no input
+
+    def activation_bytes_outside_layers(self, method: str = "full") -> float:
+        """Per token: embedding output and final norm (a frozen embedding needs none)."""
+        return 8.3 * self.hidden if method == "full" else 0.0
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return 2 * self.layers * self.kv_dim * dtype_bytes
@@ -217,13 +227,12 @@ def estimate(shape: ModelShape, plan: TrainingPlan) -> Estimate:
     optimizer = 12 * trainable / (n if z >= 1 else 1)  # fp32 master + Adam m, v
 
     tokens = plan.seq * plan.micro_batch
-    frozen_mlp = plan.method != "full" and not {"gate_proj", "up_proj", "down_proj"} & set(plan.lora_targets)
-    per_layer = shape.activation_bytes_per_token_layer(frozen_mlp)
+    per_layer = shape.activation_bytes_per_token_layer(plan.method, plan.lora_targets)
     if plan.grad_ckpt:  # every layer keeps its input; one layer's activations live during recompute
         activations = tokens * (2 * shape.hidden * shape.layers + per_layer)
     else:
         activations = tokens * per_layer * shape.layers
-    activations += tokens * 10 * shape.hidden  # embedding output, final norm
+    activations += tokens * shape.activation_bytes_outside_layers(plan.method)
     logits = tokens * shape.vocab * LOGITS_BYTES
 
     est = Estimate(plan, shape)
