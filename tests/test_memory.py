@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from rayalign.errors import ConfigError
-from rayalign.memory import GiB, ModelShape, TrainingPlan, estimate
+from rayalign.memory import LOGITS_BYTES, GiB, ModelShape, TrainingPlan, estimate
 
 from conftest import REPO
 
@@ -68,7 +68,7 @@ def test_activations_scale_with_tokens_and_checkpointing():
     assert act(seq=2048, micro_batch=2) == pytest.approx(2 * act(seq=2048, micro_batch=1))
     assert act(seq=2048, grad_ckpt=True) < act(seq=2048) / 5
     logits = estimate(shape, TrainingPlan(seq=4096)).parts["logits and loss"]
-    assert logits == 4096 * 151936 * 14
+    assert logits == 4096 * 151936 * LOGITS_BYTES
 
 
 def test_colocated_vllm_counts_against_the_trainer_state():
@@ -150,3 +150,12 @@ def test_activation_coefficients_match_what_autograd_saves(method, shape):
     model = ModelShape.from_config({**shape, "model_type": "qwen2", "num_hidden_layers": 1})
     assert model.activation_bytes_per_token_layer(method) == pytest.approx(per_layer, rel=0.04)
     assert model.activation_bytes_outside_layers(method) == pytest.approx(outside, rel=0.1, abs=600)
+
+
+def test_logits_term_matches_the_measured_loss_peak():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from memory_validation import loss_peak_bytes
+    finally:
+        sys.path.pop(0)
+    assert loss_peak_bytes() == pytest.approx(LOGITS_BYTES, rel=0.05)

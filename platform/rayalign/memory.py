@@ -18,8 +18,9 @@ exact to about 1%, and ``tests/test_memory.py`` keeps it so):
     LoRA on attention and MLP         12.5h + 4q + 4k + 8i
 
 With gradient checkpointing a layer keeps only its input (2h) and one layer is recomputed at a
-time. The loss adds ``LOGITS_BYTES`` bytes per token and vocabulary entry: bf16 logits, their fp32
-copy, the saved log-softmax and its gradient. For small models with large vocabularies (Qwen2-0.5B:
+time. The loss adds ``LOGITS_BYTES`` bytes per token and vocabulary entry at its peak: bf16 logits,
+their fp32 copy and the log-softmax (measured with the torch profiler on CPU, ``loss_peak_bytes``;
+the backward pass reuses that much). For small models with large vocabularies (Qwen2-0.5B:
 152k entries) that term is larger than all layers' activations together.
 
 ``docs/memory.md`` describes the model and holds the measured check on a GPU
@@ -36,7 +37,7 @@ from typing import Literal
 from rayalign.errors import ConfigError
 
 GiB = 1024**3
-LOGITS_BYTES = 14  # per token x vocab entry with bf16 compute (2 + 4 + 4 + 4)
+LOGITS_BYTES = 10  # per token x vocab entry, bf16 logits (2) + fp32 copy (4) + log-softmax (4); measured
 CUDA_RESERVE = 1.0 * GiB  # CUDA context, cuBLAS workspaces, allocator slack: outside max_memory_allocated
 DS_BUCKET = 5e8  # DeepSpeed's reduce_bucket_size (elements): bf16 gradients in flight under ZeRO-2
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights, 8-bit absmax per 64, fp32 absmax per 256 blocks
