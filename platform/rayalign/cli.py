@@ -81,7 +81,9 @@ def describe(pm, name: str) -> str:
                            ("filter", pm.filters)):
         if name in registry:
             item = registry.get(name, where=name)
-            return f"{kind} {name} (plugin {registry.owner[name]}): {first_line(item.__doc__)}"
+            text = f"{kind} {name} (plugin {registry.owner[name]}): {first_line(item.__doc__)}"
+            options = schema_lines(item.Config) if hasattr(item, "Config") else []  # detectors, filters
+            return "\n".join([text, "", "options:"] + options) if options else text
     pm.stages.get(name, where="plugins show")  # raises, listing the known stages
     raise AssertionError("unreachable")
 
