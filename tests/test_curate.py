@@ -247,3 +247,28 @@ def test_validation_fraction_holds_out_after_dedup(tmp_path):
     questions = lambda rs: {r["messages"][0]["content"] for r in rs}  # noqa: E731
     assert not questions(train) & questions(held)  # a duplicate cannot sit on both sides
     assert json.loads((tmp_path / "report.json").read_text())["sources"][0]["held_out"] == 2
+
+
+def test_preference_pairs_are_curated_and_load_as_pairs(tmp_path):
+    import types
+
+    from rayalign.config import RunConfig
+    from rayalign.data.datasets import load_records
+    from rayalign.stage import Artifacts
+    from rayalign_curate.stage import CurateStage
+
+    pairs = [{"prompt": f"Describe the colour {c}.", "chosen": f"{c.title()} is a colour of the spectrum.",
+              "rejected": f"{c} {c} {c}"} for c in ("red", "green", "blue", "amber", "violet")]
+    pairs.append({"prompt": [{"role": "user", "content": "Describe the colour red!"}], "chosen": "Warm.",
+                  "rejected": "Cold."})  # the same prompt: a duplicate under dedup_on: prompt
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    stage = CurateStage(CurateStage.Config.model_validate({"kind": "preference", "sources": [{"path": path}],
+                                                            "length_unit": "words"}))
+    pm = PluginManager()
+    stage.prepare(RunConfig(), pm, Artifacts(), 0)
+    ctx = types.SimpleNamespace(run=RunConfig(), artifacts=Artifacts(), index=0, name="curate", work_dir=tmp_path,
+                                log=logging.getLogger("test"))
+    result = stage.run(ctx)
+    assert result.metrics["exact_duplicates"] == 1 and result.metrics["examples"] == 5
+    loaded, _ = load_records(str(tmp_path / "curated.jsonl"), "preference", pm.formats, 0)
+    assert len(loaded) == 5 and all(r["chosen"][0]["role"] == "assistant" for r in loaded)
