@@ -7,7 +7,7 @@ configurations and compares ``torch.cuda.max_memory_allocated`` with the estimat
 
 The training step reproduces the memory layout of rayalign's trainer (DeepSpeed, bf16): bf16
 weights the model computes with, fp32 master weights, fp32 gradients, torch AdamW's fp32 moments,
-and rayalign's SFT loss (``rayalign_sft.loss``) on packed rows. Without DeepSpeed installed this is
+and rayalign's SFT loss on packed rows. Needs torch, transformers and peft only (no Ray). Without DeepSpeed installed this is
 done by hand (``layout: manual``); with it, ``--deepspeed`` adds ZeRO-2 on one GPU through
 DeepSpeed itself.
 
@@ -75,6 +75,17 @@ def estimate_case(case: Case) -> dict:
     est = estimate(ModelShape.from_config(qwen2_config(case.size)), case.plan())
     # max_memory_allocated sees tensors only: compare without the CUDA context reserve.
     return {"estimate_gib": est.training_peak / GiB, "parts_gib": {k: v / GiB for k, v in est.parts.items()}}
+
+
+def sft_loss(logits, labels):
+    """rayalign's SFT loss (``rayalign_sft.loss.CrossEntropyLoss``; a test keeps them equal), importable
+    where Ray is not installed: the plugin package imports its stage, which needs Ray."""
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets, ignore_index=-100,
+                            reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 def build_model(case: Case, device, dtype=None, shape: dict | None = None):
@@ -191,15 +202,13 @@ def loss_peak_bytes(tokens: int = 512, vocab: int = 20000, hidden: int = 64) -> 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from rayalign_sft.loss import CrossEntropyLoss
-
     torch.manual_seed(0)
     states = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
     head = torch.nn.Linear(hidden, vocab, bias=False).to(torch.bfloat16)
     labels = torch.randint(0, vocab, (1, tokens))
 
     def step():
-        loss, _ = CrossEntropyLoss()(head(states), labels)
+        loss = sft_loss(head(states), labels)
         loss.backward()
 
     step()  # warm up: lazily created buffers are not the loss's
@@ -218,10 +227,7 @@ def run_case(case: Case, device, steps: int = 3) -> dict:
     """Real training steps; on CUDA the peak allocated memory over them."""
     import torch
 
-    from rayalign_sft.loss import CrossEntropyLoss
-
     model = build_model(case, device)
-    loss_fn = CrossEntropyLoss()
     ids, positions = packed_batch(case, model.config.vocab_size, device)
     engine = deepspeed_engine(model) if case.layout == "deepspeed" else None
     trainer = None if engine else ManualMixedPrecision(model)
@@ -232,7 +238,7 @@ def run_case(case: Case, device, steps: int = 3) -> dict:
     for _ in range(steps):
         target = engine or model
         logits = target(input_ids=ids, position_ids=positions, use_cache=False).logits
-        loss, _ = loss_fn(logits, ids)
+        loss = sft_loss(logits, ids)
         del logits
         if engine:
             engine.backward(loss)

@@ -13,7 +13,7 @@ Builds a Qwen2-0.5B-shaped model with random weights locally (nothing downloaded
 
 Writes ``$OUT/qlora_check.json``; exits 1 when a check fails.
 
-    PYTHONPATH=platform:plugins python benchmarks/qlora_check.py
+    PYTHONPATH=/tmp/site:platform:plugins python benchmarks/qlora_check.py   # bitsandbytes in /tmp/site
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from pathlib import Path
 from rayalign.memory import GiB, ModelShape, TrainingPlan, estimate
 
 
+sys.path.insert(0, str(Path(__file__).parent))  # memory_validation, beside this file
+
+
 def build_base(dest: Path, size: str) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from memory_validation import SHAPES
 
     from rayalign.data.synthetic import SyntheticWorld
@@ -52,9 +54,10 @@ def build_base(dest: Path, size: str) -> Path:
 def main() -> int:
     import torch
 
+    from memory_validation import sft_loss
+
     from rayalign.workers.quantization import load_qlora_model, save_qlora
-    from rayalign_sft.loss import CrossEntropyLoss
-    from rayalign_sft.stage import SFTConfig
+    from rayalign.workers.trainer import LoraSpec, TrainSpec
 
     out_dir = Path(os.environ.get("OUT", "."))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,9 +66,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="qlora-check-"))
     base = build_base(work / "base", "0.5b")
     seq, micro_batch = 2048, 2
-    stage = SFTConfig.model_validate({"qlora": {"r": 16, "alpha": 32}, "gradient_checkpointing": False,
-                                      "max_tokens_per_micro_batch": seq * micro_batch})
-    spec = stage.spec(str(base), total_steps=10, seed=0)
+    spec = TrainSpec(str(base), total_steps=10, qlora=LoraSpec(r=16, alpha=32))  # what `sft: {qlora: ...}` sends
 
     torch.cuda.reset_peak_memory_stats()
     model = load_qlora_model(spec, torch.device("cuda", 0))
@@ -80,11 +81,11 @@ def main() -> int:
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     ids = torch.randint(0, 600, (1, seq * micro_batch), device="cuda")
     positions = torch.arange(seq, device="cuda").repeat(micro_batch)[None]
-    loss_fn, losses, started = CrossEntropyLoss(), [], time.time()
+    losses, started = [], time.time()
     for _ in range(8):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-        loss, _ = loss_fn(logits, ids)
+        loss = sft_loss(logits, ids)
         del logits
         loss.backward()
         optimizer.step()

@@ -159,3 +159,26 @@ def test_logits_term_matches_the_measured_loss_peak():
     finally:
         sys.path.pop(0)
     assert loss_peak_bytes() == pytest.approx(LOGITS_BYTES, rel=0.05)
+
+
+def test_gpu_scripts_run_without_ray_and_use_the_sft_loss(tmp_path):
+    """The GPU machine has torch, transformers and peft but no Ray, DeepSpeed or vLLM."""
+    import torch
+
+    from rayalign_sft.loss import CrossEntropyLoss
+
+    code = ("import sys\n"
+            "for m in ('ray', 'deepspeed', 'trl', 'vllm', 'bitsandbytes'): sys.modules[m] = None\n"
+            f"sys.path.insert(0, {str(REPO / 'benchmarks')!r})\n"
+            "import memory_validation, qlora_check\n"
+            f"sys.exit(memory_validation.main(['--dry-run', '--out', {str(tmp_path)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from memory_validation import sft_loss
+    finally:
+        sys.path.pop(0)
+    logits, labels = torch.randn(1, 12, 50), torch.randint(0, 50, (1, 12))
+    labels[0, :4] = -100
+    assert sft_loss(logits, labels).item() == pytest.approx(CrossEntropyLoss()(logits, labels)[0].item(), rel=1e-6)
