@@ -115,26 +115,29 @@ def buckets(module, zero_stage: int, rank: int, bucket_bytes: int) -> Iterator[t
     in ZeRO-3 gathers and yield nothing. A bucket never mixes dtypes."""
     import torch
 
-    pending: list[tuple[str, object]] = []
-    size = 0
+    with torch.no_grad():  # a merged LoRA weight would otherwise carry autograd history
+        pending: list[tuple[str, object]] = []
+        size = 0
+        for name, tensor in named_inference_tensors(module, zero_stage):
+            if rank != 0:
+                continue
+            if pending and (tensor.dtype != pending[0][1].dtype or size >= bucket_bytes):
+                yield _flatten(pending)
+                pending, size = [], 0
+            pending.append((name, tensor))  # _flatten copies, so a gathered ZeRO-3 tensor may go
+            size += tensor.numel() * tensor.element_size()
+        if pending:
+            yield _flatten(pending)
 
-    def flush():
-        layout = BucketLayout(str(pending[0][1].dtype).removeprefix("torch."))
-        for name, tensor in pending:
-            layout.tensors.append((name, tuple(tensor.shape), layout.numel))
-            layout.numel += tensor.numel()
-        return torch.cat([t.reshape(-1) for _, t in pending]), layout
 
-    for name, tensor in named_inference_tensors(module, zero_stage):
-        if rank != 0:
-            continue
-        if pending and (tensor.dtype != pending[0][1].dtype or size >= bucket_bytes):
-            yield flush()
-            pending, size = [], 0
-        pending.append((name, tensor))  # torch.cat copies, so a gathered ZeRO-3 tensor may go
-        size += tensor.numel() * tensor.element_size()
-    if pending:
-        yield flush()
+def _flatten(named: list[tuple[str, "object"]]) -> tuple["object", BucketLayout]:
+    import torch
+
+    layout = BucketLayout(str(named[0][1].dtype).removeprefix("torch."))
+    for name, tensor in named:
+        layout.tensors.append((name, tuple(tensor.shape), layout.numel))
+        layout.numel += tensor.numel()
+    return torch.cat([t.reshape(-1) for _, t in named]), layout
 
 
 # -- the trainer's side (called from TrainerWorker methods) --------------------------------------

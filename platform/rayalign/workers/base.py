@@ -34,9 +34,19 @@ class Worker:
 
 
 def pick_device():
+    """The GPU Ray gave this worker, else the CPU. A worker of a CPU role on a GPU node can still
+    see the node's GPUs; it must not use them (its DeepSpeed and collectives are set up for CPU)."""
     import torch
 
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    import ray
+
+    if ray.is_initialized():
+        context = ray.get_runtime_context()
+        if context.get_actor_id() is not None and not context.get_accelerator_ids().get("GPU"):
+            return torch.device("cpu")
+    return torch.device("cuda", 0)
 
 
 def weighted_mean(metrics: list[dict[str, float]], weight: str = "count") -> dict[str, float]:
