@@ -4,6 +4,7 @@ and the errors a bad RL config gets before any worker starts."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -123,6 +124,7 @@ def test_killed_reward_worker_resumes_rl_from_its_last_checkpoint(tmp_path, capl
                              "rewards": [{"name": "format_check"}, {"name": "reward_model", "weight": 0.1}]}}],
     })
     start_local_ray(num_cpus=4)
+    caplog.set_level(logging.INFO, logger="rayalign")
     checkpoint = tmp_path / "run" / "checkpoints" / "00-grpo" / "step-00000002"
     thread, killed = kill_trainer_after(checkpoint, actor_name="grpo/reward/0")
     out = run_pipeline(cfg)
