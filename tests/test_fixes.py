@@ -355,3 +355,12 @@ def test_negatives_prefer_a_decline_to_guesses_at_what_the_model_does_not_know()
     assert pairs[0]["provenance"]["chosen_from"] == "unsure_decline: 2 of 3 samples flagged"
     assert build(0.8) == []  # it may know: contradictions are not rejected (detectors: [unanswerable])
     assert build(0.6, entity=None) == []  # no entity (arithmetic, a task): nothing to decline
+
+
+def test_rayalign_plugins_lists_and_shows_detectors():
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "rayalign.cli", "plugins", *args], capture_output=True,
+                              text=True, check=True).stdout
+
+    assert "detectors: contradiction (fixes), repetition (fixes), unanswerable (fixes)" in cli()
+    assert cli("show", "unanswerable").startswith("detector unanswerable (plugin fixes): Flags an answer")

