@@ -361,6 +361,7 @@ class RLLoop:
         """Every step from the last checkpoint (or the start); returns (history, evaluations)."""
         rel = self.ctx.run.reliability
         store = CheckpointStore(self.ctx.checkpoint_dir, rel.keep_checkpoints, self.ctx.log)
+        self._wake()  # asleep since start-up, while the trainers took their GPU memory
         state = self.restore(store)
         if not state.extra:
             state.extra = {"evals": [self.evaluate(0)], "version": 0}
