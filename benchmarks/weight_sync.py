@@ -90,7 +90,7 @@ def main() -> None:
         trainers.shutdown()
     seconds = [s.seconds for s in stats]
     result = {
-        "benchmark": "weight_sync", "shape": args.shape, "transport": args.transport, "bucket_mb": args.bucket_mb,
+        "benchmark": "weight_sync", "command": "python " + " ".join(__import__("sys").argv), "shape": args.shape, "transport": args.transport, "bucket_mb": args.bucket_mb,
         "bytes": stats[0].bytes, "buckets": stats[0].buckets, "syncs": args.syncs,
         "seconds_p50": statistics.median(seconds), "seconds_min": min(seconds), "seconds_max": max(seconds),
         "gbytes_per_s_p50": stats[0].bytes / statistics.median(seconds) / 1e9,
