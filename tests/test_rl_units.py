@@ -172,3 +172,19 @@ def test_clipped_value_loss_takes_the_worse_of_clipped_and_unclipped():
     value, _ = loss(values, old, returns, mask)
     expected = 0.5 * ((max(0.25, 0.64) + max(0.0, 0.64)) / 2)
     assert abs(value.item() - expected) < 1e-6
+
+
+def test_stale_answers_are_counted_and_dropped_with_their_whole_group():
+    from rayalign.rollout.vllm_engine import Completion
+    from rayalign_rl.episodes import current_episodes
+
+    def answer(version, tokens=(5, 6)):
+        return Completion(0, list(tokens), "x", [-0.1] * len(tokens), "stop", weights_version=version)
+
+    prompts = [[1, 2], [3, 4], [7, 8]]
+    grouped = [[answer(3), answer(3)], [answer(3), answer(2)], [answer(3), answer(3, tokens=())]]
+    episodes, stale = current_episodes(prompts, grouped, version=3)
+    assert stale == 2  # prompt 1's group had an answer from version 2: both are dropped
+    assert [e.prompt_index for e in episodes] == [0, 0, 2]  # an empty answer has nothing to train
+    assert all(e.weights_version == 3 for e in episodes)
+    assert current_episodes(prompts, grouped, version=4)[1] == 6

@@ -34,6 +34,21 @@ class Episode:
         return len(self.prompt_ids) + len(self.completion_ids)
 
 
+def current_episodes(prompts: list[list[int]], grouped: list[list], version: int) -> tuple[list[Episode], int]:
+    """Episodes from completions sampled under weights ``version``, and how many answers were
+    stale (sampled under another version) and dropped. A prompt keeps its answers only if all are
+    current: group baselines (GRPO, RLOO) need whole groups."""
+    episodes, stale = [], 0
+    for i, completions in enumerate(grouped):
+        if any(c.weights_version != version for c in completions):
+            stale += len(completions)
+            continue
+        episodes += [Episode(i, prompts[i], c.token_ids, c.text, c.finish_reason, c.weights_version,
+                             np.asarray(c.logprobs if c.logprobs is not None else [], dtype=np.float32))
+                     for c in completions if c.token_ids]
+    return episodes, stale
+
+
 @dataclass
 class PackedRow:
     batch: dict[str, torch.Tensor]

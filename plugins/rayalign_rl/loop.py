@@ -39,7 +39,7 @@ from rayalign.workers.reward import RewardWorker
 from rayalign.workers.rollout import RolloutWorker
 from rayalign_rl import advantages as adv
 from rayalign_rl.config import RLConfig
-from rayalign_rl.episodes import Episode, PackedRow, gather, pack, scatter
+from rayalign_rl.episodes import Episode, PackedRow, current_episodes, gather, pack, scatter
 from rayalign_rl.losses import ClippedPolicyLoss, ClippedValueLoss
 from rayalign_rl.objectives import PolicyForward, PolicyObjective, TokenLogps, ValueObjective, token_values
 
@@ -156,16 +156,7 @@ class RLLoop:
         """Episodes sampled under the current weights, and how many stale answers were dropped.
         A prompt keeps its answers only if all are current (group baselines need whole groups)."""
         grouped = generate_sharded(self.engines, [p.ids for p in prompts], sampling, self.timeouts.step_s)
-        episodes, stale = [], 0
-        for i, completions in enumerate(grouped):
-            old = sum(c.weights_version != self.sync.version for c in completions)
-            if old:
-                stale += len(completions)
-                continue
-            episodes += [Episode(i, prompts[i].ids, c.token_ids, c.text, c.finish_reason, c.weights_version,
-                                 np.asarray(c.logprobs if c.logprobs is not None else [], dtype=np.float32))
-                         for c in completions if c.token_ids]
-        return episodes, stale
+        return current_episodes([p.ids for p in prompts], grouped, self.sync.version)
 
     def score(self, prompts: list[Prompt], episodes: list[Episode]) -> None:
         """Every reward term of every episode, and their weighted sum (``episode.reward``)."""
