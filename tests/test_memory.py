@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from rayalign.errors import ConfigError
-from rayalign.memory import LOGITS_BYTES, GiB, ModelShape, TrainingPlan, estimate
+from rayalign.memory import LOGITS_BYTES, LOGITS_BYTES_CUDA, GiB, ModelShape, TrainingPlan, estimate
 
 from conftest import REPO
 
@@ -68,7 +68,7 @@ def test_activations_scale_with_tokens_and_checkpointing():
     assert act(seq=2048, micro_batch=2) == pytest.approx(2 * act(seq=2048, micro_batch=1))
     assert act(seq=2048, grad_ckpt=True) < act(seq=2048) / 5
     logits = estimate(shape, TrainingPlan(seq=4096)).parts["logits and loss"]
-    assert logits == 4096 * 151936 * LOGITS_BYTES
+    assert logits == 4096 * 151936 * LOGITS_BYTES_CUDA
 
 
 def test_colocated_vllm_counts_against_the_trainer_state():

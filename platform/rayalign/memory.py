@@ -38,6 +38,10 @@ from rayalign.errors import ConfigError
 
 GiB = 1024**3
 LOGITS_BYTES = 10  # per token x vocab entry, bf16 logits (2) + fp32 copy (4) + log-softmax (4); measured
+# What the loss peak costs on CUDA, per token x vocab entry: the H200 validation's full-fine-tuning
+# rows imply 12.35 (benchmarks/results/h200-20261122-memory_validation.json, `implied_logits_bytes`);
+# CUDA's kernels keep more temporaries than the CPU profile above. The estimate is about GPUs.
+LOGITS_BYTES_CUDA = 12.35
 CUDA_RESERVE = 1.0 * GiB  # CUDA context, cuBLAS workspaces, allocator slack: outside max_memory_allocated
 DS_BUCKET = 5e8  # DeepSpeed's reduce_bucket_size (elements): bf16 gradients in flight under ZeRO-2
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights, 8-bit absmax per 64, fp32 absmax per 256 blocks
@@ -234,7 +238,7 @@ def estimate(shape: ModelShape, plan: TrainingPlan) -> Estimate:
     else:
         activations = tokens * per_layer * shape.layers
     activations += tokens * shape.activation_bytes_outside_layers(plan.method)
-    logits = tokens * shape.vocab * LOGITS_BYTES
+    logits = tokens * shape.vocab * LOGITS_BYTES_CUDA
 
     est = Estimate(plan, shape)
     est.parts = {"weights": weights, "gradients": bf16_grads + fp32_grads, "optimizer states": optimizer,
