@@ -97,6 +97,7 @@ def _config(stage: str, options: dict, out) -> RunConfig:
     ("ppo", {"advantage": "rloo"}, "stages[0].ppo.num_generations", "at least 2"),
     ("grpo", {"rewards": [{"name": "reward_model"}]}, "stages[0].grpo.rewards[0]", "reward_model"),
     ("ppo", {"rewards": [{"name": "nonesuch"}]}, "stages[0].ppo.rewards[0].name", "exact_match"),
+    ("grpo", {"epochs": 3}, "stages[0].grpo.epochs", "`steps` counts rollout batches"),
 ])
 def test_bad_rl_configs_fail_before_any_worker(tmp_path, stage, options, key, words):
     out = tmp_path / "run"

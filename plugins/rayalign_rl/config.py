@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rayalign.training.loop import TrainingConfig
 
@@ -17,6 +17,18 @@ class RewardTerm(BaseModel):
 
 
 class RLConfig(TrainingConfig):
+    # Inherited training options that mean nothing here: a rollout batch is a step, and lengths are
+    # max_prompt_length + max_new_tokens. Setting them is a mistake worth an error.
+    epochs: int = Field(1, description="not used by RL stages: `steps` counts rollout batches")
+    max_length: int = Field(1024, description="not used by RL stages: see max_prompt_length and max_new_tokens")
+
+    @field_validator("epochs", "max_length")
+    @classmethod
+    def _unused(cls, value: int, info) -> int:
+        if value != cls.model_fields[info.field_name].default:
+            raise ValueError("not used by RL stages (" + cls.model_fields[info.field_name].description.split(": ", 1)[1] + ")")
+        return value
+
     prompts: str = Field("prompts", description="key under `data:` naming the prompts JSONL (with `reference` "
                          "answers for rule rewards); `eval_fraction` of them are held out for evaluation")
     steps: int = Field(20, ge=1, description="rollout batches: generate, score, update, sync")
