@@ -338,13 +338,19 @@ def trl_step_timer(warmup: int):
 def compare_sides(script: str, name: str, args, argv: list[str], sides: list[str], settings: dict,
                   summarize) -> Path:
     """Every side in its own process, in order; then ``summarize(results) -> dict`` (ratios against
-    the targets) and one result file. A side that failed is in the file with its error."""
-    results = {side: run_side(script, side, argv, args.side_timeout) for side in sides}
-    summary = summarize(results)
-    if args.dry_run:  # CPU and a tiny shape: the code paths ran, the figures mean nothing
-        summary["target_met"] = None
-    return write_result(args.out, name, {"benchmark": name, "dry_run": args.dry_run, "settings": settings,
-                                         "sides": results, "summary": summary})
+    the targets). The file is rewritten after each side (``complete: false`` until the last), so a
+    run cut off by the machine's time limit still leaves the sides that finished. A side that
+    failed is in the file with its error."""
+    results: dict = {}
+    path = None
+    for k, side in enumerate(sides):
+        results[side] = run_side(script, side, argv, args.side_timeout)
+        summary = summarize(results)
+        if args.dry_run:  # CPU and a tiny shape: the code paths ran, the figures mean nothing
+            summary["target_met"] = None
+        path = write_result(args.out, name, {"benchmark": name, "dry_run": args.dry_run, "settings": settings,
+                                             "complete": k == len(sides) - 1, "sides": results, "summary": summary})
+    return path
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -473,7 +479,8 @@ def bench_main(script: str, name: str, ap, sides: dict, plan, summary, argv: lis
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     if args.dry_run:
-        args.shape, args.warmup, args.steps = "tiny", min(args.warmup, 1), min(args.steps, 2)
+        args.shape = "tiny"
+        args.warmup, args.steps = min(getattr(args, "warmup", 1), 1), min(getattr(args, "steps", 2), 2)
     if args.side:
         side_main(args, sides[args.side])
         return 0
@@ -488,3 +495,9 @@ def bench_main(script: str, name: str, ap, sides: dict, plan, summary, argv: lis
     print(f"{path} in {time.monotonic() - started:.0f}s")
     print(json.dumps(json.loads(path.read_text())["summary"], indent=1, default=float))
     return 0
+
+
+def torch_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue 8 benchmarks: one part per invocation, each under 10 minutes on the GPU machine.
+#
+#   bash benchmarks/run_all.sh list          # the sequence, with what each part needs
+#   bash benchmarks/run_all.sh <part>        # run one part; results go to $OUT (default benchmarks/results)
+#   bash benchmarks/run_all.sh dry           # every part with --dry-run, on CPU (tiny shapes)
+#
+# On the GPU machine, after the wheelhouse is installed into /tmp/site (shared/gpu/README.md), run
+# the parts of `list` in order, one `run` call each. Single GPU (H100 or H200): check, sft, dpo,
+# rollout, grpo, then sft-1.5b and dpo-1.5b if time is left. Four H200s: check, scaling.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="/tmp/site:platform:plugins${PYTHONPATH:+:$PYTHONPATH}"
+export NCCL_NVLS_ENABLE=0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/results}
+if [[ -x .venv/bin/python ]]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python3}; fi
+LIMIT=${LIMIT:-590}  # the GPU machine's per-command limit is 600 s
+
+run() { timeout "$LIMIT" "$PY" "$@" --out "$OUT"; }
+
+part=${1:-list}
+case "$part" in
+  list)
+    cat <<'EOF'
+part      machine          est. minutes  what
+check     any GPU kind     1             nvidia-smi, imports and versions of the stack
+sft       h100 or h200     4-5           (a) SFT tokens/s: rayalign vs TRL default vs TRL padding_free, 0.5B
+dpo       h100 or h200     3-4           (b) DPO pairs/s: rayalign (reference once) vs TRL DPOTrainer, 0.5B
+rollout   h100 or h200     5-7           (c) output tokens/s: RolloutWorkers through Ray vs raw vLLM, 0.5B
+grpo      h100 or h200     6-8           (e) GRPO step time: rayalign grpo stage vs TRL GRPOTrainer, colocated, 0.5B
+sft-1.5b  h200             5-6           (a) at the 1.5B shape
+dpo-1.5b  h200             4-5           (b) at the 1.5B shape
+scaling   h200-x4          5-7           (f) SFT 1 -> 2 -> 4 GPUs, ZeRO-2, 0.5B
+weight-sync (d) is benchmarks/weight_sync.py (results already in benchmarks/results/).
+EOF
+    ;;
+  check)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    "$PY" - <<'EOF'
+import importlib
+for name in ("torch", "transformers", "trl", "deepspeed", "ray", "vllm", "peft", "datasets"):
+    try:
+        print(f"{name:13s} {importlib.import_module(name).__version__}")
+    except Exception as exc:
+        print(f"{name:13s} IMPORT FAILED: {type(exc).__name__}: {exc}")
+EOF
+    ;;
+  sft)      run benchmarks/sft_throughput.py --shape 0.5b ;;
+  dpo)      run benchmarks/dpo_throughput.py --shape 0.5b ;;
+  rollout)  run benchmarks/rollout_throughput.py --shape 0.5b ;;
+  grpo)     run benchmarks/grpo_step.py --shape 0.5b ;;
+  sft-1.5b) run benchmarks/sft_throughput.py --shape 1.5b ;;
+  dpo-1.5b) run benchmarks/dpo_throughput.py --shape 1.5b ;;
+  scaling)  run benchmarks/sft_scaling.py --shape 0.5b --gpus 1,2,4 ;;
+  dry)
+    OUT=${OUT:-/tmp/rayalign-bench}
+    for script in sft_throughput dpo_throughput rollout_throughput grpo_step sft_scaling; do
+      run "benchmarks/$script.py" --dry-run
+    done
+    ;;
+  *)
+    echo "run_all.sh: unknown part '$part' (bash benchmarks/run_all.sh list)" >&2
+    exit 2
+    ;;
+esac
