@@ -76,11 +76,15 @@ def environment() -> dict:
     import torch
 
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    try:  # the GPU machine's copy of the tree may have no .git, or no git
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or None
+    except OSError:
+        commit = None
     return {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "pythonpath": USER_PYTHONPATH,
-        "git_commit": commit.stdout.strip() or None,
+        "git_commit": commit,
         "versions": versions,
         "device": devices[0] if devices else "cpu",
         "gpus": len(devices),
@@ -253,6 +257,7 @@ def run_side(script: str, side: str, argv: list[str], timeout_s: float) -> dict:
         sys.stderr.write(stderr[-6000:])
         if proc.returncode != 0 or not side_out.exists():
             last = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
+            print(f"--- {side} failed: exit {proc.returncode}: {last[0][:500]}", file=sys.stderr, flush=True)
             return {"side": side, "error": f"exit {proc.returncode}: {last[0][:500]}", "stderr_tail": stderr[-3000:]}
         result = json.loads(side_out.read_text())
         result["process_s"] = time.monotonic() - started

@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="/tmp/site:platform:plugins${PYTHONPATH:+:$PYTHONPATH}"
 export NCCL_NVLS_ENABLE=0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+GIVEN_OUT=${OUT:-}
 OUT=${OUT:-benchmarks/results}
 if [[ -x .venv/bin/python ]]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python3}; fi
 LIMIT=${LIMIT:-590}  # the GPU machine's per-command limit is 600 s
@@ -53,7 +54,7 @@ EOF
   dpo-1.5b) run benchmarks/dpo_throughput.py --shape 1.5b ;;
   scaling)  run benchmarks/sft_scaling.py --shape 0.5b --gpus 1,2,4 ;;
   dry)
-    OUT=${OUT:-/tmp/rayalign-bench}
+    OUT=${GIVEN_OUT:-/tmp/rayalign-bench}  # CPU figures never land in benchmarks/results/
     for script in sft_throughput dpo_throughput rollout_throughput grpo_step sft_scaling; do
       run "benchmarks/$script.py" --dry-run
     done

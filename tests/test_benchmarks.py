@@ -24,7 +24,8 @@ def run_dry(script: str, out, *extra: str, timeout: int = 600) -> dict:
            "RAYALIGN_BENCH_MODELS": str(out.parent / "models"), "RAY_ADDRESS": "local"}
     proc = subprocess.run([sys.executable, str(BENCH / script), "--dry-run", "--out", str(out), *extra],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + "\n".join(line for line in proc.stdout.splitlines()
+                                                                  if line.startswith("---"))
     files = list(out.glob("cpu-*.json"))
     assert len(files) == 1, files
     assert files[0].name.startswith("cpu-2") and files[0].name.endswith("-tiny.json")
