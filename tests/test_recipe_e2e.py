@@ -4,6 +4,7 @@ One real cluster and one job for the module (the job takes a few minutes on 2 CP
 tests then read what the job left: its status, the stage outputs, the actors it named.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -59,8 +60,27 @@ def job(tmp_path_factory):
             env=env, capture_output=True, text=True, timeout=120,
         )
     finally:
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(temp_dir)
     yield proc, out, actors.stdout
+
+
+def stop_cluster(temp_dir: Path) -> None:
+    """Kill the processes of the cluster this test started, and only those. (`ray stop` kills every
+    Ray process on the machine, including the in-process cluster of this very pytest run, whose
+    core worker then exits the test process when its raylet disappears.)"""
+    import psutil
+
+    mine = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(str(temp_dir) in arg for arg in p.info["cmdline"] or []):
+                mine.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in mine:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(mine, timeout=30)
 
 
 def stage(out: Path, index: int, name: str) -> dict:

@@ -33,6 +33,7 @@ def recipe(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # its setup runs the whole recipe (~6 min on 2 idle cores)
 def test_rl_raises_the_held_out_reward(recipe):
     out, stages, stdout = recipe
     assert list(stages) == ["sft", "reward_model", "grpo"]
@@ -45,6 +46,7 @@ def test_rl_raises_the_held_out_reward(recipe):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # includes the module's recipe run
 def test_rl_reports_what_operators_watch(recipe):
     out, stages, _ = recipe
     grpo = stages["grpo"]["metrics"]
