@@ -360,6 +360,11 @@ def compare_sides(script: str, name: str, args, argv: list[str], sides: list[str
     return path
 
 
+def peak_gib(results: dict) -> dict:
+    """Each side's largest per-process peak (``peak_gib_per_rank``), None where unmeasured."""
+    return {k: max(v.get("peak_gib_per_rank") or [None], key=lambda x: x or 0) for k, v in results.items()}
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 

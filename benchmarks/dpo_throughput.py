@@ -149,7 +149,7 @@ def summary(results: dict) -> dict:
     with_ref = {k: v.get("pairs_per_s_with_reference") for k, v in results.items()}
     train_only = {k: (v.get("pairs_per_s") or {}).get("per_step", {}).get("median") for k, v in results.items()}
     out = {"pairs_per_s_median": with_ref, "pairs_per_s_train_steps_only": train_only,
-           "peak_gib": {k: max(v.get("peak_gib_per_rank") or [None], key=lambda x: x or 0) for k, v in results.items()},
+           "peak_gib": common.peak_gib(results),
            "vs_trl": common.ratio(with_ref.get("rayalign"), with_ref.get("trl")),
            "target": "rayalign >= 1.5x TRL DPOTrainer (pairs/s, rayalign's reference pass included)"}
     out["target_met"] = out["vs_trl"] is not None and out["vs_trl"] >= 1.5

@@ -42,14 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for n in counts:
         argv_n = ["--shape", args.shape, "--gpus", str(n), "--warmup", str(args.warmup), "--steps", str(args.steps)]
-        runs[str(n)] = common.run_side("sft_throughput.py", "rayalign", argv_n + (["--dry-run"] if args.dry_run else []),
-                                       args.side_timeout)
+        argv_n += ["--dry-run"] if args.dry_run else []
+        runs[str(n)] = common.run_side("sft_throughput.py", "rayalign", argv_n, args.side_timeout)
     rate = {n: (r.get("tokens_per_s") or {}).get("per_step", {}).get("median") for n, r in runs.items()}
     base = rate.get("1")
     efficiency = {n: (r / (int(n) * base) if r and base else None) for n, r in rate.items()}
     top = str(max(counts))
+    shape = common.SHAPES[args.shape]
     summary = {"tokens_per_s_median": rate, "efficiency_vs_linear": efficiency,
-               "mfu_per_gpu": {n: common.mfu(common.SHAPES[args.shape], r / int(n)) if r else None for n, r in rate.items()},
+               "mfu_per_gpu": {n: common.mfu(shape, r / int(n)) if r else None for n, r in rate.items()},
                "peak_gib_per_rank": {n: r.get("peak_gib_per_rank") for n, r in runs.items()},
                "target": "efficiency >= 0.85 at 4 GPUs"}
     summary["target_met"] = None if args.dry_run or top != "4" else (efficiency.get("4") or 0) >= 0.85

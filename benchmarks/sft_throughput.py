@@ -99,8 +99,8 @@ def run_trl(args, padding_free: bool) -> dict:
         config = SFTConfig(output_dir=tmp, per_device_train_batch_size=p["trl_batch"],
                            gradient_accumulation_steps=grad_accum, max_steps=p["warmup"] + p["steps"],
                            # padding-free TRL refuses a max_length it cannot enforce; no example exceeds it anyway.
-                           max_length=None if padding_free else p["max_length"], padding_free=padding_free, bf16=on_gpu, report_to="none",
-                           save_strategy="no", seed=args.seed, use_cpu=not on_gpu)
+                           max_length=None if padding_free else p["max_length"], padding_free=padding_free,
+                           bf16=on_gpu, report_to="none", save_strategy="no", seed=args.seed, use_cpu=not on_gpu)
         trainer = Counting(model=model, args=config, train_dataset=dataset, processing_class=tok, callbacks=[timer])
         trainer.train()
     seconds = timer.step_seconds()
@@ -120,12 +120,12 @@ SIDES = {"rayalign": run_rayalign, "trl_default": lambda a: run_trl(a, False),
 def summarize(shape: str):
     def summary(results: dict) -> dict:
         rate = {k: (v.get("tokens_per_s") or {}).get("per_step", {}).get("median") for k, v in results.items()}
-        shape_cfg = common.SHAPES[shape]
+        shape_cfg = common.SHAPES.get(shape)  # None when every side failed
         trl_best = max((r for k, r in rate.items() if k.startswith("trl") and r), default=None)
         out = {
             "tokens_per_s_median": rate,
-            "mfu": {k: common.mfu(shape_cfg, r) for k, r in rate.items()},
-            "peak_gib": {k: max(v.get("peak_gib_per_rank") or [None], key=lambda x: x or 0) for k, v in results.items()},
+            "mfu": {k: common.mfu(shape_cfg, r) if shape_cfg else None for k, r in rate.items()},
+            "peak_gib": common.peak_gib(results),
             "vs_trl_default": common.ratio(rate.get("rayalign"), rate.get("trl_default")),
             "vs_trl_best": common.ratio(rate.get("rayalign"), trl_best),
             "target": "rayalign >= 1.3x TRL default and >= 1.0x TRL best",
