@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 SHAPES = {
@@ -72,7 +75,7 @@ def main() -> None:
     gpus = 1 if torch.cuda.is_available() else 0
     resources = {"trainer": {"num_cpus": 2, "num_gpus": gpus}, "rollout": {"num_cpus": 2, "num_gpus": 0 if colocated else gpus},
                  "colocate": colocated}
-    ray.init(address="local", num_cpus=max(4, __import__("os").cpu_count() or 4))
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 4))
     with Cluster(ResourcesConfig.model_validate(resources)).reserve("bench", ["trainer", "rollout"]) as placement:
         engine = EngineConfig(model=model, dtype="bfloat16", gpu_memory_utilization=0.3 if gpus else 0.15,
                               max_model_len=1024)
@@ -90,13 +93,13 @@ def main() -> None:
         trainers.shutdown()
     seconds = [s.seconds for s in stats]
     result = {
-        "benchmark": "weight_sync", "command": "python " + " ".join(__import__("sys").argv), "shape": args.shape, "transport": args.transport, "bucket_mb": args.bucket_mb,
+        "benchmark": "weight_sync", "command": "python " + " ".join(sys.argv), "shape": args.shape, "transport": args.transport, "bucket_mb": args.bucket_mb,
         "bytes": stats[0].bytes, "buckets": stats[0].buckets, "syncs": args.syncs,
         "seconds_p50": statistics.median(seconds), "seconds_min": min(seconds), "seconds_max": max(seconds),
         "gbytes_per_s_p50": stats[0].bytes / statistics.median(seconds) / 1e9,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "versions": {"torch": torch.__version__, "ray": ray.__version__,
-                     "vllm": __import__("vllm").__version__},
+                     "vllm": metadata.version("vllm")},
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
