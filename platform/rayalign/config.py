@@ -68,6 +68,18 @@ class RolloutResources(RoleResources):
     # How RL stages push new weights into the engines: auto picks object_store on CPU, cuda_ipc
     # when colocated on the trainer's GPUs, nccl when the engines have GPUs of their own.
     weight_sync: Literal["auto", "object_store", "cuda_ipc", "nccl"] = "auto"
+    # CUDA graphs off: an engine starts in seconds instead of minutes, at some decode speed. Set
+    # false for long generation-heavy runs (RL at scale); ignored on CPU.
+    enforce_eager: bool = True
+
+    def engine(self, model: str, seed: int, enable_sleep_mode: bool = False):
+        """The vLLM engine settings these resources describe, for ``model``."""
+        from rayalign.rollout.vllm_engine import EngineConfig
+
+        return EngineConfig(model=model, gpu_memory_utilization=self.gpu_memory_utilization,
+                            max_model_len=self.max_model_len, seed=seed, dtype=self.dtype,
+                            tensor_parallel_size=self.tensor_parallel_size, enforce_eager=self.enforce_eager,
+                            enable_sleep_mode=enable_sleep_mode)
 
 
 class ResourcesConfig(Strict):

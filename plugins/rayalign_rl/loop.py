@@ -28,7 +28,7 @@ import ray
 from rayalign import telemetry
 from rayalign.cluster.worker_group import Placement, WorkerGroup
 from rayalign.rollout.sharding import generate_sharded
-from rayalign.rollout.vllm_engine import EngineConfig, Sampling
+from rayalign.rollout.vllm_engine import Sampling
 from rayalign.rollout.weight_sync import WeightSync, choose_transport
 from rayalign.stage import StageContext
 from rayalign.training.checkpoint import CheckpointStore, TrainingState
@@ -84,10 +84,7 @@ class RLLoop:
     def _start(self, placement: dict[str, Placement], reward_model: str | None) -> None:
         ctx, cfg = self.ctx, self.cfg
         model = ctx.artifacts.model
-        res = ctx.run.resources.rollout
-        engine = EngineConfig(model=model, gpu_memory_utilization=res.gpu_memory_utilization,
-                              max_model_len=res.max_model_len, seed=ctx.run.seed, dtype=res.dtype,
-                              tensor_parallel_size=res.tensor_parallel_size, enable_sleep_mode=self.colocated)
+        engine = ctx.run.resources.rollout.engine(model, ctx.run.seed, enable_sleep_mode=self.colocated)
         # Engines first: on a shared GPU vLLM sizes its KV cache from the memory free at start.
         self.engines = self._group("rollout", RolloutWorker, placement, lambda r, t: (engine, t))
         self.engines.run(lambda a, r: a.ping.remote(), self.timeouts.worker_start_s)

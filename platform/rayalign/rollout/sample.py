@@ -11,7 +11,7 @@ import time
 
 from rayalign import telemetry
 from rayalign.cluster.worker_group import WorkerGroup
-from rayalign.rollout.vllm_engine import Completion, EngineConfig, Sampling
+from rayalign.rollout.vllm_engine import Completion, Sampling
 from rayalign.stage import StageContext
 from rayalign.workers.rollout import RolloutWorker
 
@@ -19,11 +19,7 @@ from rayalign.workers.rollout import RolloutWorker
 def sample_completions(ctx: StageContext, model: str, prompts: list[list[int]], sampling: Sampling,
                        label: str = "rollout") -> list[list[Completion]]:
     """``sampling.n`` completions for each tokenized prompt, from ``model``."""
-    res = ctx.run.resources.rollout
-    engine = EngineConfig(
-        model=model, gpu_memory_utilization=res.gpu_memory_utilization, max_model_len=res.max_model_len,
-        seed=ctx.run.seed, dtype=res.dtype, tensor_parallel_size=res.tensor_parallel_size,
-    )
+    engine = ctx.run.resources.rollout.engine(model, ctx.run.seed)
     out: list[list[Completion]] = [[] for _ in prompts]
     with ctx.cluster.reserve(ctx.name, ["rollout"]) as placement:
         group = WorkerGroup(f"{ctx.actor_prefix}/{label}", RolloutWorker, placement["rollout"],
