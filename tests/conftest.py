@@ -42,3 +42,14 @@ def _capture_rayalign_log(caplog):
     logger.addHandler(caplog.handler)
     yield
     logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_does_not_outlive_its_module():
+    """A test module starts the Ray it needs (``ray.init`` or ``rayalign.testing``); one left running
+    would make the next module's ``ray.init`` fail or hand it a cluster sized for other tests."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
