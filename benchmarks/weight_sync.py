@@ -20,13 +20,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from memory_validation import SHAPES as QWEN2_SHAPES  # noqa: E402  (the published Qwen2 configs)
+
+# Their "tiny" has head_dim 16; vLLM's CPU attention needs 64, so the CPU dry run uses its own.
 SHAPES = {
-    # Qwen2-0.5B and Qwen2-1.5B (config.json of the released models; tied embeddings).
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    # A dry run of this script on a CPU machine (vLLM's CPU attention needs head_dim 64).
+    **{k: v for k, v in QWEN2_SHAPES.items() if k != "tiny"},
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
 }
