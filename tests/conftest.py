@@ -53,3 +53,16 @@ def _ray_does_not_outlive_its_module():
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _environment_does_not_outlive_its_module():
+    """vLLM run in the test process writes os.environ (LD_PRELOAD of torch's libgomp, its multiproc
+    method, ...). Processes started later inherit it, e.g. the next module's Ray workers, which a
+    user's driver never hands them: each module gets the environment it started with."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -7,8 +7,10 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -112,10 +114,27 @@ def test_bad_rl_configs_fail_before_any_worker(tmp_path, stage, options, key, wo
 @pytest.mark.slow
 def test_killed_reward_worker_resumes_rl_from_its_last_checkpoint(tmp_path, caplog):
     from rayalign.embedded import embedded_model_path
+    from rayalign.hookspecs import hookimpl
+    from rayalign.plugins import PluginManager
     from rayalign.testing import start_local_ray
-    from test_reliability import kill_trainer_after
 
     model = str(embedded_model_path(0, "arithmetic"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "00-grpo" / "step-00000002"
+    killed = {}
+
+    def kill_reward_actor_after_checkpoint(prompt, completion, **_):
+        """A rule reward runs on the driver just before the reward model is asked: the first call
+        after step 2's checkpoint SIGKILLs the reward actor, so step 3's scoring must hit the dead
+        process (a watcher thread racing the run could land after the actor's last use)."""
+        if checkpoint.exists() and not killed:
+            import ray
+
+            killed["pid"] = ray.get(ray.get_actor("grpo/reward/0").pid.remote(), timeout=30)
+            os.kill(killed["pid"], signal.SIGKILL)
+        return 0.0
+
+    plugin = types.ModuleType("kill_reward_actor")
+    plugin.register_rewards = hookimpl(lambda register: register("kill_reward_actor", kill_reward_actor_after_checkpoint))
     cfg = RunConfig.model_validate({
         "model": model, "data": ARITHMETIC, "output_dir": str(tmp_path / "run"),
         "reliability": {"checkpoint_every": 2},
@@ -124,14 +143,12 @@ def test_killed_reward_worker_resumes_rl_from_its_last_checkpoint(tmp_path, capl
         # A causal LM loads as a reward model with a fresh score head: enough to have a reward actor.
         "stages": [{"grpo": {"steps": 4, "prompts_per_step": 4, "num_generations": 2, "max_new_tokens": 16,
                              "kl_coef": 0.0, "eval_every": 4, "eval_prompts": 4, "reward_model": model,
-                             "rewards": [{"name": "format_check"}, {"name": "reward_model", "weight": 0.1}]}}],
+                             "rewards": [{"name": "format_check"}, {"name": "kill_reward_actor", "weight": 0.0},
+                                         {"name": "reward_model", "weight": 0.1}]}}],
     })
     start_local_ray(num_cpus=4)
     caplog.set_level(logging.INFO, logger="rayalign")
-    checkpoint = tmp_path / "run" / "checkpoints" / "00-grpo" / "step-00000002"
-    thread, killed = kill_trainer_after(checkpoint, actor_name="grpo/reward/0")
-    out = run_pipeline(cfg)
-    thread.join(timeout=5)
+    out = run_pipeline(cfg, plugins=PluginManager(extra_plugins=(plugin,)))
     metrics = json.loads((out / "00-grpo" / "metrics.json").read_text())["metrics"]
     assert killed["pid"] and metrics["restarts"] == 1
     messages = [r.getMessage() for r in caplog.records]

