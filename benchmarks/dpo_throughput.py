@@ -10,6 +10,7 @@ Sides (each in its own process, one after the other):
   computed once for every pair by a ``ReferenceWorker`` (timed, and charged to the throughput:
   ``pairs_per_s_with_reference``), then the stage's ``DPOObjective`` (sigmoid, beta 0.1) on
   DeepSpeed ZeRO-2 trainers stepped by ``training.loop.train_step``;
+* ``rayalign_labelled``: the same with the stage option ``logits: labelled`` (reference pass too);
 * ``trl``: ``DPOTrainer`` with TRL's defaults (reference model run every step, padded batches,
   gradient checkpointing on), sigmoid loss, beta 0.1.
 
@@ -67,7 +68,7 @@ def data(args, p: dict):
     return model, tok, records, pairs
 
 
-def run_rayalign(args) -> dict:
+def run_rayalign(args, labelled: bool = False) -> dict:
 
     from rayalign.cluster.runtime import Cluster
     from rayalign.cluster.worker_group import WorkerGroup
@@ -81,7 +82,7 @@ def run_rayalign(args) -> dict:
     stage = DPOStage(DPOConfig(max_tokens_per_micro_batch=p["micro_batch_tokens"], max_length=p["max_length"]))
     stage.unlikelihood = None
     batches = stage._batches(pairs)
-    objective = DPOObjective(SigmoidDPOLoss(beta=p["beta"]))
+    objective = DPOObjective(SigmoidDPOLoss(beta=p["beta"]), labelled=labelled)
     on_gpu = common.cuda_available()
     common.start_ray(1 if on_gpu else None)
     resources = {"reference": {"num_gpus": 1 if on_gpu else 0, "num_cpus": 2 if on_gpu else 1}}
@@ -142,7 +143,7 @@ def run_trl(args) -> dict:
             "precompute_ref_log_probs": config.precompute_ref_log_probs}
 
 
-SIDES = {"rayalign": run_rayalign, "trl": run_trl}
+SIDES = {"rayalign": run_rayalign, "rayalign_labelled": lambda a: run_rayalign(a, True), "trl": run_trl}
 
 
 def summary(results: dict) -> dict:
@@ -151,6 +152,7 @@ def summary(results: dict) -> dict:
     out = {"pairs_per_s_median": with_ref, "pairs_per_s_train_steps_only": train_only,
            "peak_gib": common.peak_gib(results),
            "vs_trl": common.ratio(with_ref.get("rayalign"), with_ref.get("trl")),
+           "labelled_vs_full": common.ratio(with_ref.get("rayalign_labelled"), with_ref.get("rayalign")),
            "target": "rayalign >= 1.5x TRL DPOTrainer (pairs/s, rayalign's reference pass included)"}
     out["target_met"] = out["vs_trl"] is not None and out["vs_trl"] >= 1.5
     return out

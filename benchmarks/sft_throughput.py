@@ -9,6 +9,8 @@ Sides (each in its own process, one after the other, on the same model, data and
   packed padding-free by ``rayalign_sft.stage.pack`` (position ids restart per sequence), the
   stage's ``SFTObjective`` on DeepSpeed ZeRO-2 ``TrainerWorker``s in a ``WorkerGroup``, stepped by
   ``training.loop.train_step``;
+* ``rayalign_labelled``: the same with the stage option ``logits: labelled`` (the head only where a
+  label follows, log-softmax in checkpointed chunks: training/labelled_logps.py);
 * ``trl_default``: ``SFTTrainer`` with TRL's defaults (padded batches, gradient checkpointing on);
 * ``trl_padding_free``: the same with ``padding_free=True`` (one flattened row per micro-batch).
 
@@ -56,14 +58,14 @@ def data(args, p: dict):
     return model, tok, [tokenize_conversation(tok, r["messages"], None) for r in records]
 
 
-def run_rayalign(args) -> dict:
+def run_rayalign(args, labelled: bool = False) -> dict:
     from rayalign_sft.loss import CrossEntropyLoss
     from rayalign_sft.stage import SFTObjective, pack
 
     p = plan(args)
     model, _, tokenized = data(args, p)
     batches = pack(tokenized, p["micro_batch_tokens"], args.seed)
-    out = common.rayalign_train(model, batches, SFTObjective(CrossEntropyLoss()), gpus=p["gpus"],
+    out = common.rayalign_train(model, batches, SFTObjective(CrossEntropyLoss(), labelled), gpus=p["gpus"],
                                 grad_accum=p["grad_accum"], warmup=p["warmup"], steps=p["steps"],
                                 grad_ckpt=p["grad_ckpt"])
     out["tokens_per_s"] = common.throughput(out["step_seconds"], out["step_counts"])
@@ -113,7 +115,7 @@ def run_trl(args, padding_free: bool) -> dict:
             "gradient_checkpointing": config.gradient_checkpointing}
 
 
-SIDES = {"rayalign": run_rayalign, "trl_default": lambda a: run_trl(a, False),
+SIDES = {"rayalign": run_rayalign, "rayalign_labelled": lambda a: run_rayalign(a, True), "trl_default": lambda a: run_trl(a, False),
          "trl_padding_free": lambda a: run_trl(a, True)}
 
 
@@ -128,6 +130,7 @@ def summarize(shape: str):
             "peak_gib": common.peak_gib(results),
             "vs_trl_default": common.ratio(rate.get("rayalign"), rate.get("trl_default")),
             "vs_trl_best": common.ratio(rate.get("rayalign"), trl_best),
+            "labelled_vs_full": common.ratio(rate.get("rayalign_labelled"), rate.get("rayalign")),
             "target": "rayalign >= 1.3x TRL default and >= 1.0x TRL best",
         }
         out["target_met"] = (out["vs_trl_default"] is not None and out["vs_trl_best"] is not None

@@ -82,12 +82,14 @@ def test_sft_dry_run(tmp_path):
     result = run_dry("sft_throughput.py", tmp_path / "out")
     check_header(result, "sft_throughput.py")
     sides = result["sides"]
-    assert set(sides) == {"rayalign", "trl_default", "trl_padding_free"}
+    assert set(sides) == {"rayalign", "rayalign_labelled", "trl_default", "trl_padding_free"}
     for name, side in sides.items():
         assert "error" not in side, (name, side.get("error"), side.get("stderr_tail"))
         rate = side["tokens_per_s"]["per_step"]
         assert rate["n"] == 2 and rate["min"] <= rate["median"] <= rate["max"] and rate["min"] > 0
     assert all(loss == loss for loss in sides["rayalign"]["losses"])  # finite: the objective really ran
+    # logits: labelled trains on the same data from the same start: the same first loss.
+    assert sides["rayalign_labelled"]["losses"][0] == pytest.approx(sides["rayalign"]["losses"][0], abs=1e-4)
     assert sides["rayalign"]["padding_share"] == 0 == sides["trl_padding_free"]["padding_share"]
     assert sides["trl_default"]["padding_share"] > 0.1  # padded batches of a long-tailed mix
     assert sides["trl_default"]["gradient_checkpointing"] is True  # TRL's default, kept
@@ -108,6 +110,9 @@ def test_dpo_dry_run(tmp_path):
     assert ray_side["pairs_per_s_with_reference"] < ray_side["pairs_per_s"]["per_step"]["median"]
     assert trl["precompute_ref_log_probs"] is False and trl["pairs_per_s"]["per_step"]["n"] == 2
     assert result["summary"]["vs_trl"] > 0
+    labelled = result["sides"]["rayalign_labelled"]
+    assert "error" not in labelled, labelled.get("stderr_tail")
+    assert labelled["losses"][0] == pytest.approx(ray_side["losses"][0], abs=1e-4)
 
 
 @pytest.mark.slow

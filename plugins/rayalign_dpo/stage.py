@@ -29,6 +29,7 @@ from rayalign.data.validation import within_max_length
 from rayalign.errors import ConfigError, DataError
 from rayalign.stage import Stage, StageResult
 from rayalign.training.loop import TrainerSession, TrainingConfig
+from rayalign.training.labelled_logps import LogitsMode, labelled_sequence_logps
 from rayalign.training.losses import IGNORE_INDEX, Loss, sequence_logps
 from rayalign.workers.reference import ReferenceWorker
 
@@ -47,6 +48,7 @@ class DPOConfig(TrainingConfig):
                                     "occurred earlier in the answer")
     sft_weight: float = Field(0.0, ge=0, description="weight of the chosen answers' mean token NLL added to the "
                               "loss (RPO; TRL's rpo_alpha): keeps DPO from lowering the chosen answers too (0: off)")
+    logits: LogitsMode = "full"
 
 
 @dataclass
@@ -55,42 +57,40 @@ class DPOObjective:
     unlikelihood: Loss | None = None  # optional token-level term, weighted by ``unlikelihood_weight``
     unlikelihood_weight: float = 0.0
     sft_weight: float = 0.0  # optional NLL of the chosen answers (Pang et al. 2024, "RPO")
+    labelled: bool = False  # score without the full logits (training/labelled_logps.py); not with unlikelihood
 
-    def logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-pair log-probs of chosen and rejected completions (summed, or mean for IPO)."""
+    def _forward(self, model, batch) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """Completion log-prob sums and token counts per packed sequence, and the logits when kept."""
+        num_seqs = int(batch["sequence_ids"].max()) + 1
+        if self.labelled:
+            return labelled_sequence_logps(model, batch, num_seqs), None
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        return self.pair_logps(logits, batch)
+        return sequence_logps(logits, batch["labels"], batch["sequence_ids"], num_seqs), logits
 
-    def pair_logps(self, logits, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        sums, counts = self._sequences(logits, batch)
+    def _pairs(self, sums, counts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair log-probs of chosen and rejected completions (summed, or mean for IPO)."""
         logps = sums / counts.clamp(min=1) if getattr(self.loss, "uses_mean_logps", False) else sums
         return logps[0::2], logps[1::2]
 
-    @staticmethod
-    def _sequences(logits, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        num_seqs = int(batch["sequence_ids"].max()) + 1
-        return sequence_logps(logits, batch["labels"], batch["sequence_ids"], num_seqs)
+    def logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the reference worker computes once per micro-batch: ``_pairs`` of one forward pass."""
+        return self._pairs(*self._forward(model, batch)[0])
 
     def weight(self, batch) -> float:
         return float(int(batch["sequence_ids"].max()) + 1) / 2  # pairs in the row
 
     def __call__(self, model, batch):
-        if self.unlikelihood is None and not self.sft_weight:  # plain DPO/IPO, as TRL computes it
-            chosen, rejected = self.logps(model, batch)
-            loss, metrics = self.loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
-        else:  # extra terms read the same forward pass
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-            chosen, rejected = self.pair_logps(logits, batch)
-            loss, metrics = self.loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
-            if self.sft_weight:
-                sums, counts = self._sequences(logits, batch)
-                nll = -sums[0::2].sum() / counts[0::2].sum().clamp(min=1)
-                loss = loss + self.sft_weight * nll
-                metrics["chosen_nll"] = nll.item()
-            if self.unlikelihood is not None:
-                ul, ul_metrics = self.unlikelihood(logits, batch["labels"], batch["ul_mask"])
-                loss = loss + self.unlikelihood_weight * ul
-                metrics.update(ul_metrics)
+        (sums, counts), logits = self._forward(model, batch)
+        chosen, rejected = self._pairs(sums, counts)
+        loss, metrics = self.loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
+        if self.sft_weight:
+            nll = -sums[0::2].sum() / counts[0::2].sum().clamp(min=1)
+            loss = loss + self.sft_weight * nll
+            metrics["chosen_nll"] = nll.item()
+        if self.unlikelihood is not None:
+            ul, ul_metrics = self.unlikelihood(logits, batch["labels"], batch["ul_mask"])
+            loss = loss + self.unlikelihood_weight * ul
+            metrics.update(ul_metrics)
         metrics["count"] = float(chosen.numel())
         return loss, metrics
 
@@ -136,6 +136,9 @@ class DPOStage(Stage):
         self.unlikelihood = None
         if cfg.unlikelihood > 0:
             self.unlikelihood = plugins.losses.get("unlikelihood", where=f"stages[{index}].dpo.unlikelihood")()
+            if cfg.logits == "labelled":
+                raise ConfigError(f"stages[{index}].dpo.logits", "'labelled' cannot serve unlikelihood > 0, which "
+                                  "reads the logits (use logits: full)")
         self.formats, self.train, self.eval = plugins.formats, None, None
         data_keys = [k for k, v in type(run.data).model_fields.items() if v.annotation == (str | None)]
         if cfg.dataset in data_keys:
@@ -192,7 +195,8 @@ class DPOStage(Stage):
         train, held = self._batches(self.train), self._batches(self.eval)
         if not train:
             raise DataError(self.source, "no training pairs left after the held-out split")
-        objective = DPOObjective(self.loss, self.unlikelihood, self.config.unlikelihood, self.config.sft_weight)
+        objective = DPOObjective(self.loss, self.unlikelihood, self.config.unlikelihood, self.config.sft_weight,
+                                 labelled=self.config.logits == "labelled")
         timeouts = ctx.run.timeouts
         with ctx.cluster.reserve(ctx.name, ["trainer", "reference"]) as placement:
             ref = WorkerGroup(f"{ctx.actor_prefix}/reference", ReferenceWorker, placement["reference"],

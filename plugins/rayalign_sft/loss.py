@@ -15,6 +15,7 @@ class CrossEntropyLoss(Loss):
     """
 
     name = "sft"
+    needs_logits = False
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         targets = labels[:, 1:].reshape(-1)
@@ -23,4 +24,10 @@ class CrossEntropyLoss(Loss):
             logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
         )
         loss = total / num_tokens.clamp(min=1)
+        return loss, {"loss": loss.item(), "count": float(num_tokens.item())}
+
+    def from_token_logps(self, logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The same loss from the labelled tokens' log-probs (zero where ``mask`` is false)."""
+        num_tokens = mask.sum()
+        loss = -logps.sum() / num_tokens.clamp(min=1)
         return loss, {"loss": loss.item(), "count": float(num_tokens.item())}

@@ -13,6 +13,7 @@ from rayalign.data.validation import within_max_length
 from rayalign.errors import ConfigError, DataError
 from rayalign.stage import Stage, StageResult
 from rayalign.training.loop import TrainerSession, TrainingConfig
+from rayalign.training.labelled_logps import LogitsMode, labelled_token_logps
 from rayalign.training.losses import IGNORE_INDEX, Loss
 
 
@@ -25,15 +26,21 @@ class SFTConfig(TrainingConfig):
     epochs: int = Field(3, ge=1, description="passes over the training split")
     max_length: int = Field(1024, ge=8, description="tokens per conversation after the chat template; a longer one "
                             "is a bad record (`data.bad_records`), never truncated")
+    logits: LogitsMode = "full"
 
 
 @dataclass
 class SFTObjective:
-    """One packed row through the model, then the configured token loss."""
+    """One packed row through the model, then the configured token loss (on the full logits, or
+    with ``labelled`` on the labelled tokens' log-probs: training/labelled_logps.py)."""
 
     loss: Loss
+    labelled: bool = False
 
     def __call__(self, model, batch):
+        if self.labelled:
+            scored = labelled_token_logps(model, batch)
+            return self.loss.from_token_logps(scored.logps, scored.mask)
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         return self.loss(logits, batch["labels"])
 
@@ -55,6 +62,9 @@ class SFTStage(Stage):
     def prepare(self, run, plugins, artifacts, index):
         cfg = self.config
         self.loss_cls = plugins.losses.get(cfg.loss, where=f"stages[{index}].sft.loss")
+        if cfg.logits == "labelled" and self.loss_cls.needs_logits:
+            raise ConfigError(f"stages[{index}].sft.logits", f"'labelled' needs a loss that works from token "
+                              f"log-probs; loss {cfg.loss!r} needs the logits (use logits: full)")
         self.formats, self.train = plugins.formats, None
         data_keys = [k for k, v in type(run.data).model_fields.items() if v.annotation == (str | None)]
         if cfg.dataset in data_keys and cfg.eval_dataset is None:
@@ -96,7 +106,7 @@ class SFTStage(Stage):
             raise DataError(self.source, "no training examples left after the held-out split (data.eval_fraction)")
         train_batches = pack(train, cfg.max_tokens_per_micro_batch, ctx.run.seed)
         eval_batches = pack(held, cfg.max_tokens_per_micro_batch, ctx.run.seed)
-        objective = SFTObjective(self.loss_cls())
+        objective = SFTObjective(self.loss_cls(), labelled=cfg.logits == "labelled")
         with ctx.cluster.reserve(ctx.name, ["trainer"]) as placement:
             session = TrainerSession(ctx, placement["trainer"], cfg, objective, train_batches, eval_batches)
             before, history, after = session.train_and_save(str(ctx.work_dir / "model"))

@@ -18,6 +18,9 @@ class Loss(torch.nn.Module):
     """Base class of registered losses. ``name`` is the key configs use."""
 
     name: ClassVar[str]
+    # False for a token loss that also implements ``from_token_logps(logps, mask)``: it can then run
+    # on the labelled tokens' log-probs alone (a stage's ``logits: labelled``), never seeing logits.
+    needs_logits: ClassVar[bool] = True
 
     def __init__(self, **options: float):
         super().__init__()

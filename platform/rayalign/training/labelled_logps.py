@@ -1,0 +1,96 @@
+"""Log-probs of only the tokens a batch trains on, without the full [tokens x vocabulary] logits.
+
+A causal LM's output head and its log-softmax are the largest activations of a fine-tuning step
+at today's vocabularies (Qwen2: 152k entries; about 12 bytes per token x entry on CUDA with the
+fp32 copy and the gradients, docs/memory.md), and a chat dataset trains on a fraction of its
+tokens (the assistant turns). So:
+
+1. the model runs its head only at positions whose next token has a label (transformers'
+   ``logits_to_keep`` with an index tensor; a model without it gives full logits, which are then
+   indexed, so the result is the same, only the saving is lost);
+2. the log-softmax runs in chunks under activation checkpointing, so no fp32 copy of the kept
+   logits outlives its chunk: backward recomputes it chunk by chunk.
+
+The result equals ``shifted_token_logps`` on the full logits at the kept positions (same
+arithmetic, so within float rounding); tests/test_labelled_logps.py checks values and gradients.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+from torch.utils.checkpoint import checkpoint
+
+from rayalign.training.losses import IGNORE_INDEX
+
+CHUNK_TOKENS = 1024  # positions per log-softmax chunk: 1024 x 152k fp32 = 0.6 GB at most, briefly
+
+# The stage option (SFT, DPO) that turns this on. Off by default until its GPU figures are in
+# docs/performance.md: the memory planner's logits term was validated on the full logits.
+LogitsMode = Annotated[Literal["full", "labelled"], Field(
+    description="full: the model's logits at every position; labelled: the output head only where the next "
+                "token is trained, log-softmax in checkpointed chunks (less memory and head compute; "
+                "needs a loss that works from token log-probs)")]
+
+
+@dataclass
+class LabelledLogps:
+    """``logps[b, k]``: log-prob of the label after position ``positions[k]`` in row ``b``;
+    ``mask[b, k]`` says whether that label counts (rows of one batch share the kept positions)."""
+
+    logps: torch.Tensor  # [B, K], float32, zero where masked
+    mask: torch.Tensor  # [B, K], bool
+    positions: torch.Tensor  # [K], positions t of the input scoring label t + 1
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Under a DeepSpeed engine and a PEFT wrapper, does the causal LM's forward take ``logits_to_keep``?"""
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps_of(logits: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """``log softmax(logits)[target]`` for [N, V] logits and [N] targets, ``chunk`` rows at a time;
+    with gradients on, each chunk is checkpointed (its fp32 work is redone in backward, not kept)."""
+    save = torch.is_grad_enabled() and logits.requires_grad
+    parts = []
+    for start in range(0, logits.size(0), chunk):
+        rows, tgt = logits[start:start + chunk], targets[start:start + chunk]
+        parts.append(checkpoint(_chunk_logps, rows, tgt, use_reentrant=False) if save else _chunk_logps(rows, tgt))
+    return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
+
+
+def labelled_token_logps(model, batch: dict, chunk: int = CHUNK_TOKENS) -> LabelledLogps:
+    """Run ``model`` on a (packed) batch and score the labelled tokens, as described above."""
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    positions = mask.any(dim=0).nonzero().squeeze(-1)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if _accepts_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=positions).logits  # [B, K, V]
+    else:
+        logits = model(**inputs).logits[:, positions]
+    kept_targets, kept_mask = targets[:, positions], mask[:, positions]
+    flat = token_logps_of(logits.reshape(-1, logits.size(-1)), kept_targets.masked_fill(~kept_mask, 0).reshape(-1),
+                          chunk)
+    return LabelledLogps(flat.view(kept_mask.shape) * kept_mask, kept_mask, positions)
+
+
+def labelled_sequence_logps(model, batch: dict, num_sequences: int,
+                            chunk: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequence_logps`` (sums and token counts per packed sequence) by way of ``labelled_token_logps``."""
+    scored = labelled_token_logps(model, batch, chunk)
+    owner = batch["sequence_ids"][:, 1:][:, scored.positions].reshape(-1)
+    sums = scored.logps.new_zeros(num_sequences).index_add_(0, owner, scored.logps.reshape(-1))
+    counts = scored.logps.new_zeros(num_sequences).index_add_(0, owner, scored.mask.reshape(-1).float())
+    return sums, counts
