@@ -9,8 +9,8 @@ Actor groups (each its own resources, or sharing the trainer's GPUs when ``coloc
 * ``reward``: a reward model (only when one is configured); rule rewards run on the driver.
 
 One step: sample ``num_generations`` answers for each of ``prompts_per_step`` prompts; score
-them; compute reference and old log-probs (and values) on packed rows; turn rewards into
-advantages; run ``ppo_epochs`` passes of clipped updates; push the new weights to the engines
+them while the reference and old log-probs (and values) are computed on packed rows (the actor
+groups work at once); turn rewards into advantages; run ``ppo_epochs`` passes of clipped updates; push the new weights to the engines
 with a version. Engines stamp completions with the version they sampled under, and any answer
 from an older version is counted as stale and dropped.
 """
@@ -21,6 +21,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import ray
@@ -157,39 +158,54 @@ class RLLoop:
 
     def score(self, prompts: list[Prompt], episodes: list[Episode]) -> None:
         """Every reward term of every episode, and their weighted sum (``episode.reward``)."""
-        for term in self.rewards:
-            if term.fn is None:
-                values = self._reward_model_scores(prompts, episodes)
-            else:
-                values = [float(term.fn(prompts[e.prompt_index].text, e.text,
-                                        reference=prompts[e.prompt_index].reference, **term.options)) for e in episodes]
-            for e, v in zip(episodes, values):
-                e.reward_terms[term.name] = v
-        for e in episodes:
-            e.reward = sum(t.weight * e.reward_terms[t.name] for t in self.rewards)
+        self.start_rewards(prompts, episodes)()
 
-    def _reward_model_scores(self, prompts: list[Prompt], episodes: list[Episode]) -> list[float]:
-        convs = [prompts[e.prompt_index].messages + [{"role": "assistant", "content": e.text}] for e in episodes]
-        shards = _shards(len(convs), len(self.reward_model))
-        results = self.reward_model.run(lambda a, r: a.score.remote([convs[i] for i in shards[r]]),
-                                        self.timeouts.step_s)
-        out = [0.0] * len(convs)
-        for shard, scores in zip(shards, results):
-            for i, s in zip(shard, scores):
-                out[i] = s
-        return out
+    def start_rewards(self, prompts: list[Prompt], episodes: list[Episode]) -> Callable[[], None]:
+        """Put the reward model to work on the episodes and return ``finish()``, which runs the rule
+        rewards on the driver, waits for the model's scores and sets every term and the weighted
+        sum (``episode.reward``). What the caller starts in between overlaps with the scoring."""
+        in_flight = None
+        if any(term.fn is None for term in self.rewards):
+            convs = [prompts[e.prompt_index].messages + [{"role": "assistant", "content": e.text}] for e in episodes]
+            shards = _shards(len(convs), len(self.reward_model))
+            in_flight = self.reward_model.submit(lambda a, r: a.score.remote([convs[i] for i in shards[r]]))
 
-    def _per_episode(self, group: WorkerGroup, rows: list[PackedRow], call, episodes, names: list[str]) -> None:
-        """Run ``call(actor, row ids)`` over the rows sharded across ``group``; store the returned
-        per-token tensors in each episode's ``arrays`` under ``names``."""
+        def finish() -> None:
+            for term in self.rewards:
+                if term.fn is not None:
+                    values = [float(term.fn(prompts[e.prompt_index].text, e.text,
+                                            reference=prompts[e.prompt_index].reference, **term.options))
+                              for e in episodes]
+                    for e, v in zip(episodes, values):
+                        e.reward_terms[term.name] = v
+            if in_flight is not None:
+                results = self.reward_model.wait(in_flight, self.timeouts.step_s)
+                model_terms = [t.name for t in self.rewards if t.fn is None]
+                for shard, scores in zip(shards, results):
+                    for i, value in zip(shard, scores):
+                        for name in model_terms:
+                            episodes[i].reward_terms[name] = value
+            for e in episodes:
+                e.reward = sum(t.weight * e.reward_terms[t.name] for t in self.rewards)
+
+        return finish
+
+    def _start_per_episode(self, group: WorkerGroup, rows: list[PackedRow], call, names: list[str]) -> Callable:
+        """Start ``call(actor, row ids)`` over the rows sharded across ``group``; the returned
+        ``collect(episodes)`` waits and stores the per-token tensors in each episode's ``arrays``
+        under ``names``."""
         shards = _shards(len(rows), len(group))
-        results = group.run(lambda a, r: call(a, shards[r]), self.timeouts.step_s)
-        for shard, outputs in zip(shards, results):
-            for row_id, tensors in zip(shard, outputs):
-                row = rows[row_id]
-                for name, tensor in zip(names, tensors):
-                    for e, values in zip(row.episodes, gather(row, tensor)):
-                        episodes[e].arrays[name] = values
+        in_flight = group.submit(lambda a, r: call(a, shards[r]))
+
+        def collect(episodes: list[Episode]) -> None:
+            for shard, outputs in zip(shards, group.wait(in_flight, self.timeouts.step_s)):
+                for row_id, tensors in zip(shard, outputs):
+                    row = rows[row_id]
+                    for name, tensor in zip(names, tensors):
+                        for e, values in zip(row.episodes, gather(row, tensor)):
+                            episodes[e].arrays[name] = values
+
+        return collect
 
     def advantages(self, prompts: list[Prompt], episodes: list[Episode]) -> None:
         cfg = self.cfg
@@ -224,23 +240,27 @@ class RLLoop:
         t["generate"] = time.monotonic() - clock
         if not episodes:
             raise RuntimeError(f"step {step}: every sampled answer was stale or empty")
+        # Rewards and log-probs are independent given the episodes: the reward model, the policy,
+        # the reference and the critic all work at once while the driver runs the rule rewards.
         clock = time.monotonic()
-        self.score(prompts, episodes)
-        t["reward"] = time.monotonic() - clock
-
-        clock = time.monotonic()
+        finish_rewards = self.start_rewards(prompts, episodes)
         rows = pack(episodes, cfg.max_tokens_per_micro_batch, self.ctx.run.seed + step)
         data = ray.put([to_numpy(r.batch) for r in rows])
         self.policy.run(lambda a, r: a.load_batches.remote(data), self.timeouts.step_s)
-        forward, ref_logps = PolicyForward(cfg.temperature), TokenLogps(cfg.temperature)
-        self._per_episode(self.policy, rows, lambda a, ids: a.compute.remote(forward, ids),
-                          episodes, ["old_logps", "entropy", "raw_logps"])
-        if self.reference is not None:
-            self._per_episode(self.reference, rows, lambda a, ids: a.score.remote(ref_logps, [rows[i].batch for i in ids]),
-                              episodes, ["ref_logps"])
         if self.critic is not None:
             self.critic.run(lambda a, r: a.load_batches.remote(data), self.timeouts.step_s)
-            self._per_episode(self.critic, rows, lambda a, ids: a.compute.remote(token_values, ids), episodes, ["values"])
+        forward, ref_logps = PolicyForward(cfg.temperature), TokenLogps(cfg.temperature)
+        passes = [self._start_per_episode(self.policy, rows, lambda a, ids: a.compute.remote(forward, ids),
+                                          ["old_logps", "entropy", "raw_logps"])]
+        if self.reference is not None:
+            passes.append(self._start_per_episode(
+                self.reference, rows, lambda a, ids: a.score.remote(ref_logps, [rows[i].batch for i in ids]), ["ref_logps"]))
+        if self.critic is not None:
+            passes.append(self._start_per_episode(self.critic, rows, lambda a, ids: a.compute.remote(token_values, ids),
+                                                  ["values"]))
+        finish_rewards()
+        for collect in passes:
+            collect(episodes)
         self.advantages(prompts, episodes)
         t["score"] = time.monotonic() - clock
 

@@ -81,6 +81,7 @@ class RLStage(Stage):
             try:
                 history, evals = loop.run()
                 loop.save(str(ctx.work_dir / "model"))
+                transport = loop.sync.transport
             finally:
                 loop.shutdown()
         first, last = evals[0], evals[-1]
@@ -97,6 +98,7 @@ class RLStage(Stage):
                 "evals": evals,
                 "steps": len(history),
                 "stale_rollouts": sum(m["stale"] for m in history),
+                "sync_transport": transport,
                 "time_share": {k[len("time/"):-len("_s")]: v / spent for k, v in totals.items()},
                 "train_prompts": len(self.train),
                 "eval_prompts": min(len(self.held_out), cfg.eval_prompts),

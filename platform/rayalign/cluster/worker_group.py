@@ -60,11 +60,16 @@ class WorkerGroup:
 
     def run(self, call: Callable[[Any, int], "ray.ObjectRef"], timeout_s: float, ranks: Sequence[int] | None = None) -> list[Any]:
         """Issue ``call(actor, rank)`` on the chosen ranks and wait for all, within ``timeout_s``."""
+        return self.wait(self.submit(call, ranks), timeout_s)
+
+    def submit(self, call: Callable[[Any, int], "ray.ObjectRef"], ranks: Sequence[int] | None = None) -> dict["ray.ObjectRef", int]:
+        """Issue ``call(actor, rank)`` on the chosen ranks without waiting, so the driver can keep
+        other groups busy meanwhile; ``wait`` collects the answers (and names whoever fails)."""
         ranks = list(range(len(self.actors))) if ranks is None else list(ranks)
-        refs = {call(self.actors[r], r): r for r in ranks}
-        return self.wait(refs, timeout_s)
+        return {call(self.actors[r], r): r for r in ranks}
 
     def wait(self, refs: dict["ray.ObjectRef", int], timeout_s: float) -> list[Any]:
+        """The answers to ``submit``'s calls in rank order, within ``timeout_s`` from now."""
         results: dict[int, Any] = {}
         deadline = time.monotonic() + timeout_s
         pending = list(refs)
