@@ -195,3 +195,20 @@ def test_an_sft_stage_on_deepspeed_takes_the_same_first_step_either_way(tmp_path
     assert abs(first_full - first_lab) < 1e-5, (first_full, first_lab)
     assert len(labelled.metrics["history"]) == len(full.metrics["history"])
     assert abs(labelled.metrics["eval_loss"] - full.metrics["eval_loss"]) < 1e-3
+
+
+def test_a_lora_model_passes_logits_to_keep_through_peft(tiny_model_path, sft_batch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    seen = []
+    hook = lora.get_output_embeddings().register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))
+    try:
+        full, _ = SFTObjective(CrossEntropyLoss())(lora, sft_batch)
+        labelled, _ = SFTObjective(CrossEntropyLoss(), labelled=True)(lora, sft_batch)
+    finally:
+        hook.remove()
+    assert seen[1] < seen[0] == sft_batch["input_ids"].shape[1]  # the PEFT wrapper kept the head's input short
+    assert abs(full.item() - labelled.item()) < 1e-6
