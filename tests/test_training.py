@@ -77,3 +77,61 @@ def test_lora_sft_writes_a_merged_model_and_its_adapter(local_ray, tmp_path):
     q_base = base.model.layers[0].self_attn.q_proj.weight
     assert not torch.allclose(q_merged, q_base)
     assert torch.equal(merged.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_a_short_step_is_split_evenly_without_empty_slots():
+    from rayalign.training.loop import split_step
+
+    weights = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    # Full: 2 ranks x grad_accum 2, consecutive micro-batches per rank.
+    ranks, scales = split_step([4, 5, 6, 7], weights, ranks=2, grad_accum=2)
+    assert ranks == [[4, 5], [6, 7]]
+    # Short (3 of 8 slots): 2 micro-batches per rank, not 4; one filler at scale 0.
+    ranks, scales = split_step([1, 2, 3], weights, ranks=2, grad_accum=4)
+    assert ranks == [[1, 2], [3, 1]] and scales[1][1] == 0.0
+    # Scales make the step one weighted mean: sum(scale / (ga * ranks) * weight-normalised loss) == 1.
+    live = [s for row in scales for s in row if s]
+    assert sum(live) / (4 * 2) == pytest.approx(1.0)
+    assert split_step([0], weights, ranks=1, grad_accum=4) == ([[0]], [[4.0]])
+    with pytest.raises(ValueError, match="a step takes 1 to 4 micro-batches, not 5"):
+        split_step([0, 1, 2, 3, 4], weights, ranks=1, grad_accum=4)
+
+
+@pytest.mark.slow
+def test_one_micro_batch_with_grad_accum_4_steps_like_grad_accum_1(local_ray, tiny_model_path, tokenizer):
+    """DeepSpeed's accumulation boundary is set per call: a short step still updates the weights,
+    by the same amount as a step at grad_accum 1 on the same micro-batch."""
+    from rayalign.cluster.runtime import Cluster
+    from rayalign.cluster.worker_group import WorkerGroup
+    from rayalign.config import ResourcesConfig
+    from rayalign.data.chat import tokenize_conversation
+    from rayalign.data.packing import collate_packed
+    from rayalign.data.synthetic import SyntheticWorld
+    from rayalign.training.loop import to_numpy, train_step
+    from rayalign.workers.trainer import TrainerWorker, TrainSpec
+    from rayalign_sft.loss import CrossEntropyLoss
+    from rayalign_sft.stage import SFTObjective
+
+    examples = SyntheticWorld(0).chat_examples()[:4]
+    rows = [to_numpy(collate_packed([tokenize_conversation(tokenizer, e["messages"], 256)])) for e in examples]
+    objective = SFTObjective(CrossEntropyLoss())
+
+    def loss_of(model, batch):
+        return (objective(model, batch)[0],)
+
+    losses = {}
+    for ga in (4, 1):
+        with Cluster(ResourcesConfig()).reserve(f"ga{ga}", ["trainer"]) as placement:
+            group = WorkerGroup(f"ga{ga}/trainer", TrainerWorker, placement["trainer"], lambda r: (r, 1, 1))
+            master = group.run(lambda a, r: a.free_address.remote(), 120)[0]
+            spec = TrainSpec(model_path=tiny_model_path, total_steps=4, lr=1e-3, warmup_ratio=0.0, grad_accum=ga,
+                             bf16=False)
+            group.run(lambda a, r: a.setup.remote(master, spec, objective), 300)
+            group.run(lambda a, r: a.load_batches.remote(rows), 60)
+            before = group.run(lambda a, r: a.compute.remote(loss_of, [0]), 60)[0][0][0].item()
+            train_step(group, [0], [1.0] * len(rows), ga, 120)
+            losses[ga] = (before, group.run(lambda a, r: a.compute.remote(loss_of, [0]), 60)[0][0][0].item())
+            group.shutdown()
+    (before4, after4), (before1, after1) = losses[4], losses[1]
+    assert before4 == before1 and after4 < before4 - 1e-3  # the step happened
+    assert after4 == pytest.approx(after1, abs=1e-6)

@@ -215,22 +215,32 @@ def start_trainers(ctx: StageContext, placement: Placement, spec: TrainSpec, obj
     return group
 
 
-def train_step(group: WorkerGroup, chunk: list[int], weights: list[float], grad_accum: int, timeout_s: float) -> dict:
-    """One optimizer step on the loaded micro-batches ``chunk`` (``len(group) * grad_accum`` of them,
-    or fewer: missing slots are filled with a micro-batch at scale 0, which adds no gradient).
+def split_step(chunk: list[int], weights: list[float], ranks: int, grad_accum: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Which micro-batches each rank runs for one optimizer step on ``chunk``, and the scale of each.
+
+    A step holds ``ranks * grad_accum`` micro-batches, or fewer (an epoch's tail, a small RL
+    batch). Each rank takes ``ceil(len(chunk) / ranks)`` consecutive ones, since ZeRO reduces
+    gradients in every backward and so every rank must run as many; a slot left over (fewer than
+    one per rank) gets a micro-batch at scale 0, which adds no gradient.
 
     DeepSpeed divides each micro-batch loss by grad_accum and averages gradients over ranks;
     scaling by weight * ga * n / total undoes both and leaves the step's loss as
     sum(weight_i * mean_loss_i) / total: one mean over the step.
     """
-    n = len(group)
-    slots = n * grad_accum
-    padded = list(chunk) + [chunk[0]] * (slots - len(chunk))
-    live = [True] * len(chunk) + [False] * (slots - len(chunk))
+    if not 0 < len(chunk) <= ranks * grad_accum:
+        raise ValueError(f"a step takes 1 to {ranks * grad_accum} micro-batches, not {len(chunk)}")
+    per = -(-len(chunk) // ranks)
+    padded = list(chunk) + [chunk[0]] * (ranks * per - len(chunk))
     total = sum(weights[i] for i in chunk) or 1.0
-    per_rank = [padded[r * grad_accum : (r + 1) * grad_accum] for r in range(n)]
-    scales = [[weights[i] * grad_accum * n / total if live[r * grad_accum + k] else 0.0 for k, i in enumerate(ids)]
+    per_rank = [padded[r * per : (r + 1) * per] for r in range(ranks)]
+    scales = [[weights[i] * grad_accum * ranks / total if r * per + k < len(chunk) else 0.0 for k, i in enumerate(ids)]
               for r, ids in enumerate(per_rank)]
+    return per_rank, scales
+
+
+def train_step(group: WorkerGroup, chunk: list[int], weights: list[float], grad_accum: int, timeout_s: float) -> dict:
+    """One optimizer step on the loaded micro-batches ``chunk``, split across ranks by ``split_step``."""
+    per_rank, scales = split_step(chunk, weights, len(group), grad_accum)
     results = group.run(lambda a, r: a.train_step.remote(per_rank[r], scales[r]), timeout_s)
     metrics = weighted_mean([m for m in results if m.get("count", 1.0) > 0])
     metrics["skipped"] = max(r["skipped"] for r in results)

@@ -129,7 +129,8 @@ class TrainerWorker(Worker):
         return {k: torch.tensor(v).to(self.device) for k, v in batch.items()}  # copies: the store's arrays are read-only
 
     def train_step(self, indices: list[int], scales: list[float]) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches ``indices`` (len == grad_accum).
+        """One optimizer step over this rank's micro-batches ``indices`` (at most grad_accum; every
+        rank gets as many, see ``training.loop.split_step``).
 
         ``scales[k]`` turns micro-batch k's mean loss into its share of the whole step's mean
         (see ``TrainerSession.fit``), so the gradient is one token-level (or pair-level) mean
@@ -139,7 +140,10 @@ class TrainerWorker(Worker):
         engine.train()
         metrics = []
         skipped_before = engine.skipped_steps
-        for i, scale in zip(indices, scales):
+        for k, (i, scale) in enumerate(zip(indices, scales)):
+            # The step ends after this rank's last micro-batch, however few: a short step (an
+            # epoch's tail, a small RL batch) does not run empty slots up to grad_accum.
+            engine.set_gradient_accumulation_boundary(k == len(indices) - 1)
             loss, m = self.objective(engine, self._to_device(self.batches[i]))
             engine.backward(loss * scale)
             # DeepSpeed only steps the optimizer at the accumulation boundary, and skips the step
