@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import types
+from collections import Counter
 
 import pytest
 
@@ -158,4 +159,8 @@ def test_killed_reward_worker_resumes_rl_from_its_last_checkpoint(tmp_path, capl
     # Nothing lost but the steps after the checkpoint, which were redone: 4 steps, versions 1..4.
     assert [m["step"] for m in metrics["history"]] == [1, 2, 3, 4]
     assert [m["weights_version"] for m in metrics["history"]] == [1, 2, 3, 4]
+    # The rollout log keeps steps 1-2 from before the kill and has steps 3-4 once each, as redone.
+    rollouts = [json.loads(line) for line in (out / "00-grpo" / "rollouts.jsonl").read_text().splitlines()]
+    assert Counter(r["step"] for r in rollouts) == {0: 8, 1: 8, 2: 8, 3: 8}
+    assert [r["weights_version"] for r in rollouts] == sorted(r["weights_version"] for r in rollouts)
     assert not (tmp_path / "run" / "checkpoints").exists()  # removed once the stage finished

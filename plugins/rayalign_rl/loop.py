@@ -75,6 +75,9 @@ class RLLoop:
         self.timeouts = ctx.run.timeouts
         self.colocated = ctx.run.resources.colocate and ctx.run.resources.trainer.num_gpus > 0
         self.groups: list[WorkerGroup] = []
+        # The rollout log sits beside the checkpoints, which survive restarts and resumes (the
+        # work dir does not survive a resume); each checkpoint records how much of it is final.
+        self.rollouts_path = ctx.checkpoint_dir / "rollouts.jsonl"
         self.rollouts = None
         try:
             self._start(placement, reward_model)
@@ -118,7 +121,6 @@ class RLLoop:
                                             lambda r, t: (reward_model, 4096, cfg.max_tokens_per_micro_batch, t))
         self.sync = WeightSync(self.policy, self.engines, self.timeouts.sync_s, cfg.sync_bucket_mb << 20,
                                choose_transport(ctx.run.resources))
-        self.rollouts = open(ctx.work_dir / "rollouts.jsonl", "w")
 
     def _group(self, role: str, cls, placement: dict[str, Placement], args) -> WorkerGroup:
         p = placement[role]
@@ -373,6 +375,7 @@ class RLLoop:
         state = self.restore(store)
         if not state.extra:
             state.extra = {"evals": [self.evaluate(0)], "version": 0}
+        self._open_rollouts(state.extra.get("rollouts_bytes", 0))
         progress = Progress(self.ctx.name, self.cfg.steps, self.ctx.log)
         while state.step < self.cfg.steps:
             metrics = self.step(state.step)
@@ -389,7 +392,27 @@ class RLLoop:
 
     # -- checkpoints: the policy and critic (DeepSpeed, every rank) and the loop's position --------
 
+    def _open_rollouts(self, keep_bytes: int) -> None:
+        """Open the rollout log cut back to what the steps up to the restored checkpoint wrote: the
+        steps after it are redone and log themselves again."""
+        self.rollouts_path.parent.mkdir(parents=True, exist_ok=True)
+        self.rollouts = open(self.rollouts_path, "r+" if self.rollouts_path.exists() else "w", encoding="utf-8")
+        size = self.rollouts_path.stat().st_size
+        if size < keep_bytes:
+            self.ctx.log.warning("[%s] %s holds %d bytes, the checkpoint expected %d: earlier rollouts are "
+                                 "missing from it", self.ctx.name, self.rollouts_path, size, keep_bytes)
+        self.rollouts.truncate(min(size, keep_bytes))
+        self.rollouts.seek(0, 2)
+
+    def finish_rollouts(self, path) -> None:
+        """Move the complete rollout log into the stage's output (the checkpoints are removed next)."""
+        self.rollouts.close()
+        self.rollouts = None
+        self.rollouts_path.replace(path)
+
     def checkpoint(self, store: CheckpointStore, state: TrainingState) -> None:
+        self.rollouts.flush()
+        state.extra["rollouts_bytes"] = self.rollouts_path.stat().st_size
         tmp = store.begin(state.step)
         for name, group in (("policy", self.policy), ("critic", self.critic)):
             if group is not None:

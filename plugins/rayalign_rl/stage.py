@@ -81,6 +81,7 @@ class RLStage(Stage):
             try:
                 history, evals = loop.run()
                 loop.save(str(ctx.work_dir / "model"))
+                loop.finish_rollouts(ctx.work_dir / "rollouts.jsonl")
                 transport = loop.sync.transport
             finally:
                 loop.shutdown()
