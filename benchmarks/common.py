@@ -469,12 +469,18 @@ def training_plan(args, plans: dict) -> dict:
             "min_length": 64 if args.shape != "tiny" else 16}
 
 
-def training_parser(doc: str, sides: dict):
+def comparison_parser(doc: str, sides: dict):
+    """The options every side-by-side benchmark takes: ``add_common_args`` and ``--sides``."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--sides", default=",".join(sides), help=f"comma-separated, of: {', '.join(sides)}")
+    return ap
+
+
+def training_parser(doc: str, sides: dict):
+    ap = comparison_parser(doc, sides)
     ap.add_argument("--warmup", type=int, default=2, help="steps run first and not timed")
     ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     ap.add_argument("--max-length", type=int, help="longest example in tokens (default per shape)")

@@ -27,7 +27,6 @@ slots with real forward/backward passes at scale 0, which would charge rayalign 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -179,9 +178,7 @@ def summary(results: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(ap)
-    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of: {', '.join(SIDES)}")
+    ap = common.comparison_parser(__doc__, SIDES)
     ap.add_argument("--prompts-per-step", type=int, default=16)
     ap.add_argument("--num-generations", type=int, default=8, help="group size")
     ap.add_argument("--max-new-tokens", type=int, default=256)

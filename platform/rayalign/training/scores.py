@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 
-def _hf_model(model):
+def hf_model(model):
     """The Hugging Face model under a DeepSpeed engine and/or a PEFT wrapper."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -19,7 +19,7 @@ def _hf_model(model):
 
 def token_scores(model, batch: dict) -> torch.Tensor:
     """The score head applied at every position of the packed row: shape [1, T], float32."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     hidden = hf.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                            use_cache=False).last_hidden_state
     return hf.score(hidden).squeeze(-1).float()
