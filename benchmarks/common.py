@@ -1,4 +1,4 @@
-"""What the issue-8 benchmarks share: shapes, synthetic data, timing, memory, MFU and the result file.
+"""What the GPU benchmarks share: shapes, synthetic data, timing, memory, MFU and the result file.
 
 Every benchmark builds a Qwen2-shaped model locally with random bf16 weights (``weight_sync``'s
 shapes and builder, no hub), makes seeded synthetic chat data with a long-tailed length mix, runs
@@ -29,7 +29,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-PEAK_FLOPS = 989e12  # H100 SXM, bf16 dense: the issue's yardstick, used on H200 too (same tensor cores)
+PEAK_FLOPS = 989e12  # H100 SXM, bf16 dense: the MFU yardstick, used on H200 too (same tensor cores) so figures compare across GPUs
 
 USER_PYTHONPATH = os.environ.get("PYTHONPATH", "")  # as the command was given, for the result file
 # Ray actors import this module (``BenchTrainer``): they inherit the driver's environment.
@@ -78,15 +78,15 @@ def environment() -> dict:
     import torch
 
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    try:  # the GPU machine's copy of the tree may have no .git, or no git
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or None
-    except OSError:
-        commit = None
+    commit, dirty = git_state()
     return {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        # What ran, with nothing left to expand: the interpreter's path, every argument, the directory.
+        "command_argv": [sys.executable, *sys.argv],
+        "cwd": os.getcwd(),
         "pythonpath": USER_PYTHONPATH,
         "git_commit": commit,
+        "dirty": dirty,
         "versions": versions,
         "device": devices[0] if devices else "cpu",
         "gpus": len(devices),
@@ -94,6 +94,32 @@ def environment() -> dict:
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "peak_tflops": PEAK_FLOPS / 1e12,
     }
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """The checkout's full commit, and whether tracked files differ from it.
+
+    A copy of the tree (the GPU machine's) may have no .git, or a stale one: whoever copied it
+    states both in RAYALIGN_GIT_COMMIT and RAYALIGN_GIT_DIRTY (``git rev-parse HEAD``, and ``1``
+    when ``git status --porcelain --untracked-files=no`` printed anything), which then win."""
+    if os.environ.get("RAYALIGN_GIT_COMMIT"):
+        return _stated_git_state()
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or None
+        if commit is None:
+            return _stated_git_state()
+        status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True)
+        return commit, (bool(status.stdout.strip()) if status.returncode == 0 else None)
+    except OSError:
+        return _stated_git_state()
+
+
+def _stated_git_state() -> tuple[str | None, bool | None]:
+    commit = os.environ.get("RAYALIGN_GIT_COMMIT") or None
+    dirty = os.environ.get("RAYALIGN_GIT_DIRTY")
+    return commit, (dirty == "1" if commit and dirty in ("0", "1") else None)
 
 
 def result_path(out_dir: str | Path, name: str) -> Path:
@@ -112,7 +138,7 @@ def write_result(out_dir: str | Path, name: str, result: dict) -> Path:
 
 
 def spread(values: list[float]) -> dict:
-    """Median with min and max (the issue's way of reporting repeats)."""
+    """Median with min and max, how every benchmark reports repeats (one slow outlier shows, not hides)."""
     if not values:
         return {"median": None, "min": None, "max": None, "n": 0}
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
@@ -392,16 +418,32 @@ try:
 
         def peak_memory_gib(self) -> float | None:
             return torch_peak_gib()
+
+        def settings_used(self) -> dict:
+            """What this trainer runs, as it resolved its spec (``auto`` and all)."""
+            engine = self.engine
+            optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer under ZeRO
+            zero = {name: getattr(engine, f"zero_{name}")() for name in
+                    ("optimization_stage", "overlap_comm", "contiguous_gradients", "reduce_bucket_size")
+                    if hasattr(engine, f"zero_{name}")}
+            return {"attn_implementation": self.spec.attn_implementation, "kernels": self.spec.kernels,
+                    "weights_dtype": str(next(engine.module.parameters()).dtype).replace("torch.", ""),
+                    "bf16_mixed_precision": bool(engine.bfloat16_enabled()),
+                    "optimizer": type(optimizer).__name__ + (" (fused)" if optimizer.defaults.get("fused") else ""),
+                    "zero": zero}
 except ImportError:  # the memory-only scripts' environment: no Ray, no DeepSpeed
     pass
 
 
 def rayalign_train(model_path: str, batches: list[dict], objective, *, gpus: int, grad_accum: int, warmup: int,
-                   steps: int, grad_ckpt: bool, count=None) -> dict:
+                   steps: int, grad_ckpt: bool, count=None, spec_options: dict | None = None) -> dict:
     """Time optimizer steps of rayalign's training path: a ``WorkerGroup`` of DeepSpeed ZeRO-2 trainers
     (bf16 on GPU) fed packed rows from the object store, stepped by ``training.loop.train_step`` as
     ``TrainerSession.fit`` steps them. ``count(batch)`` is what one row contributes to the
-    throughput (default: its tokens; packed rows have no padding)."""
+    throughput (default: its tokens; packed rows have no padding). ``spec_options`` are stage
+    options of ``TrainSpec`` (``attn_implementation``, ``kernels``); unset ones keep the stages' defaults."""
+    from dataclasses import asdict
+
     import ray
 
     from rayalign.cluster.runtime import Cluster
@@ -426,7 +468,7 @@ def rayalign_train(model_path: str, batches: list[dict], objective, *, gpus: int
         try:
             master = group.run(lambda a, r: a.free_address.remote(), 120, ranks=[0])[0]
             spec = TrainSpec(model_path=model_path, total_steps=total, lr=1e-5, zero_stage=2, bf16=True,
-                             gradient_checkpointing=grad_ckpt)
+                             gradient_checkpointing=grad_ckpt, **(spec_options or {}))
             params = group.run(lambda a, r: a.setup.remote(master, spec, objective), timeout)[0]
             data = ray.put([to_numpy(b) for b in batches])
             group.run(lambda a, r: a.load_batches.remote(data), timeout)
@@ -443,11 +485,19 @@ def rayalign_train(model_path: str, batches: list[dict], objective, *, gpus: int
                     counted.append(sum(count(batches[i]) for i in chunk))
                 losses.append(metrics.get("loss"))
             peaks = group.run(lambda a, r: a.peak_memory_gib.remote(), 60)
+            used = group.run(lambda a, r: a.settings_used.remote(), 60)[0]
         finally:
             group.shutdown()
     ray.shutdown()
+    options = {k: v for k, v in asdict(spec).items() if k not in ("model_path", "lora", "qlora")}
     return {"trainable_params": params, "step_seconds": seconds, "step_counts": counted, "losses": losses,
-            "peak_gib_per_rank": peaks, "ranks": n, "grad_accum": grad_accum}
+            "peak_gib_per_rank": peaks, "ranks": n, "grad_accum": grad_accum, "settings_used": {**options, **used}}
+
+
+def liger_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def throughput(seconds: list[float], counts: list[float]) -> dict:
@@ -469,18 +519,19 @@ def training_plan(args, plans: dict) -> dict:
             "min_length": 64 if args.shape != "tiny" else 16}
 
 
-def comparison_parser(doc: str, sides: dict):
+def comparison_parser(doc: str, sides: dict, default_sides: list[str] | None = None):
     """The options every side-by-side benchmark takes: ``add_common_args`` and ``--sides``."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     add_common_args(ap)
-    ap.add_argument("--sides", default=",".join(sides), help=f"comma-separated, of: {', '.join(sides)}")
+    ap.add_argument("--sides", default=",".join(default_sides or sides),
+                    help=f"comma-separated, of: {', '.join(sides)} (default: {','.join(default_sides or sides)})")
     return ap
 
 
-def training_parser(doc: str, sides: dict):
-    ap = comparison_parser(doc, sides)
+def training_parser(doc: str, sides: dict, default_sides: list[str] | None = None):
+    ap = comparison_parser(doc, sides, default_sides)
     ap.add_argument("--warmup", type=int, default=2, help="steps run first and not timed")
     ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     ap.add_argument("--max-length", type=int, help="longest example in tokens (default per shape)")

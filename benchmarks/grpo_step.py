@@ -1,4 +1,4 @@
-"""Issue 8 (e): GRPO step time, rayalign's ``grpo`` stage colocated against TRL ``GRPOTrainer`` with
+"""Benchmark (e): GRPO step time, rayalign's ``grpo`` stage colocated against TRL ``GRPOTrainer`` with
 vLLM colocated, in the same run.
 
     PYTHONPATH=platform:plugins python benchmarks/grpo_step.py --shape 0.5b --out $OUT
@@ -8,9 +8,12 @@ Sides (each in its own process, one after the other):
 
 * ``rayalign``: the real ``grpo`` stage (plugins/rayalign_rl) through ``run_pipeline``: vLLM
   rollout worker, DeepSpeed trainer and (if ``kl_coef``) reference sharing one GPU
-  (``resources.colocate``; the engine sleeps while the trainer works), rule reward on the driver,
-  packed rows, CUDA IPC weight sync. A step's time is the sum of its ``time/*_s`` metrics
-  (generate + reward + score + train + sync, sleep/wake included);
+  (``resources.colocate``: the stage's memory plan sizes every role first; the engine sleeps at
+  level 2 while the trainer works and wakes weights, then KV cache, around the weight sync), the
+  stages' own engine settings (CUDA graphs unless the plan needs them off), rule reward on the
+  driver, packed rows, CUDA IPC weight sync. A step's time is the sum of its ``time/*_s`` metrics
+  (generate + score + train + sync, sleep/wake included); the device's peak memory per phase
+  (``device_peak_gib_by_phase``) is read by the stage itself, beside what its plan predicted;
 * ``trl``: ``GRPOTrainer(use_vllm=True, vllm_mode="colocate")``, TRL's defaults otherwise; a
   step's time is the wall time between optimizer-step ends (one generation batch per step).
 
@@ -50,7 +53,7 @@ def plan(args) -> dict:
             "max_new_tokens": args.max_new_tokens, "max_prompt_length": args.max_prompt_length,
             "gpu_memory_utilization": args.gpu_memory_utilization, "warmup": args.warmup, "steps": args.steps,
             "micro_batch_tokens": 16384, "grad_accum": 1, "trl_grad_accum": 8, "lr": 1e-6, "temperature": 1.0,
-            "kl_coef": 0.0}
+            "kl_coef": 0.0, "offload_optimizer": args.offload_optimizer}
 
 
 def prompt_records(tokenizer, n: int, seed: int, max_prompt_length: int) -> list[dict]:
@@ -96,7 +99,8 @@ def run_rayalign(args) -> dict:
         cfg = RunConfig.model_validate({
             "model": model, "output_dir": str(Path(tmp) / "run"), "seed": args.seed,
             "data": {"prompts": str(prompts), "eval_fraction": 0.0},
-            "resources": {"colocate": on_gpu, "trainer": {"num_gpus": gpus, "num_cpus": 1},
+            "resources": {"colocate": on_gpu, "colocate_offload_optimizer": p.get("offload_optimizer"),
+                          "trainer": {"num_gpus": gpus, "num_cpus": 1},
                           "rollout": {"num_gpus": gpus, "num_cpus": 1, "dtype": "bfloat16",
                                       "gpu_memory_utilization": p["gpu_memory_utilization"],
                                       "max_model_len": p["max_prompt_length"] + p["max_new_tokens"] + 16}},
@@ -118,6 +122,8 @@ def run_rayalign(args) -> dict:
     return {"step_seconds": steps, "step_time": common.spread(steps), "stage_seconds": total,
             "phase_seconds_median": {k[5:-2]: common.spread([m[k] for m in history[p["warmup"]:]])["median"]
                                      for k in phases},
+            "device_peak_gib_by_phase": metrics.get("device_peak_gib"),
+            "memory_plan_gib": metrics.get("memory_plan_gib"), "memory_plan": metrics.get("memory_plan"),
             "response_length": [m["response_length"] for m in history], "stale": metrics.get("stale_rollouts")}
 
 
@@ -171,6 +177,7 @@ SIDES = {"rayalign": run_rayalign, "trl": run_trl}
 def summary(results: dict) -> dict:
     step = {k: (v.get("step_time") or {}).get("median") for k, v in results.items()}
     out = {"step_seconds_median": step, "device_peak_gib": {k: v.get("device_peak_gib") for k, v in results.items()},
+           "rayalign_device_peak_gib_by_phase": (results.get("rayalign") or {}).get("device_peak_gib_by_phase"),
            "time_vs_trl": common.ratio(step.get("rayalign"), step.get("trl")),
            "target": "rayalign's step time <= 0.7x TRL's"}
     out["target_met"] = out["time_vs_trl"] is not None and out["time_vs_trl"] <= 0.7
@@ -186,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM's share (TRL's default 0.3)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
+    ap.add_argument("--offload-optimizer", action="store_true", default=None,
+                    help="rayalign: optimizer states in host memory while the engine generates (default: the "
+                    "stage's memory plan decides)")
     return common.bench_main("grpo_step.py", NAME, ap, SIDES, plan, summary, argv)
 
 

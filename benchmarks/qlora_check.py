@@ -11,7 +11,8 @@ Builds a Qwen2-0.5B-shaped model with random weights locally (nothing downloaded
    its logits against the adapter over the bf16 base;
 4. with vLLM installed, generates with the merged model and with the adapter (LoRARequest).
 
-Writes ``$OUT/qlora_check.json``; exits 1 when a check fails.
+Writes ``$OUT/<gpu>-<yyyymmdd>-qlora_check.json`` (``common.write_result``: command, git state,
+versions, device); exits 1 when a check fails.
 
     PYTHONPATH=/tmp/site:platform:plugins python benchmarks/qlora_check.py   # bitsandbytes in /tmp/site
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 from rayalign.memory import GiB, ModelShape, TrainingPlan, estimate
 
 
-sys.path.insert(0, str(Path(__file__).parent))  # memory_validation, beside this file
+sys.path.insert(0, str(Path(__file__).parent))  # memory_validation and common, beside this file
 
 
 def build_base(dest: Path, size: str) -> Path:
@@ -59,9 +60,10 @@ def main() -> int:
     from rayalign.workers.quantization import load_qlora_model, save_qlora
     from rayalign.workers.trainer import LoraSpec, TrainSpec
 
+    from common import write_result
+
     out_dir = Path(os.environ.get("OUT", "."))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "checks": {}}
+    result: dict = {"benchmark": "qlora_check", "checks": {}}
     checks = result["checks"]
     work = Path(tempfile.mkdtemp(prefix="qlora-check-"))
     base = build_base(work / "base", "0.5b")
@@ -119,19 +121,23 @@ def main() -> int:
     except ImportError:
         result["vllm"] = "not installed: skipped"
     else:
+        greedy = SamplingParams(max_tokens=8, temperature=0)
         llm = LLM(str(work / "model"), enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=512)
-        text = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
+        merged_out = llm.generate(["Hello"], greedy)[0].outputs[0]
         del llm
         llm = LLM(str(base), enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=512, enable_lora=True,
                   max_lora_rank=16)
-        lora_text = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0),
-                                 lora_request=LoRARequest("adapter", 1, str(work / "model" / "adapter")))[0].outputs[0].text
-        result["vllm"] = {"merged": text, "adapter": lora_text}
-        checks["vllm_serves_both"] = True
+        adapter = LoRARequest("adapter", 1, str(work / "model" / "adapter"))
+        adapter_out = llm.generate(["Hello"], greedy, lora_request=adapter)[0].outputs[0]
+        # Token ids, not only text: random weights mostly pick ids past the tokenizer's 600, which
+        # decode to nothing, so an empty text says nothing about whether vLLM generated.
+        result["vllm"] = {name: {"text": out.text, "token_ids": list(out.token_ids)}
+                          for name, out in (("merged", merged_out), ("adapter", adapter_out))}
+        checks["vllm_serves_both"] = all(len(out.token_ids) > 0 for out in (merged_out, adapter_out))
 
     result["ok"] = all(checks.values())
-    (out_dir / "qlora_check.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    write_result(out_dir, "qlora_check", result)  # with the command, git state, versions and device
     return 0 if result["ok"] else 1
 
 

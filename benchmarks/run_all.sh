@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Issue 8 benchmarks: one part per invocation, each under 10 minutes on the GPU machine.
+# The GPU benchmarks (benchmarks/README.md): one part per invocation, each under 10 minutes on the GPU machine.
 #
 #   bash benchmarks/run_all.sh list          # the sequence, with what each part needs
 #   bash benchmarks/run_all.sh <part>        # run one part; results go to $OUT (default benchmarks/results)
 #   bash benchmarks/run_all.sh dry           # every part with --dry-run, on CPU (tiny shapes)
 #
 # On the GPU machine, after the wheelhouse is installed into /tmp/site (shared/gpu/README.md), run
-# the parts of `list` in order, one `run` call each. Single GPU (H100 or H200): check, sft, dpo,
-# rollout, grpo, then sft-1.5b and dpo-1.5b if time is left. Four H200s: check, scaling.
+# the parts of `list` in order, one `run` call each (the first installs the project: its stages are
+# entry points). Single GPU (H100 or H200): check, sft, dpo, rollout, rollout-causes, grpo,
+# rl-memory-0.5b, rl-memory-1.5b, then sft-1.5b and dpo-1.5b if time is left. Four H200s: check, scaling.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="/tmp/site:platform:plugins${PYTHONPATH:+:$PYTHONPATH}"
@@ -19,7 +20,21 @@ LIMIT=${LIMIT:-590}  # the GPU machine's per-command limit is 600 s
 
 run() { timeout "$LIMIT" "$PY" "$@" --out "$OUT"; }
 
+# Stages are plugins found through entry points, which a bare PYTHONPATH does not provide: on a
+# fresh GPU machine the project is installed first (editable, no dependencies: /tmp/site has them).
+ensure_installed() {
+  local probe='from rayalign.plugins import get_plugin_manager; stages = get_plugin_manager().stages
+assert {"sft", "dpo", "grpo"} <= set(stages), sorted(stages); print("stages:", ", ".join(stages))'
+  if "$PY" -c "$probe" >/dev/null 2>&1; then return 0; fi
+  echo "run_all.sh: rayalign's stages not found through entry points: installing the project (pip -e, no deps)" >&2
+  "$PY" -m pip install -q --no-deps --no-index --no-build-isolation -e .
+  "$PY" -c "$probe" || { echo "run_all.sh: installed, but the stages still do not load" >&2; exit 1; }
+}
+
 part=${1:-list}
+case "$part" in
+  check|sft|dpo|rollout|rollout-causes|grpo|rl-memory-*|sft-1.5b|dpo-1.5b|scaling|dry) ensure_installed ;;
+esac
 case "$part" in
   list)
     cat <<'EOF'
@@ -27,8 +42,14 @@ part      machine          est. minutes  what
 check     any GPU kind     1             nvidia-smi, imports and versions of the stack
 sft       h100 or h200     4-5           (a) SFT tokens/s: rayalign vs TRL default vs TRL padding_free, 0.5B
 dpo       h100 or h200     3-4           (b) DPO pairs/s: rayalign (reference once) vs TRL DPOTrainer, 0.5B
-rollout   h100 or h200     5-7           (c) output tokens/s: RolloutWorkers through Ray vs raw vLLM, 0.5B
+rollout   h100 or h200     6-8           (c) output tokens/s: the stages' rollout path through Ray vs raw vLLM, 0.5B,
+                                         and on the same engine what detokenizing / Completion objects cost
+rollout-causes h100/h200   7-9           (c) a side per other suspect: raw vLLM with its engine core in-process,
+                                         eager, 4 CPUs per rollout actor, engine core in a child process
 grpo      h100 or h200     6-8           (e) GRPO step time: rayalign grpo stage vs TRL GRPOTrainer, colocated, 0.5B
+rl-memory-0.5b h100/h200   4-6           pytest -m gpu tests/test_gpu_rl_memory.py: the colocated GRPO benchmark
+                                         settings, device peak per phase (generate, score, train, sync), 0.5B
+rl-memory-1.5b h200        5-8           the same at the 1.5B shape
 sft-1.5b  h200             5-6           (a) at the 1.5B shape
 dpo-1.5b  h200             4-5           (b) at the 1.5B shape
 scaling   h200-x4          5-7           (f) SFT 1 -> 2 -> 4 GPUs, ZeRO-2, 0.5B
@@ -49,7 +70,12 @@ EOF
   sft)      run benchmarks/sft_throughput.py --shape 0.5b ;;
   dpo)      run benchmarks/dpo_throughput.py --shape 0.5b ;;
   rollout)  run benchmarks/rollout_throughput.py --shape 0.5b ;;
+  rollout-causes)
+            run benchmarks/rollout_throughput.py --shape 0.5b --name rollout_causes \
+              --sides raw_vllm_inproc,rayalign_eager,rayalign_4cpu,rayalign_mp ;;
   grpo)     run benchmarks/grpo_step.py --shape 0.5b ;;
+  rl-memory-0.5b|rl-memory-1.5b)
+            timeout "$LIMIT" "$PY" -m pytest -q -s -rs -m gpu tests/test_gpu_rl_memory.py -k "${part#rl-memory-}" ;;
   sft-1.5b) run benchmarks/sft_throughput.py --shape 1.5b ;;
   dpo-1.5b) run benchmarks/dpo_throughput.py --shape 1.5b ;;
   scaling)  run benchmarks/sft_scaling.py --shape 0.5b --gpus 1,2,4 ;;

@@ -1,4 +1,4 @@
-"""Issue 8 (f): rayalign SFT scaling 1 -> 2 -> 4 GPUs (DeepSpeed ZeRO-2), efficiency against linear.
+"""Benchmark (f): rayalign SFT scaling 1 -> 2 -> 4 GPUs (DeepSpeed ZeRO-2), efficiency against linear.
 
     PYTHONPATH=platform:plugins python benchmarks/sft_scaling.py --shape 0.5b --out $OUT   # a 4-GPU host
     PYTHONPATH=platform:plugins python benchmarks/sft_scaling.py --dry-run --out /tmp/bench  # CPU, 1 and 2 ranks

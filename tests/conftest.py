@@ -9,6 +9,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# A built-in stage that returns a dataset or model its ``produces`` does not declare fails the test
+# (users get a warning): later stages' names are checked against that declaration. Set at import,
+# so recipe subprocesses inherit it too.
+os.environ.setdefault("RAYALIGN_STRICT_OUTPUTS", "1")
+
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
@@ -66,3 +71,11 @@ def _environment_does_not_outlive_its_module():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _token_cache_in_a_scratch_dir(tmp_path_factory):
+    """Stages cache tokenizations (``rayalign.data.token_cache``); tests keep them out of the home cache."""
+    if not os.environ.get("RAYALIGN_CACHE_DIR"):
+        os.environ["RAYALIGN_CACHE_DIR"] = str(tmp_path_factory.mktemp("token-cache"))
+    yield

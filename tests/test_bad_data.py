@@ -20,6 +20,7 @@ from rayalign.plugins import get_plugin_manager
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 PAIR = {"prompt": "hi", "chosen": "hello", "rejected": "go away"}
 LONG = {"messages": [{"role": "user", "content": "tell me " * 100}, {"role": "assistant", "content": "no"}]}
+BAD_BYTES_PAIR = b'{"prompt": "hi", "chosen": "hello", "rejected": "caf\xe9"}'  # Latin-1, not UTF-8
 
 # kind -> (dataset kind, the bad line, what the reason says)
 BAD = {
@@ -40,11 +41,26 @@ BAD = {
     "no_final_assistant": ("chat", {"messages": GOOD["messages"] + [{"role": "user", "content": "and?"}]},
                            r"does not end with an assistant message \(last role: user\)"),
     "duplicate_id": ("chat", {**GOOD, "id": "a3"}, r"duplicate id 'a3' \(first on line 3\)"),
+    # Columns count characters, as JSON's do: "été " before the Latin-1 byte is 4 characters, 6 bytes.
+    "invalid_utf8": ("chat", b'{"prompt": "caf\xff", "completion": "x"}',
+                     r"not valid UTF-8 \(byte 0xff at column 16\)"),
+    "invalid_utf8/after_multibyte": ("chat", '{"prompt": "été '.encode() + b'\xe9", "completion": "x"}',
+                                     r"not valid UTF-8 \(byte 0xe9 at column 17\)"),
+    "chosen_equals_rejected": ("preference", {"prompt": "q", "chosen": "same", "rejected": "same"},
+                               r"chosen equals rejected"),
+    # One answer as a string, the other as a message list: the same answer once both are messages.
+    "chosen_equals_rejected/forms": ("preference", {"prompt": "q", "chosen": "same",
+                                                    "rejected": [{"role": "assistant", "content": "same "}]},
+                                     r"chosen equals rejected"),
 }
 
 
 def write(path, lines):
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    """One line per item: bytes as they are, str as UTF-8, anything else as JSON."""
+    def encoded(x):
+        return x if isinstance(x, bytes) else (x if isinstance(x, str) else json.dumps(x)).encode()
+
+    path.write_bytes(b"".join(encoded(x) + b"\n" for x in lines))
     return path
 
 
@@ -176,7 +192,7 @@ def test_dpo_skips_bad_pairs_and_keeps_unlikelihood_flags_on_their_own_lines(tmp
     from rayalign_dpo.stage import DPOConfig, DPOStage
 
     long_pair = {"prompt": "tell me " * 100, "chosen": "a", "rejected": "b"}
-    lines = [PAIR] * 8 + ["{oops", long_pair, {**PAIR, "unlikelihood": True}] + [PAIR] * 9
+    lines = [PAIR] * 8 + ["{oops", long_pair, BAD_BYTES_PAIR, {**PAIR, "unlikelihood": True}] + [PAIR] * 9
     path = write(tmp_path / "p.jsonl", lines)
     run = RunConfig(data={"preference": str(path), "eval_fraction": 0, "max_bad_fraction": 0.2})
     stage = DPOStage(DPOConfig(max_length=64))
@@ -184,9 +200,9 @@ def test_dpo_skips_bad_pairs_and_keeps_unlikelihood_flags_on_their_own_lines(tmp
     with data_checks(checks):
         stage.prepare(run, get_plugin_manager(), Artifacts(model=tiny_model_path), 0)
     assert len(stage.train) == 18 and [r["unlikelihood"] for r in stage.train].count(True) == 1
-    assert stage.train[8].line == 11 and stage.train[8]["unlikelihood"] is True
+    assert stage.train[8].line == 12 and stage.train[8]["unlikelihood"] is True
     assert all(len(c) <= 64 and len(r) <= 64 for c, r in (p.tokens for p in stage.train))
-    assert checks.metrics()["bad_record_kinds"] == {"malformed_json": 1, "too_long": 1}
+    assert checks.metrics()["bad_record_kinds"] == {"malformed_json": 1, "too_long": 1, "invalid_utf8": 1}
 
 
 @pytest.fixture(scope="module")
@@ -211,14 +227,14 @@ def test_counts_reach_metrics_json_through_a_real_sft_run(local_ray, tmp_path):
     run = run_stage("sft", {"epochs": 1, "max_length": 64}, tmp_path=tmp_path,
                     data={"sft": str(path), "max_bad_fraction": 0.5})
     kinds = {"malformed_json": 1, "not_an_object": 1, "missing_field": 2, "empty_field": 2, "wrong_type": 1,
-             "unknown_role": 1, "no_final_assistant": 1, "too_long": 1, "duplicate_id": 1}
-    assert run.metrics["bad_records"] == sum(kinds.values()) == 11
+             "unknown_role": 1, "no_final_assistant": 1, "too_long": 1, "duplicate_id": 1, "invalid_utf8": 2}
+    assert run.metrics["bad_records"] == sum(kinds.values()) == 13
     assert run.metrics["bad_record_kinds"] == kinds
-    assert run.metrics["data_sources"][str(path)] == {"kind": "chat", "read": 51, "kept": 40, "skipped": 11,
+    assert run.metrics["data_sources"][str(path)] == {"kind": "chat", "read": 53, "kept": 40, "skipped": 13,
                                                       "problems": kinds}
     assert run.metrics["train_examples"] + run.metrics["eval_examples"] == 40  # nothing else dropped
     summary = json.loads((run.dir.parent / "summary.json").read_text())
-    assert summary["stages"][0]["metrics"]["bad_records"] == 11
+    assert summary["stages"][0]["metrics"]["bad_records"] == 13
 
 
 def test_cli_one_line_error_and_nothing_written(tmp_path):
@@ -234,3 +250,64 @@ def test_cli_one_line_error_and_nothing_written(tmp_path):
     assert lines == [f"rayalign: data error: {data}:4: malformed JSON (Expecting property name enclosed in double "
                      "quotes at column 2); 2 of 5 records are bad (40%), above data.max_bad_fraction=0.1"], proc.stderr
     assert not out.exists()
+
+
+BAD_BYTES = b'{"prompt": "caf\xff", "completion": "x"}'
+
+
+def test_bad_bytes_are_one_bad_record_with_its_byte_and_column(tmp_path, caplog):
+    path = dataset_with(tmp_path, "chat", BAD_BYTES)
+    records = load(path, "chat", Policy("skip"))
+    assert len(records) == 20 and records.ledger.counts() == {"invalid_utf8": 1}
+    assert f"bad record: {path}:11: not valid UTF-8 (byte 0xff at column 16)" in caplog.messages
+    assert (f"{path}: 1 of 21 chat records are bad (invalid_utf8: 1); skipped (data.bad_records=skip)"
+            in caplog.messages)
+    with pytest.raises(DataError) as exc:
+        load(path, "chat", Policy("fail"))
+    assert str(exc.value) == (f"data error: {path}:11: not valid UTF-8 (byte 0xff at column 16) "
+                              "(data.bad_records=fail)")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n" + json.dumps(GOOD).encode() + b"\n")
+    records = load(path, "chat", Policy("fail"))
+    assert len(records) == 2 and records[0]["messages"] == GOOD["messages"]
+
+
+def test_a_degenerate_pair_is_named_and_the_others_train(tmp_path, caplog):
+    same = {"prompt": "q", "chosen": [{"role": "assistant", "content": "ok"}], "rejected": "ok"}
+    path = write(tmp_path / "p.jsonl", [PAIR] * 12 + [same] + [PAIR] * 7)
+    records = load(path, "preference", Policy("skip"))
+    assert len(records) == 19 and [r.line for r in records] == [i for i in range(1, 21) if i != 13]
+    assert records.ledger.counts() == {"chosen_equals_rejected": 1}
+    assert f"bad record: {path}:13: chosen equals rejected (a pair must prefer one answer)" in caplog.messages
+    # The same text from another role, or another text, is a real preference.
+    other = [{"prompt": "q", "chosen": "ok", "rejected": [{"role": "user", "content": "ok"}]},
+             {"prompt": "q", "chosen": "ok", "rejected": "okay"}]
+    assert len(load(write(tmp_path / "o.jsonl", other), "preference", Policy("fail"))) == 2
+
+
+def test_bad_bytes_under_fail_at_the_cli(tmp_path):
+    """`python -m rayalign run` with a relative output_dir outside a Ray job: the data is what stops it."""
+    data = dataset_with(tmp_path, "chat", BAD_BYTES)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": "out", "data": {"sft": str(data), "bad_records": "fail"},
+                                      "stages": [{"sft": {}}]}))
+    proc = subprocess.run([sys.executable, "-m", "rayalign", "run", str(config)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [f"rayalign: data error: {data}:11: not valid UTF-8 (byte 0xff at column 16) "
+                                        "(data.bad_records=fail)"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_bytes_in_a_reference_prompt_set_fail_naming_the_line(tmp_path):
+    """Reference prompt sets (fix and eval stages) fail on their first bad record; bytes included."""
+    from rayalign.evaluation.references import load_prompt_set
+
+    path = write(tmp_path / "refs.jsonl", [{"id": "q1", "prompt": "Where?", "reference": "Here."},
+                                           b'{"id": "q2", "prompt": "Wh\xffere?", "reference": "There."}'])
+    with pytest.raises(DataError) as exc:
+        load_prompt_set(str(path))
+    assert str(exc.value) == f"data error: {path}:2: not valid UTF-8 (byte 0xff at column 27)"

@@ -1,4 +1,4 @@
-"""The issue-8 GPU benchmarks, dry-run on CPU: every side runs end to end on a tiny shape and the
+"""The GPU benchmarks, dry-run on CPU: every side runs end to end on a tiny shape and the
 result file says what a GPU run's file must say (command, versions, device, figures per side)."""
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ def run_dry(script: str, out, *extra: str, timeout: int = 600) -> dict:
 
 def check_header(result: dict, script: str) -> None:
     assert script in result["command"] and "--dry-run" in result["command"]
+    argv = result["command_argv"]  # nothing left to expand: the interpreter's path and every argument
+    assert os.path.isabs(argv[0]) and argv[1].endswith(script) and "--dry-run" in argv
+    assert os.path.isabs(result["cwd"])
+    assert len(result["git_commit"]) == 40 and isinstance(result["dirty"], bool)
     assert result["device"] == "cpu" and result["gpus"] == 0 and result["dry_run"] is True
     for name in ("torch", "transformers", "trl", "deepspeed", "ray"):
         assert result["versions"][name][0].isdigit(), result["versions"]
@@ -78,30 +82,43 @@ def test_run_all_lists_parts_and_rejects_unknown_ones():
     assert bad.returncode == 2 and "unknown part 'nope'" in bad.stderr
 
 
+SFT_SIDES = ["rayalign", "rayalign_labelled", "torch_reference", "trl_default", "trl_tuned"]
+
+
 def test_sft_dry_run(tmp_path):
-    result = run_dry("sft_throughput.py", tmp_path / "out")
+    result = run_dry("sft_throughput.py", tmp_path / "out", "--sides", ",".join(SFT_SIDES))
     check_header(result, "sft_throughput.py")
     sides = result["sides"]
-    assert set(sides) == {"rayalign", "rayalign_labelled", "trl_default", "trl_padding_free"}
+    assert list(sides) == SFT_SIDES
     for name, side in sides.items():
         assert "error" not in side, (name, side.get("error"), side.get("stderr_tail"))
         rate = side["tokens_per_s"]["per_step"]
         assert rate["n"] == 2 and rate["min"] <= rate["median"] <= rate["max"] and rate["min"] > 0
+        assert "peak_gib_per_rank" in side and side["settings_used"]  # None on CPU: no CUDA allocator
     assert all(loss == loss for loss in sides["rayalign"]["losses"])  # finite: the objective really ran
-    # logits: labelled trains on the same data from the same start: the same first loss.
-    assert sides["rayalign_labelled"]["losses"][0] == pytest.approx(sides["rayalign"]["losses"][0], abs=1e-4)
-    assert sides["rayalign"]["padding_share"] == 0 == sides["trl_padding_free"]["padding_share"]
+    # The same rows from the same start: logits: labelled and the plain loop take the same first loss.
+    first = sides["rayalign"]["losses"][0]
+    assert sides["rayalign_labelled"]["losses"][0] == pytest.approx(first, abs=1e-4)
+    assert sides["torch_reference"]["losses"][0] == pytest.approx(first, abs=1e-4)
+    # On CPU the stage defaults resolve to what the tests check: sdpa, full logits, plain AdamW.
+    used = sides["rayalign"]["settings_used"]
+    assert (used["attn_implementation"], used["logits"], used["kernels"]) == ("sdpa", "full", "none")
+    assert sides["rayalign"]["padding_share"] == 0 == sides["trl_tuned"]["padding_share"]
     assert sides["trl_default"]["padding_share"] > 0.1  # padded batches of a long-tailed mix
     assert sides["trl_default"]["gradient_checkpointing"] is True  # TRL's default, kept
+    tuned = sides["trl_tuned"]
+    assert tuned["gradient_checkpointing"] is False and tuned["settings_used"]["padding_free"] is True
+    assert tuned["trl_batch"] > sides["trl_default"]["trl_batch"]  # sized to a packed row's tokens
     # Matched effective batch: tokens per optimizer step within a factor of 2 on every side.
     per_step = [s["tokens_per_s"]["per_step_count"]["median"] for s in sides.values()]
     assert max(per_step) < 2 * min(per_step)
     summary = result["summary"]
     assert summary["vs_trl_default"] > 0 and summary["vs_trl_best"] > 0 and summary["mfu"]["rayalign"] > 0
+    assert summary["vs_torch_reference"] > 0 and summary["vs_trl_tuned"] > 0
 
 
 def test_dpo_dry_run(tmp_path):
-    result = run_dry("dpo_throughput.py", tmp_path / "out")
+    result = run_dry("dpo_throughput.py", tmp_path / "out", "--sides", "rayalign,rayalign_labelled,trl,trl_tuned")
     check_header(result, "dpo_throughput.py")
     ray_side, trl = result["sides"]["rayalign"], result["sides"]["trl"]
     assert "error" not in ray_side and "error" not in trl, (ray_side.get("stderr_tail"), trl.get("stderr_tail"))
@@ -113,18 +130,31 @@ def test_dpo_dry_run(tmp_path):
     labelled = result["sides"]["rayalign_labelled"]
     assert "error" not in labelled, labelled.get("stderr_tail")
     assert labelled["losses"][0] == pytest.approx(ray_side["losses"][0], abs=1e-4)
+    tuned = result["sides"]["trl_tuned"]
+    assert "error" not in tuned, tuned.get("stderr_tail")
+    # TRL's precomputed reference pass is timed and charged per pair, as rayalign's.
+    assert tuned["precompute_ref_log_probs"] is True and tuned["gradient_checkpointing"] is False
+    assert tuned["reference_seconds"] > 0
+    assert tuned["pairs_per_s_with_reference"] < tuned["pairs_per_s"]["per_step"]["median"]
+    assert result["summary"]["vs_trl_tuned"] > 0
 
 
 @pytest.mark.slow
 def test_rollout_dry_run(tmp_path):
     result = run_dry("rollout_throughput.py", tmp_path / "out")
     check_header(result, "rollout_throughput.py")
-    for name, side in result["sides"].items():
-        assert "error" not in side, (name, side.get("stderr_tail"))
+    assert set(result["sides"]) == {"raw_vllm", "rayalign"}  # the headline; the other suspects are --sides
+    ours = result["sides"]["rayalign"]
+    timed = [side for side in result["sides"].values()] + list(ours.get("variants", {}).values())
+    for side in timed:
+        assert "error" not in side, side.get("stderr_tail")
         # every prompt's answer came back in each timed call (a tiny vocabulary samples EOS now and then)
         assert len(side["output_tokens"]) == 2 and all(0.9 * 16 * 32 <= n <= 16 * 32 for n in side["output_tokens"])
-    assert result["sides"]["rayalign_stage_engine"]["enforce_eager"] is True
+    # The stages' defaults: one CPU per actor, engine core in the actor, enforce_eager null (eager on CPU).
+    assert ours["actor_cpus"] == 1 and ours["engine_in_process"] and ours["enforce_eager"] is True
+    assert set(ours["variants"]) == {"default", "detokenize", "objects"}
     assert result["summary"]["vs_raw_vllm"] > 0
+    assert set(result["summary"]["cause_vs_rayalign"]) == {"rayalign+detokenize", "rayalign+objects"}
 
 
 @pytest.mark.slow

@@ -20,10 +20,14 @@ from rayalign.evaluation.references import RefPrompt, load_knowledge, load_promp
 from rayalign.evaluation.text import declines, distinct_n, find_loop, rep_n, words
 from rayalign.hookspecs import hookimpl
 from rayalign.plugins import PluginManager
+from rayalign.stage import Artifacts, Produces
 from rayalign_fixes.builders import borrow_answer, loop_span, swap_values
 from rayalign_fixes.detectors import ContradictionDetector, RepetitionDetector, UnanswerableDetector
 
 from conftest import REPO
+
+# What the mine and detect stages before a negatives stage declare they produce.
+DETECTIONS_DECLARED = Artifacts(will_produce=Produces(datasets=["samples", "knowledge", "detections"]))
 
 KB_ROWS = [
     {"id": "bavoren", "name": "Bavoren", "attributes": {"city": "Kelmora", "age": 34, "pet": "owl",
@@ -291,12 +295,16 @@ def test_dpo_reads_a_dataset_of_an_earlier_stage_at_run_time(tmp_path):
     from rayalign.config import RunConfig
     from rayalign.errors import ConfigError
     from rayalign.plugins import get_plugin_manager
-    from rayalign.stage import Artifacts
+    from rayalign.stage import Artifacts, Produces
     from rayalign_dpo.stage import DPOConfig, DPOStage
 
     stage = DPOStage(DPOConfig(dataset="pairs", unlikelihood=0.5))
     run = RunConfig()
-    stage.prepare(run, get_plugin_manager(), Artifacts(), 4)  # no pairs yet: nothing to check
+    with pytest.raises(ConfigError, match=r"stages\[4\]\.dpo\.dataset: 'pairs' is no key under data: and no "
+                                          r"dataset an earlier stage produces \(earlier stages produce: samples\)"):
+        stage.prepare(run, get_plugin_manager(), Artifacts(will_produce=Produces(datasets=["samples"])), 4)
+    # An earlier stage declares pairs: they do not exist yet, so run() loads them.
+    stage.prepare(run, get_plugin_manager(), Artifacts(will_produce=Produces(datasets=["pairs"])), 4)
     assert stage.train is None
     ctx = SimpleNamespace(index=4, run=run, artifacts=Artifacts(datasets={"samples": "/x/samples.jsonl"}))
     with pytest.raises(ConfigError, match=r"stages\[4\]\.dpo\.dataset: 'pairs' is no key under data: and no "
@@ -321,7 +329,7 @@ def test_negatives_pairs_carry_provenance_and_honour_the_detector_filter():
 
     def build(**options):
         stage = NegativesStage(NegativesConfig(target="hallucination", **options))
-        stage.prepare(None, None, None, 3)
+        stage.prepare(None, None, DETECTIONS_DECLARED, 3)
         return stage._pairs(p, group, [donor], None, random.Random(0))
 
     model_pair, synthetic_pair = build()
@@ -344,7 +352,7 @@ def test_negatives_prefer_a_decline_to_guesses_at_what_the_model_does_not_know()
     def build(share, entity="bavoren"):
         stage = NegativesStage(NegativesConfig(target="hallucination", detectors=["unanswerable"], synthetic=[],
                                                unsure_decline="I'm not sure.", unsure_share=share))
-        stage.prepare(None, None, None, 3)
+        stage.prepare(None, None, DETECTIONS_DECLARED, 3)
         p = ref("Bavoren is 34 years old.", id="b", prompt="How old is Bavoren?", entity=entity, attribute="age",
                 facts=["34"])
         return stage._pairs(p, group, [], None, random.Random(0))

@@ -6,7 +6,8 @@ Needs a GPU: the CPU build of vLLM has no sleep mode (host RAM is not what a tra
 import pytest
 import torch
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: vLLM's sleep mode is CUDA-only")]
 
 
 def test_trainer_and_sleeping_vllm_share_one_gpu(tiny_model_path, tokenizer):

@@ -1,4 +1,4 @@
-"""The RL recipe on GPUs, as users run it (issue 8's GPU end-to-end runs).
+"""The RL recipe on GPUs, as users run it, end to end on GPUs.
 
 * one GPU: trainer, reference, reward model and vLLM colocated (the engine sleeps while the
   trainers work; weights reach it by CUDA IPC);
@@ -27,7 +27,7 @@ GPUS = torch.cuda.device_count()
 
 def run_recipe(out, *overrides: str, visible: str) -> dict:
     env = {**os.environ, "RAY_ADDRESS": "local", "CUDA_VISIBLE_DEVICES": visible}
-    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "sft_then_ppo.py"), f"output_dir={out}", *overrides],
+    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "sft_then_grpo.py"), f"output_dir={out}", *overrides],
                           capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -43,6 +43,11 @@ def dpo_batch(tokenizer) -> dict:
     return collate_packed(seqs)
 
 
+def _head_positions(m, inp, out) -> int:
+    """Positions the output head ran at: its input is [B, T, H] from the model, [N, H] in chunks."""
+    return inp[0].reshape(-1, inp[0].shape[-1]).shape[0]
+
+
 def _grads(model) -> dict[str, torch.Tensor]:
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -68,7 +73,7 @@ def test_token_logps_equal_the_full_log_softmax_at_the_labelled_positions(model,
 
 def test_the_head_runs_only_where_a_label_follows(model, sft_batch):
     seen = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))
+    hook = model.get_output_embeddings().register_forward_hook(lambda *a: seen.append(_head_positions(*a)))
     try:
         with torch.no_grad():
             scored = labelled_token_logps(model, sft_batch)
@@ -204,11 +209,14 @@ def test_a_lora_model_passes_logits_to_keep_through_peft(tiny_model_path, sft_ba
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     seen = []
-    hook = lora.get_output_embeddings().register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))
+    hook = lora.get_output_embeddings().register_forward_hook(lambda *a: seen.append(_head_positions(*a)))
     try:
         full, _ = SFTObjective(CrossEntropyLoss())(lora, sft_batch)
-        labelled, _ = SFTObjective(CrossEntropyLoss(), labelled=True)(lora, sft_batch)
+        scored = labelled_token_logps(lora, sft_batch)
     finally:
         hook.remove()
     assert seen[1] < seen[0] == sft_batch["input_ids"].shape[1]  # the PEFT wrapper kept the head's input short
+    assert abs(full.item() + scored.logps.sum().item() / scored.mask.sum().item()) < 1e-6
+    # The SFT loss itself takes the head's weight straight from under the PEFT wrapper.
+    labelled, _ = SFTObjective(CrossEntropyLoss(), labelled=True)(lora, sft_batch)
     assert abs(full.item() - labelled.item()) < 1e-6

@@ -10,7 +10,8 @@ import yaml
 
 from rayalign.config import RunConfig, StageEntry
 from rayalign.errors import ConfigError
-from rayalign.workers.quantization import NEEDS_GPU, load_qlora_model, require_gpu_for_qlora, save_qlora
+from rayalign.training.qlora_requirements import NEEDS_GPU, require_gpu_for_qlora
+from rayalign.workers.quantization import load_qlora_model, save_qlora
 from rayalign_sft.stage import SFTConfig
 
 from conftest import REPO

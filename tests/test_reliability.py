@@ -5,7 +5,9 @@ model with real Ray actors; a kill is a real SIGKILL of the trainer's or rollout
 """
 
 import json
+import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -81,6 +83,18 @@ def sft_record(out) -> dict:
     return json.loads((out / "00-sft" / "metrics.json").read_text())
 
 
+def newest_checkpoint(stage_dir) -> str:
+    """The newest committed checkpoint's name (``step-NNNNNNNN``): the one a restart must load."""
+    return max(p.name for p in stage_dir.iterdir() if re.fullmatch(r"step-\d{8}", p.name))
+
+
+def restored_from(caplog) -> set[tuple[str, int]]:
+    """(checkpoint, step) of the "resumed from" lines the stage's loop logged (a set: caplog can
+    hold a record twice, through its handler on the rayalign logger and on the root)."""
+    found = [re.search(r"resumed from (step-\d{8}) \(step (\d+) of \d+\)", r.getMessage()) for r in caplog.records]
+    return {(m.group(1), int(m.group(2))) for m in found if m}
+
+
 def kill_trainer_after(checkpoint, actor_name="sft/trainer/0", sig=signal.SIGKILL):
     """Send ``sig`` to the actor's process once ``checkpoint`` exists; returns the thread and the pid."""
     import ray
@@ -92,6 +106,7 @@ def kill_trainer_after(checkpoint, actor_name="sft/trainer/0", sig=signal.SIGKIL
             time.sleep(0.2)
         time.sleep(0.5)  # let a step or two run past the checkpoint: they must be redone
         killed["pid"] = ray.get(ray.get_actor(actor_name).pid.remote(), timeout=30)
+        killed["newest"] = newest_checkpoint(checkpoint.parent)
         os.kill(killed["pid"], sig)
 
     thread = threading.Thread(target=watch, daemon=True)
@@ -100,20 +115,26 @@ def kill_trainer_after(checkpoint, actor_name="sft/trainer/0", sig=signal.SIGKIL
 
 
 @pytest.mark.slow
-def test_killed_trainer_restarts_from_checkpoint_with_the_same_trajectory(local_ray, tmp_path):
+def test_killed_trainer_restarts_from_checkpoint_with_the_same_trajectory(local_ray, tmp_path, caplog):
     from rayalign.pipeline import run_pipeline
 
+    caplog.set_level(logging.INFO, logger="rayalign")
     reference = sft_record(run_pipeline(sft_run(tmp_path, "whole")))
+    assert restored_from(caplog) == set()  # nothing to resume from: the uninterrupted run starts at step 0
     cfg = sft_run(tmp_path, "killed")
     thread, killed = kill_trainer_after(tmp_path / "killed" / "checkpoints" / "00-sft" / "step-00000008")
     out = run_pipeline(cfg)
     thread.join(timeout=5)
     record = sft_record(out)
     assert killed["pid"] and record["metrics"]["restarts"] == 1
+    # The restarted trainer loaded the newest checkpoint there was when it died, not step 0: the runs
+    # are deterministic, so a restart from scratch would give the same losses below.
+    newest = killed["newest"]
+    assert restored_from(caplog) == {(newest, int(newest.removeprefix("step-")))}
 
     whole, resumed = reference["metrics"]["history"], record["metrics"]["history"]
     assert len(whole) == len(resumed) > 8
-    # Step 9 is the first one trained after the restart from step-00000008.
+    # Step 9 is the first one trained after the restart from step-00000008 (or a later checkpoint).
     assert resumed[8]["loss"] == pytest.approx(whole[8]["loss"], abs=1e-6)
     for a, b in zip(whole, resumed):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
@@ -202,7 +223,7 @@ def test_hung_trainer_is_named_within_the_timeout_then_restarted(local_ray, tmp_
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_from_its_last_checkpoint(local_ray, tmp_path):
+def test_killed_driver_resumes_from_its_last_checkpoint(local_ray, tmp_path, caplog):
     """`rayalign run` killed with SIGKILL mid-stage; `resume=true` finishes it with the same losses."""
     import subprocess
 
@@ -225,9 +246,14 @@ def test_killed_driver_resumes_from_its_last_checkpoint(local_ray, tmp_path):
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=30)
     assert checkpoint.exists() and not (tmp_path / "resumed" / "00-sft").exists()
+    newest = newest_checkpoint(checkpoint.parent)
 
     cfg.resume = True
+    caplog.set_level(logging.INFO, logger="rayalign")
+    caplog.clear()
     resumed = sft_record(run_pipeline(cfg))["metrics"]["history"]
+    # Resumed at the killed driver's newest checkpoint, not from step 0 (same losses either way).
+    assert restored_from(caplog) == {(newest, int(newest.removeprefix("step-")))}
     assert len(resumed) == len(whole)
     assert resumed[8]["loss"] == pytest.approx(whole[8]["loss"], abs=1e-6)
     for a, b in zip(whole, resumed):

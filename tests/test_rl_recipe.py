@@ -28,7 +28,7 @@ ARITHMETIC = {"prompts": "synthetic:arithmetic/prompts"}
 def recipe(tmp_path_factory):
     """The recipe exactly as the README runs it (its default config), once for the module."""
     out = tmp_path_factory.mktemp("rl") / "run"
-    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "sft_then_ppo.py"), f"output_dir={out}"],
+    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "sft_then_grpo.py"), f"output_dir={out}"],
                           capture_output=True, text=True, timeout=2400, env={**os.environ, "RAY_ADDRESS": "local"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -37,6 +37,7 @@ def recipe(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # its setup runs the whole recipe (~6 min on 2 idle cores)
+# Fails on some CPUs (docs/rl.md, "Known problem"): held-out exact match does not move there.
 def test_rl_raises_the_held_out_reward(recipe):
     out, stages, stdout = recipe
     assert list(stages) == ["sft", "reward_model", "grpo"]

@@ -63,7 +63,7 @@ def test_driver_metrics_reach_prometheus_with_stage_and_role_tags(node):
         telemetry.record_train_step("dpo", step, 4, {"loss": 0.5 / step, "lr": 1e-5, "grad_norm": 2.0,
                                                       "reward_accuracy": 0.75, "count": 8.0}, items_per_s=16.0)
     telemetry.record_generation("generate", tokens=300, seconds=1.5)
-    # Metrics other issues add (RL, evaluation, weight sync) go through the same generic call.
+    # Metrics other subsystems add (RL, evaluation, weight sync) go through the same generic call.
     telemetry.record_stage_metrics("grpo", {"reward": 0.25, "kl": 0.03, "repetition_rate": 0.125,
                                             "hallucination_rate": 0.0625, "weight_sync_s": 1.5,
                                             "unknown_key": 7.0, "history": [{"loss": 1.0}]})

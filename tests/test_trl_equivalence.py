@@ -30,24 +30,21 @@ from __future__ import annotations
 
 import math
 
+import datasets
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-pytest.importorskip("trl")
-
-import datasets  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # noqa: E402
-
-from rayalign.data.chat import Tokenized, tokenize_completion, tokenize_conversation  # noqa: E402
-from rayalign.data.formats import as_messages  # noqa: E402
-from rayalign.data.packing import collate_packed  # noqa: E402
-from rayalign.data.synthetic import SyntheticWorld  # noqa: E402
-from rayalign.embedded import CHAT_TEMPLATE, embedded_model_path  # noqa: E402
-from rayalign.training.losses import IGNORE_INDEX, sequence_logps  # noqa: E402
-from rayalign_dpo.losses import IPOLoss, SigmoidDPOLoss  # noqa: E402
-from rayalign_sft.loss import CrossEntropyLoss  # noqa: E402
+from rayalign.data.chat import Tokenized, tokenize_completion, tokenize_conversation
+from rayalign.data.formats import as_messages
+from rayalign.data.packing import collate_packed
+from rayalign.data.synthetic import SyntheticWorld
+from rayalign.embedded import CHAT_TEMPLATE, embedded_model_path
+from rayalign.training.losses import IGNORE_INDEX, sequence_logps
+from rayalign_dpo.losses import IPOLoss, SigmoidDPOLoss
+from rayalign_sft.loss import CrossEntropyLoss
 
 TOL = 1e-4
 BETA = 0.1

@@ -6,6 +6,7 @@ one inside an actor, the way the rollout worker does in production.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,6 +99,27 @@ def test_seeded_sampling_of_a_batch_larger_than_one_scheduler_step(engine, promp
     assert [c.prompt_index for c in a] == [i for i in range(len(many)) for _ in range(2)]
 
 
+def test_flat_batches_and_undecoded_answers_hold_the_same_completions(engine, prompts, tokenizer):
+    """What rollout actors send through Ray: flat arrays, and (RL) no text, which the caller decodes."""
+    assert engine.enforce_eager is (not torch.cuda.is_available())  # CUDA graphs unless on CPU
+    s = Sampling(n=2, temperature=1.0, max_tokens=12, seed=11, logprobs=True)
+    listed = engine.generate(prompts, s)
+    batch = engine.generate_batch(prompts, s)
+    assert len(batch) == len(listed) and batch.num_tokens == sum(len(c.token_ids) for c in listed)
+    assert batch.token_ids.dtype == np.int32 and batch.logprobs.dtype == np.float32
+    assert batch.completions() == listed  # every field, logprobs exactly (vLLM's are float32)
+    bare = engine.generate_batch(prompts, Sampling(n=2, temperature=1.0, max_tokens=12, seed=11, logprobs=True,
+                                                   detokenize=False))
+    assert bare.texts is None and np.array_equal(bare.token_ids, batch.token_ids)
+    assert np.array_equal(bare.logprobs, batch.logprobs)
+    assert all(c.text is None for c in bare.completions())
+    # Decoding the ids in one batch (the RL loop, as TRL) gives vLLM's own text (see the test above
+    # on a trailing incomplete UTF-8 sequence).
+    decoded = tokenizer.batch_decode([c.token_ids for c in bare.completions()], skip_special_tokens=True)
+    assert [t.rstrip("\ufffd") for t in decoded] == [c.text.rstrip("\ufffd") for c in listed]
+    assert len(engine.generate_batch([], s)) == 0
+
+
 def test_greedy_is_deterministic_and_n_copies_agree(engine, prompts):
     out = engine.generate(prompts, Sampling(n=2, temperature=0.0, max_tokens=24))
     assert len(out) == 2 * len(prompts)
@@ -127,15 +149,19 @@ def test_greedy_logprobs_match_hf(engine, prompts, tiny_model_path):
     assert worst < LOGPROB_ATOL, f"max |vLLM - HF| logprob = {worst:.2e}"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(on_cpu(), reason="vLLM's sleep mode is CUDA-only: on CPU sleep() and wake_up() do nothing to test")
 def test_sleep_and_wake_up_keep_the_engine_usable(engine, prompts):
     before = _greedy(engine.generate, prompts[:1])
     engine.sleep()
+    assert engine.asleep == ["kv_cache", "weights"]
     engine.wake_up()
+    assert engine.asleep == []
     assert [c.token_ids for c in _greedy(engine.generate, prompts[:1])] == [c.token_ids for c in before]
 
 
 def test_engine_inside_ray_actor(engine, config, prompts):
-    ray = pytest.importorskip("ray")
+    import ray  # a hard dependency: a broken import must fail, not skip
     local = _greedy(engine.generate, prompts)
     started_here = not ray.is_initialized()
     if started_here:

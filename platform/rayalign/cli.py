@@ -61,10 +61,11 @@ def cmd_plugins(args) -> None:
     if args.action == "show":
         print(describe(pm, args.name))
         return
+    pm.stages  # runs every plugin's hooks first, so a plugin they set aside is listed as BROKEN
     for info in sorted(pm.info.values(), key=lambda i: i.name):
         status = f"BROKEN: {info.error}" if info.broken else f"hooks: {', '.join(info.hooks)}"
         print(f"{info.name:<24} {info.package} {info.version}  {status}")
-    for kind in ("stages", "losses", "metrics", "rewards", "formats", "detectors", "filters"):
+    for kind in ("stages", "losses", "metrics", "rewards", "formats", "detectors", "filters", "trackers"):
         registry = getattr(pm, kind)
         print(f"{kind}: {', '.join(f'{n} ({registry.owner[n]})' for n in registry) or '-'}")
 
@@ -78,11 +79,16 @@ def describe(pm, name: str) -> str:
         return "\n".join(lines)
     for kind, registry in (("loss", pm.losses), ("metric", pm.metrics), ("reward", pm.rewards),
                            ("data format", pm.formats), ("detector", pm.detectors),
-                           ("filter", pm.filters)):
+                           ("filter", pm.filters), ("tracker", pm.trackers)):
         if name in registry:
             item = registry.get(name, where=name)
             text = f"{kind} {name} (plugin {registry.owner[name]}): {first_line(item.__doc__)}"
-            options = schema_lines(item.Config) if hasattr(item, "Config") else []  # detectors, filters
+            if kind == "loss":  # what a stage checks before taking it
+                text += (f"\n  family: {getattr(item, 'family', 'none declared')}"
+                         + (f", needs_reference: {item.needs_reference}, uses_mean_logps: {item.uses_mean_logps}"
+                            if getattr(item, "family", None) == "preference" else ""))
+            schema = getattr(item, "Config", None) or getattr(item, "Options", None)  # losses: Options
+            options = schema_lines(schema) if schema is not None else []
             return "\n".join([text, "", "options:"] + options) if options else text
     pm.stages.get(name, where="plugins show")  # raises, listing the known stages
     raise AssertionError("unreachable")
@@ -122,7 +128,7 @@ def cmd_run(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     if args.resume:
-        cfg.resume = True
+        cfg.resume.enabled = True
     run_pipeline(cfg, source=args.config)
 
 

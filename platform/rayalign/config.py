@@ -7,6 +7,7 @@ declares, so ``stages[2].dpo.beta: expected float`` is reported before a worker 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -68,18 +69,10 @@ class RolloutResources(RoleResources):
     # How RL stages push new weights into the engines: auto picks object_store on CPU, cuda_ipc
     # when colocated on the trainer's GPUs, nccl when the engines have GPUs of their own.
     weight_sync: Literal["auto", "object_store", "cuda_ipc", "nccl"] = "auto"
-    # CUDA graphs off: an engine starts in seconds instead of minutes, at some decode speed. Set
-    # false for long generation-heavy runs (RL at scale); ignored on CPU.
-    enforce_eager: bool = True
-
-    def engine(self, model: str, seed: int, enable_sleep_mode: bool = False):
-        """The vLLM engine settings these resources describe, for ``model``."""
-        from rayalign.rollout.vllm_engine import EngineConfig
-
-        return EngineConfig(model=model, gpu_memory_utilization=self.gpu_memory_utilization,
-                            max_model_len=self.max_model_len, seed=seed, dtype=self.dtype,
-                            tensor_parallel_size=self.tensor_parallel_size, enforce_eager=self.enforce_eager,
-                            enable_sleep_mode=enable_sleep_mode)
+    # null: CUDA graphs on a GPU (decoding runs several times faster; the engine takes a minute or
+    # two longer to start), eager on CPU. A colocated RL stage turns graphs off only when its memory
+    # plan needs the graphs' pool, and says so in the log. true: eager everywhere.
+    enforce_eager: bool | None = None
 
 
 class ResourcesConfig(Strict):
@@ -91,9 +84,38 @@ class ResourcesConfig(Strict):
     # Trainer, reference and rollout engines share the trainer's GPUs; vLLM sleeps while the
     # trainer works, so a single-GPU machine runs every recipe.
     colocate: bool = False
+    # Colocated RL: move the trainers' optimizer states (Adam moments, fp32 master weights) to host
+    # memory while the engines generate, and back before the update. null: when the stage's memory
+    # plan needs it (it costs a copy each way per step).
+    colocate_offload_optimizer: bool | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Seconds to wait for a placement group before failing with what was asked for.
     placement_timeout_s: float = Field(120, gt=0)
+
+    # Derived settings below are plain properties, not fields: they stay out of the dumped config
+    # (and so out of a resumed run's fingerprint), and every consumer reads the one meaning here.
+
+    @property
+    def colocated(self) -> bool:
+        """Roles really share the trainer's GPUs: ``colocate`` is set and the trainer has GPUs.
+
+        ``colocate`` on a CPU-only trainer has nothing to share, so every role keeps its own
+        bundle, no engine sleeps and no memory plan is made.
+        """
+        return self.colocate and self.trainer.num_gpus > 0
+
+    @property
+    def weight_sync_transport(self) -> Literal["object_store", "cuda_ipc", "nccl"]:
+        """``rollout.weight_sync``, with ``auto`` resolved from where the workers are: cuda_ipc when
+        colocated, nccl when trainer and engines have GPUs of their own, object_store otherwise."""
+        chosen = self.rollout.weight_sync
+        if chosen != "auto":
+            return chosen
+        if self.colocated:
+            return "cuda_ipc"
+        if self.trainer.num_gpus == 0 or self.rollout.num_gpus == 0:
+            return "object_store"
+        return "nccl"
 
 
 class DataConfig(Strict):
@@ -135,6 +157,29 @@ class ReliabilityConfig(Strict):
     max_rollbacks: int = Field(3, ge=0)
 
 
+class ResumeConfig(Strict):
+    """``resume: true`` continues the run in ``output_dir``: finished stages are skipped and the
+    current one restarts from its last checkpoint. It refuses settings that differ from the first
+    start's (rayalign/resume_check.py) except those listed in ``allow_changes`` (``[lr]``: every
+    stage's lr; ``[stages[1].dpo.lr]``: that one)."""
+
+    enabled: bool = False
+    allow_changes: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, value: Any) -> Any:
+        # `resume: true` is the common spelling; a mapping (`resume: {allow_changes: [lr]}`) means on.
+        if isinstance(value, bool):
+            return {"enabled": value}
+        if isinstance(value, dict) and value and "enabled" not in value:
+            return {**value, "enabled": True}
+        return value
+
+    def __bool__(self) -> bool:
+        return self.enabled
+
+
 class StageEntry(BaseModel):
     name: str
     config: Any  # the stage plugin's own pydantic model, once validated
@@ -144,12 +189,16 @@ class RunConfig(Strict):
     model: str | None = None  # local path or hub id; null builds the embedded tiny model
     # "{time}" becomes the start time, so repeated runs of a recipe never collide.
     output_dir: str = "runs/{time}"
-    resume: bool = False  # skip stages that already finished in output_dir
+    resume: ResumeConfig = ResumeConfig(enabled=False)  # true: continue the run in output_dir
     seed: int = 0
     data: DataConfig = DataConfig()
     resources: ResourcesConfig = ResourcesConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
     reliability: ReliabilityConfig = ReliabilityConfig()
+    # Experiment trackers the driver feeds (wandb, tensorboard, mlflow or a plugin's), and their
+    # options by tracker name, validated against the tracker's schema before any work.
+    trackers: list[str] = []
+    tracker_options: dict[str, dict[str, Any]] = {}
     stages: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -259,6 +308,27 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if len(entry) != 1 or not isinstance(next(iter(entry.values())) or {}, dict):
             raise ConfigError(f"stages[{i}]", "each stage is a one-key mapping: {stage_name: {options}}")
     return cfg
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Inside a Ray job, refuse a relative ``output_dir``: it would land in Ray's scratch space.
+
+    ``ray job submit`` runs the driver with ``RAY_JOB_CONFIG_JSON_ENV_VAR`` set, in the job's
+    unpacked copy of ``--working-dir`` (``.../runtime_resources/working_dir_files/_ray_pkg_...``),
+    which Ray deletes with its session and which every node unpacks on its own. Outside a job a
+    relative path means what it always does.
+    """
+    cwd = os.getcwd()
+    scratch = "/runtime_resources/working_dir_files/" in cwd + "/"
+    if Path(output_dir).expanduser().is_absolute() or not (scratch or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ):
+        return
+    if scratch:
+        why = (f"this Ray job runs in Ray's temporary copy of its working directory ({cwd}), deleted with the "
+               "session and unpacked separately on each node")
+    else:
+        why = f"this Ray job runs in {cwd}, where Ray started its driver, not where it was submitted"
+    raise ConfigError("output_dir", f"{output_dir!r} is relative, and {why}; give an absolute path on storage "
+                      f"every node sees, e.g. output_dir=$PWD/{output_dir} on the ray job submit line")
 
 
 def validate_stages(cfg: RunConfig, registry, source: str = "") -> list[StageEntry]:

@@ -22,10 +22,12 @@ if TYPE_CHECKING:
     from rayalign.evaluation.detectors import Detector
     from rayalign.metrics import Metric
     from rayalign.stage import Stage
+    from rayalign.tracking import Tracker
     from rayalign.training.losses import Loss
 
 PROJECT = "rayalign"
-HOOKSPEC_VERSION = "1.2"  # 1.1: register_detectors; 1.2: register_filters
+HOOKSPEC_VERSION = "1.4"  # 1.1: register_detectors; 1.2: register_filters; 1.3: register_trackers;
+# 1.4: a loss declares its family and typed options
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -51,10 +53,13 @@ def register_stages(register: Callable[[type["Stage"]], None]) -> None:
 def register_losses(register: Callable[[type["Loss"]], None]) -> None:
     """Register training losses.
 
-    Call ``register(LossClass)``; ``LossClass.name`` is what a stage's ``loss:`` key names
-    (``sft``, ``dpo_sigmoid``, ``ipo``...). A loss is a small ``torch.nn.Module`` whose
-    ``forward`` takes the policy outputs of one micro-batch and returns the scalar loss and a
-    dict of float metrics.
+    Call ``register(LossClass)``, a subclass of ``rayalign.training.losses.Loss``;
+    ``LossClass.name`` is what a stage's loss key names (``sft``, ``sigmoid``, ``ipo``...).
+    ``family`` (``sft``, ``preference``, ``reward``, ``policy``, ``value``, ``token_penalty``) says
+    which stages take it and what ``forward`` receives; the typed keyword arguments of
+    ``__init__`` are its options, checked before any work; ``needs_reference = False`` marks a
+    reference-free preference loss. ``forward`` returns the scalar loss and a dict of 0-d tensor
+    metrics, left on the device.
     """
 
 
@@ -72,7 +77,7 @@ def register_metrics(register: Callable[[type["Metric"]], None]) -> None:
     """Register generation metrics.
 
     Call ``register(MetricClass)``; ``MetricClass.name`` is the key it writes into a stage's
-    ``metrics.json`` and ``MetricClass.compute(prompts, completions, examples)`` returns a float.
+    ``metrics.json`` and ``MetricClass.compute(prompts, completions, references)`` returns a float.
     """
 
 
@@ -110,4 +115,19 @@ def register_filters(register: Callable[[type["Filter"]], None]) -> None:
     (``filter_options.<name>``). ``reject(example)`` gets an ``Example`` (``messages``, ``prompt``,
     ``response``, ``record``, ``source``) and returns a short reason to drop it, or ``None`` to
     keep it; the curation report counts drops per filter and reason.
+    """
+
+
+@hookspec
+def register_trackers(register: Callable[[type["Tracker"]], None]) -> None:
+    """Register experiment trackers (dashboards such as W&B, TensorBoard, MLflow).
+
+    Call ``register(TrackerClass)``, a subclass of ``rayalign.tracking.Tracker``. ``name`` is what
+    a run's top-level ``trackers:`` list names; ``Config`` is its pydantic options schema
+    (``tracker_options.<name>``); ``requires`` names the module it imports and ``install`` the line
+    that installs it, shown before any work when that module is absent. On the driver, once per
+    run, ``start(run)`` gets the run's config and the state saved by an earlier attempt (resume);
+    then ``log_scalars(metrics, step)`` every training step and stage summary, with one global step
+    that only increases, ``log_table(key, rows, step)`` for sample tables, and ``finish(failed)``.
+    A tracker that raises is reported once and muted; the run goes on.
     """

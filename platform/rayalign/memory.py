@@ -38,9 +38,9 @@ from rayalign.errors import ConfigError
 
 GiB = 1024**3
 LOGITS_BYTES = 10  # per token x vocab entry, bf16 logits (2) + fp32 copy (4) + log-softmax (4); measured
-# What the loss peak costs on CUDA, per token x vocab entry: the H200 validation's full-fine-tuning
-# rows imply 12.35 (benchmarks/results/h200-20261122-memory_validation.json, `implied_logits_bytes`);
-# CUDA's kernels keep more temporaries than the CPU profile above. The estimate is about GPUs.
+# What the loss peak costs on CUDA, per token x vocab entry: CUDA's kernels keep more temporaries
+# than the CPU profile above. 12.35 came from an H200 validation run whose result file was withdrawn
+# (edited by hand), so it is unvalidated until benchmarks/memory_validation.py runs again.
 LOGITS_BYTES_CUDA = 12.35
 CUDA_RESERVE = 1.0 * GiB  # CUDA context, cuBLAS workspaces, allocator slack: outside max_memory_allocated
 DS_BUCKET = 5e8  # DeepSpeed's reduce_bucket_size (elements): bf16 gradients in flight under ZeRO-2
@@ -273,7 +273,7 @@ def plan_for_stage(stage_config, run, gpu_memory_gib: float) -> TrainingPlan:
         grad_ckpt=stage_config.gradient_checkpointing,
         lora_r=getattr(lora, "r", 16), lora_targets=tuple(getattr(lora, "target_modules", TrainingPlan.lora_targets)),
         gpu_memory_gib=gpu_memory_gib,
-        vllm_fraction=res.rollout.gpu_memory_utilization if res.colocate else 0.0,
+        vllm_fraction=res.rollout.gpu_memory_utilization if res.colocated else 0.0,
     )
 
 
@@ -300,12 +300,14 @@ def check_training_memory(run, entries, model_path: str, log) -> list[Estimate]:
     GPU is refused first. The memory check is skipped on CPU runs, for hub ids without a local
     config.json, and when the GPU's memory is unknown.
     """
-    from rayalign.workers.quantization import require_gpu_for_qlora
+    from rayalign.training.qlora_requirements import require_gpu_for_qlora
 
     require_gpu_for_qlora(run, entries)
     if run.resources.trainer.num_gpus <= 0:
         return []
-    training = [(i, e) for i, e in enumerate(entries) if hasattr(e.config, "zero_stage")]
+    # A stage that plans its colocated roles itself (RL: trainer, reference, engines) is left to it.
+    training = [(i, e) for i, e in enumerate(entries) if hasattr(e.config, "zero_stage")
+                and not (run.resources.colocated and getattr(e.config, "plans_colocated_memory", False))]
     if not training or not (Path(model_path) / "config.json").exists():
         return []
     capacity = gpu_memory_gib()

@@ -9,6 +9,12 @@ this rayalign does not provide, or raises while registering, is set aside as *br
 warning that names it and its package. A run that needs something only it could provide stops
 before any work with that error; other runs go on. ``RAYALIGN_DISABLE_PLUGINS=name,name`` blocks
 plugins by entry-point name. Plugins passed in code (``extra_plugins``) fail loudly instead.
+
+A broken plugin contributes nothing: every ``register_*`` hook runs in one pass the first time any
+registry is needed, and a plugin whose hook raises loses what its other hooks registered too, so a
+half-registered plugin never serves a run. A name registered twice sets aside the plugin that is
+not built in (or, between two third-party plugins, the later one); a built-in plugin is never the
+one blamed, since its names are what the documentation and recipes promise.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import importlib.metadata
 import logging
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import pluggy
@@ -30,6 +35,7 @@ ENTRY_POINT_GROUP = "rayalign"
 DISABLE_ENV = "RAYALIGN_DISABLE_PLUGINS"
 # A plugin module may declare the hookspec versions it supports, e.g. RAYALIGN_HOOKSPEC = ">=1,<2".
 VERSION_ATTRIBUTE = "RAYALIGN_HOOKSPEC"
+BUILTIN_PACKAGE = "rayalign"  # the distribution whose entry points are the built-in plugins
 
 log = logging.getLogger("rayalign")
 
@@ -43,10 +49,20 @@ class PluginInfo:
     version: str
     hooks: list[str] = field(default_factory=list)
     error: str | None = None  # set when the plugin is broken and was not loaded
+    installed: bool = True  # False for a plugin passed in code (extra_plugins)
 
     @property
     def broken(self) -> bool:
         return self.error is not None
+
+    @property
+    def builtin(self) -> bool:
+        return self.package == BUILTIN_PACKAGE
+
+    @property
+    def third_party(self) -> bool:
+        """Installed from a package other than rayalign: its failures are reported as its own."""
+        return self.installed and not self.builtin
 
 
 class Registry(Generic[T]):
@@ -117,6 +133,7 @@ _REGISTRIES = {  # property -> (hook, kind)
     "formats": ("register_data_formats", "data format"),
     "detectors": ("register_detectors", "detector"),
     "filters": ("register_filters", "filter"),
+    "trackers": ("register_trackers", "tracker"),
 }
 
 
@@ -127,6 +144,7 @@ class PluginManager:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
+        self._registries: dict[str, Registry] | None = None
         if load_entry_points:
             self._load_entry_points()
         for plugin in extra_plugins:
@@ -134,6 +152,7 @@ class PluginManager:
             try:
                 check_hookspec_version(plugin)
                 self.register(plugin, name=name)
+                self.info[name].installed = False
                 self._check_hooks_exist(plugin)
             except (ValueError, pluggy.PluginValidationError) as exc:
                 raise PluginError(name, str(exc)) from None
@@ -182,64 +201,108 @@ class PluginManager:
         self._pm.register(plugin, name=name)
         hooks = sorted(c.name for c in self._pm.get_hookcallers(plugin) or [])
         self.info[name] = PluginInfo(name, package, version, hooks)
-        for attr in _REGISTRIES:  # a new plugin invalidates what was collected so far
-            self.__dict__.pop(attr, None)
+        self._registries = None  # a new plugin invalidates what was collected so far
 
-    def _collect(self, attr: str) -> Registry:
-        hook_name, kind = _REGISTRIES[attr]
-        registry: Registry = Registry(kind, broken=lambda: self.broken)
-        for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
-            plugin = impl.plugin_name
-            info = self.info.get(plugin)
-            if info is not None and info.broken:
-                continue
+    def _collect_all(self) -> dict[str, Registry]:
+        """Run every plugin's ``register_*`` hooks in one pass, so that a plugin set aside by one hook
+        loses what its other hooks registered, whichever registry a caller asks for first."""
+        registries = {attr: Registry(kind, broken=lambda: self.broken) for attr, (_, kind) in _REGISTRIES.items()}
+        for attr, (hook_name, _) in _REGISTRIES.items():
+            registry = registries[attr]
+            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+                plugin = impl.plugin_name
+                info = self.info.get(plugin)
+                if info is not None and info.broken:
+                    continue
 
-            def register(item: Any, *rest: Any, _plugin: str = plugin) -> None:
-                # register(obj) for classes/objects with a .name; register(name, fn) for rewards.
-                if rest:
-                    registry.add(item, rest[0], _plugin)
-                else:
-                    registry.add(item.name, item, _plugin)
+                def register(item: Any, *rest: Any, _plugin: str = plugin, _registry: Registry = registry) -> None:
+                    # register(obj) for classes/objects with a .name; register(name, fn) for rewards.
+                    name, value = (item, rest[0]) if rest else (item.name, item)
+                    if name in _registry:
+                        self._resolve_clash(registries, _registry, name, _plugin)
+                    _registry.add(name, value, _plugin)
 
-            try:
-                impl.function(register=register)
-            except PluginError:
-                raise  # a name clash between two plugins: neither is at fault alone
-            except Exception as exc:
-                registry.drop_plugin(plugin)
-                if info is None:
-                    raise PluginError(plugin, f"hook {hook_name} raised {exc!r}") from exc
-                info.error = f"hook {hook_name} raised {exc!r}"
-                self._set_aside(plugin, info.package, info.version, info.error)
-        return registry
+                try:
+                    impl.function(register=register)
+                except _SetAside:
+                    continue
+                except PluginError:
+                    raise  # a clash involving a plugin passed in code: its author is running it now, so fail loudly
+                except Exception as exc:
+                    if info is None or not info.installed:
+                        raise PluginError(plugin, f"hook {hook_name} raised {exc!r}") from exc
+                    self._set_aside_registered(registries, plugin, f"hook {hook_name} raised {exc!r}")
+        return registries
 
-    @cached_property
+    def _resolve_clash(self, registries: dict[str, Registry], registry: Registry, name: str, newcomer: str) -> None:
+        """Two plugins registered one name: set aside the one that is not built in, else the later one."""
+        holder = registry.owner[name]
+        holder_info, new_info = self.info.get(holder), self.info.get(newcomer)
+        holder_builtin = holder_info is not None and holder_info.builtin
+        new_builtin = new_info is not None and new_info.builtin
+        in_code = not (holder_info and holder_info.installed and new_info and new_info.installed)
+        if in_code or (holder_builtin and new_builtin):  # a plugin passed in code, or our own bug: fail loudly
+            registry.add(name, None, newcomer)  # raises, naming both plugins
+        if new_builtin or holder_builtin:
+            builtin = newcomer if new_builtin else holder
+            reason = (f"{registry.kind} {name!r} is already registered by built-in plugin {builtin!r}; "
+                      "a built-in name cannot be replaced, rename yours")
+            if not holder_builtin:  # loaded before the built-in: set aside the one that was there
+                self._set_aside_registered(registries, holder, reason)
+                return
+        else:
+            holder_package = holder_info.package if holder_info else "?"
+            reason = f"{registry.kind} {name!r} is already registered by plugin {holder!r} (package {holder_package})"
+        self._set_aside_registered(registries, newcomer, reason)
+        raise _SetAside
+
+    def _set_aside_registered(self, registries: dict[str, Registry], plugin: str, reason: str) -> None:
+        for registry in registries.values():
+            registry.drop_plugin(plugin)
+        info = self.info.get(plugin) or PluginInfo(plugin, "?", "?")
+        self._set_aside(plugin, info.package, info.version, reason)
+        self.info[plugin].hooks = info.hooks  # still listed, so `rayalign plugins` shows what it tried
+
+    def _registry(self, attr: str) -> Registry:
+        if self._registries is None:
+            self._registries = self._collect_all()
+        return self._registries[attr]
+
+    @property
     def stages(self) -> Registry:
-        return self._collect("stages")
+        return self._registry("stages")
 
-    @cached_property
+    @property
     def losses(self) -> Registry:
-        return self._collect("losses")
+        return self._registry("losses")
 
-    @cached_property
+    @property
     def rewards(self) -> Registry:
-        return self._collect("rewards")
+        return self._registry("rewards")
 
-    @cached_property
+    @property
     def metrics(self) -> Registry:
-        return self._collect("metrics")
+        return self._registry("metrics")
 
-    @cached_property
+    @property
     def formats(self) -> Registry:
-        return self._collect("formats")
+        return self._registry("formats")
 
-    @cached_property
+    @property
     def detectors(self) -> Registry:
-        return self._collect("detectors")
+        return self._registry("detectors")
 
-    @cached_property
+    @property
     def filters(self) -> Registry:
-        return self._collect("filters")
+        return self._registry("filters")
+
+    @property
+    def trackers(self) -> Registry:
+        return self._registry("trackers")
+
+
+class _SetAside(Exception):
+    """Stops a plugin's hook once the plugin has been set aside mid-registration."""
 
 
 def _hook_names() -> list[str]:

@@ -1,4 +1,4 @@
-"""Data curation (issue #9): normalise, filter, deduplicate and mix datasets before training.
+"""Data curation: normalise, filter, deduplicate and mix datasets before training.
 
     curate   several chat (or preference) sources in any registered format -> quality filters ->
              exact and MinHash near-duplicate removal, also across train/validation/test ->

@@ -3,7 +3,8 @@
 Order of work: load every source (any registered format of the stage's ``kind``), run the quality
 filters, drop exact and near duplicates across all sources and splits (held-out splits first, so a
 test item that also occurs in training leaves training), mix the training sources by weight, and
-write the datasets and the report. Later stages name the output (``sft: {dataset: curated}``).
+write the datasets and the report. Later stages name the output (``sft: {dataset: curated}``); it is
+Parquet when every source was, else JSONL.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pydantic import Field, model_validator
 from rayalign.data.filters import Example, build_filters
 from rayalign.data.sources import load_now, load_produced
 from rayalign.errors import DataError
-from rayalign.stage import Stage, StageConfig, StageResult
+from rayalign.stage import Produces, Stage, StageConfig, StageResult
 
 from rayalign_curate.dedup import Deduplicator
 from rayalign_curate.filters import REFUSAL_PATTERNS
@@ -31,8 +32,8 @@ SPLITS = ("test", "validation", "train")  # dedup priority: an item is kept in t
 
 
 class SourceConfig(StageConfig):
-    path: str = Field(description="a JSONL file, a key under `data:` (sft, preference), `synthetic:...`, "
-                      "or a dataset an earlier stage produced")
+    path: str = Field(description="a dataset file or directory (JSONL, Parquet, save_to_disk), a key under "
+                      "`data:` (sft, preference), `synthetic:...`, or a dataset an earlier stage produced")
     name: str | None = Field(None, description="label in the report and in each row's `source` (default: the "
                              "file's stem or the key)")
     split: Literal["train", "validation", "test"] = Field("train", description="held-out splits are deduplicated "
@@ -41,7 +42,8 @@ class SourceConfig(StageConfig):
                           "weight for replay of general data")
 
     def label(self) -> str:
-        return self.name or (Path(self.path).stem if "/" in self.path or self.path.endswith(".jsonl") else self.path)
+        is_file = "/" in self.path or self.path.endswith((".jsonl", ".parquet"))
+        return self.name or (Path(self.path).stem if is_file else self.path)
 
 
 class CurateConfig(StageConfig):
@@ -97,7 +99,15 @@ class CurateStage(Stage):
         for i, source in enumerate(cfg.sources):
             records = load_now(run, self.formats, source.path, cfg.kind)
             if records is not None:
-                self.loaded[i] = records  # else: an earlier stage's dataset, loaded in run()
+                self.loaded[i] = records
+            else:  # an earlier stage's dataset, loaded in run(); the name is checked now
+                artifacts.expect_dataset(source.path, f"{where}.sources[{i}].path")
+
+    def produces(self) -> Produces:
+        """The mix, and a held-out split where a source or ``validation_fraction`` may fill one."""
+        cfg = self.config
+        splits = {s.split for s in cfg.sources} | ({"validation"} if cfg.validation_fraction > 0 else set())
+        return Produces(datasets=[cfg.output] + [f"{cfg.output}_{s}" for s in ("validation", "test") if s in splits])
 
     def _load_all(self, ctx) -> list[list[dict]]:
         for i, source in enumerate(self.config.sources):
@@ -167,14 +177,15 @@ class CurateStage(Stage):
             c = next(c for c in counts if c.source == p.source)
             c.in_mix, c.share = p.taken, p.share
 
-        # 4. outputs
-        datasets = {cfg.output: f"{cfg.output}.jsonl"}
+        # 4. outputs, in the format the sources came in (Parquet in, Parquet out)
+        suffix = output_suffix(records)
+        datasets = {cfg.output: f"{cfg.output}{suffix}"}
         _write(ctx.work_dir / datasets[cfg.output], mixed)
         for split in ("validation", "test"):
             held = [e for c, s in zip(counts, survivors) if c.split == split for e in s]
             held += held_out if split == "validation" else []
             if held:
-                datasets[f"{cfg.output}_{split}"] = f"{cfg.output}_{split}.jsonl"
+                datasets[f"{cfg.output}_{split}"] = f"{cfg.output}_{split}{suffix}"
                 _write(ctx.work_dir / datasets[f"{cfg.output}_{split}"], held)
         with open(ctx.work_dir / "dropped.jsonl", "w") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in dropped)
@@ -242,7 +253,21 @@ class CurateStage(Stage):
             ctx.log.warning("[%s] WARNING: %s", ctx.name, warning)
 
 
+def output_suffix(sources: list) -> str:
+    """``.parquet`` when every source was read from Parquet, so curated shards feed the next stage as
+    they came; else ``.jsonl`` (mixed or embedded sources)."""
+    formats = {getattr(getattr(r, "origin", None), "format", None) for r in sources}
+    return ".parquet" if formats == {"parquet"} else ".jsonl"
+
+
 def _write(path: Path, examples: list[Example]) -> None:
+    """One row per example: its canonical record and ``source``, as JSONL or Parquet by the suffix."""
+    rows = ({**e.record, "source": e.source} for e in examples)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(list(rows)), path)
+        return
     with open(path, "w") as fh:
-        for e in examples:
-            fh.write(json.dumps({**e.record, "source": e.source}) + "\n")
+        fh.writelines(json.dumps(row) + "\n" for row in rows)

@@ -1,4 +1,4 @@
-"""Distillation (issue #9): the ``distill`` stage writes an SFT dataset of a teacher model's answers.
+"""Distillation: the ``distill`` stage writes an SFT dataset of a teacher model's answers.
 
     distill   questions + few-shot example pairs -> teacher (vLLM rollout workers) -> `distilled`
               chat dataset with provenance per row; then `sft: {dataset: distilled}` trains the student

@@ -17,9 +17,9 @@ from pydantic import Field
 from rayalign.data.chat import tokenize_prompt
 from rayalign.data.sources import load_now, load_produced
 from rayalign.errors import ConfigError, DataError
-from rayalign.rollout.sample import sample_completions
 from rayalign.rollout.vllm_engine import Sampling
-from rayalign.stage import Stage, StageConfig, StageResult
+from rayalign.sampling import sample_completions
+from rayalign.stage import Produces, Stage, StageConfig, StageResult
 
 from rayalign_distill.prompts import chat_prompt, cut_at_next_question, pick_shots, shots_from_chat, text_prompt
 
@@ -60,8 +60,16 @@ class DistillStage(Stage):
         self.formats = plugins.formats
         self.questions = load_now(run, self.formats, cfg.questions, "prompt")
         self.examples = load_now(run, self.formats, cfg.examples, "chat") if cfg.examples else []
+        # None: an earlier stage's dataset, loaded in run(); the name is checked now.
+        if self.questions is None:
+            artifacts.expect_dataset(cfg.questions, f"stages[{index}].distill.questions")
+        if self.examples is None:
+            artifacts.expect_dataset(cfg.examples, f"stages[{index}].distill.examples")
         if cfg.format == "text" and ("{question}" not in cfg.text_template or "{answer}" not in cfg.text_template):
             raise ConfigError(f"stages[{index}].distill.text_template", "needs both {question} and {answer}")
+
+    def produces(self) -> Produces:
+        return Produces(datasets=[self.config.output])
 
     def _teacher(self, ctx) -> str:
         name = self.config.teacher

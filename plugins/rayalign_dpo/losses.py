@@ -9,6 +9,8 @@ from rayalign.training.losses import Loss, shifted_token_logps
 
 
 class _PreferenceLoss(Loss):
+    family = "preference"
+
     def __init__(self, beta: float = 0.1):
         super().__init__(beta=beta)
         self.beta = beta
@@ -25,16 +27,17 @@ class _PreferenceLoss(Loss):
         policy_rejected: torch.Tensor,
         ref_chosen: torch.Tensor,
         ref_rejected: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = self.penalty(self.margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)).mean()
         chosen_reward = self.beta * (policy_chosen - ref_chosen).detach()
         rejected_reward = self.beta * (policy_rejected - ref_rejected).detach()
+        # Tensors: the trainer reads a step's metrics in one transfer (training/losses.py).
         return loss, {
-            "loss": loss.item(),
-            "reward_accuracy": (chosen_reward > rejected_reward).float().mean().item(),
-            "reward_margin": (chosen_reward - rejected_reward).mean().item(),
-            "chosen_reward": chosen_reward.mean().item(),
-            "rejected_reward": rejected_reward.mean().item(),
+            "loss": loss.detach(),
+            "reward_accuracy": (chosen_reward > rejected_reward).float().mean(),
+            "reward_margin": (chosen_reward - rejected_reward).mean(),
+            "chosen_reward": chosen_reward.mean(),
+            "rejected_reward": rejected_reward.mean(),
         }
 
 
@@ -70,12 +73,14 @@ class UnlikelihoodLoss(Loss):
     """
 
     name = "unlikelihood"
+    family = "token_penalty"
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         token_logps, valid = shifted_token_logps(logits, labels)
         marked = valid & mask[:, 1:].bool()
         # log(1 - p) computed as log1p(-p), with p kept below 1 so a certain repeat stays finite.
         penalty = -torch.log1p(-token_logps.exp().clamp(max=1 - 1e-6))
         count = marked.sum()
         loss = (penalty * marked).sum() / count.clamp(min=1)
-        return loss, {"ul_loss": loss.item(), "ul_tokens": float(count.item())}
+        return loss, {"ul_loss": loss.detach(), "ul_tokens": count}

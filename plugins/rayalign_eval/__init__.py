@@ -1,4 +1,4 @@
-"""Model evaluation (issue #9): the ``evaluate_model`` stage.
+"""Model evaluation: the ``evaluate_model`` stage.
 
 Exact match with configurable answer extraction on a QA benchmark, multiple choice by
 log-likelihood, held-out loss and perplexity, repetition and hallucination rates from the detector

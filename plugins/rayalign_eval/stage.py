@@ -31,9 +31,9 @@ from rayalign.errors import ConfigError
 from rayalign.evaluation.detectors import Sample, build_detectors, run_detectors
 from rayalign.evaluation.references import load_knowledge
 from rayalign.evaluation.text import distinct_n, rep_n, words
-from rayalign.rollout.sample import sample_completions
 from rayalign.rollout.vllm_engine import Sampling
-from rayalign.stage import Stage, StageConfig, StageResult
+from rayalign.sampling import sample_completions
+from rayalign.stage import Produces, Stage, StageConfig, StageResult
 
 from rayalign_eval import compare
 from rayalign_eval.benchmarks import QAItem, load_choices, load_qa
@@ -94,6 +94,11 @@ class EvaluateModelStage(Stage):
             self.heldout = split(records, run.data.eval_fraction, run.seed)[1]
         elif cfg.heldout is not None:
             self.heldout = load_now(run, self.formats, cfg.heldout, "chat")  # None: an earlier stage's, in run()
+            if self.heldout is None:
+                artifacts.expect_dataset(cfg.heldout, f"{where}.heldout")
+
+    def produces(self) -> Produces:
+        return Produces(datasets=["evaluation_generations"])
 
     # -- what to evaluate ------------------------------------------------------------------------
 

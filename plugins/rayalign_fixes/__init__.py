@@ -1,4 +1,4 @@
-"""Fix repetition and hallucination after SFT with negative samples (issue #3).
+"""Fix repetition and hallucination after SFT with negative samples.
 
 Stages that chain after SFT, each usable on its own:
 

@@ -11,7 +11,7 @@ from pydantic import Field
 from rayalign.errors import ConfigError, DataError
 from rayalign.evaluation.detectors import Sample, build_detectors
 from rayalign.evaluation.references import KnowledgeBase, load_knowledge
-from rayalign.stage import StageConfig, StageContext
+from rayalign.stage import Artifacts, StageConfig, StageContext
 
 DEFAULT_DETECTORS = ["repetition", "contradiction", "unanswerable"]
 
@@ -26,6 +26,18 @@ class DetectorOptions(StageConfig):
 
 def looks_like_file(value: str) -> bool:
     return value.startswith("synthetic:") or "/" in value or value.endswith(".jsonl")
+
+
+def expect_input(artifacts: Artifacts, value: str | None, where: str, optional_knowledge: bool = False) -> None:
+    """In ``prepare``: a name that is no file must be a dataset an earlier stage declares.
+
+    ``optional_knowledge``: the default ``knowledge`` may go unproduced (``knowledge_input`` then uses none).
+    """
+    if value is None or looks_like_file(value):
+        return
+    if optional_knowledge and value == "knowledge" and value not in artifacts.will_produce.datasets:
+        return
+    artifacts.expect_dataset(value, where, tried="no file")
 
 
 def resolve_input(ctx: StageContext, value: str, where: str) -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 
 from rayalign.evaluation.detectors import run_detectors
-from rayalign.stage import Stage, StageResult
+from rayalign.stage import Produces, Stage, StageResult
 
-from rayalign_fixes.common import DetectorOptions, knowledge_input, read_samples, resolve_input, write_jsonl
+from rayalign_fixes.common import (DetectorOptions, expect_input, knowledge_input, read_samples, resolve_input,
+                                   write_jsonl)
 
 
 class DetectConfig(DetectorOptions):
@@ -33,6 +34,11 @@ class DetectStage(Stage):
 
     def prepare(self, run, plugins, artifacts, index):
         self.detectors = self.config.load_detectors(plugins, f"stages[{index}].detect")
+        expect_input(artifacts, self.config.samples, f"stages[{index}].detect.samples")
+        expect_input(artifacts, self.config.knowledge, f"stages[{index}].detect.knowledge", optional_knowledge=True)
+
+    def produces(self) -> Produces:
+        return Produces(datasets=["detections"])
 
     def run(self, ctx):
         cfg = self.config

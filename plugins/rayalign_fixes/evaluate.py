@@ -25,13 +25,14 @@ from rayalign.cluster.worker_group import WorkerGroup
 from rayalign.data.chat import tokenize_conversation, tokenize_prompt
 from rayalign.data.datasets import load_records, split
 from rayalign.data.packing import collate_packed, group_by_tokens
+from rayalign.data.sources import data_keys
 from rayalign.errors import ConfigError
 from rayalign.evaluation.detectors import Sample, run_detectors
 from rayalign.evaluation.references import load_knowledge, load_prompt_set
 from rayalign.evaluation.text import DECLINE_PATTERNS, declines, distinct_n, mentions, words
-from rayalign.rollout.sample import sample_completions
 from rayalign.rollout.vllm_engine import Sampling
-from rayalign.stage import Stage, StageResult
+from rayalign.sampling import sample_completions
+from rayalign.stage import Produces, Stage, StageResult
 from rayalign.training.losses import shifted_token_logps
 from rayalign.workers.reference import ReferenceWorker
 
@@ -112,12 +113,14 @@ class EvaluateStage(Stage):
         self.prompts = load_prompt_set(cfg.prompts, self.knowledge, run.seed)[: cfg.num_prompts]
         self.general = []
         if cfg.general is not None:
-            data_keys = [k for k, v in type(run.data).model_fields.items() if v.annotation == (str | None)]
-            if cfg.general in data_keys:  # the split the training stages held out
+            if cfg.general in data_keys(run):  # the split the training stages held out
                 records, _ = load_records(getattr(run.data, cfg.general), "chat", plugins.formats, run.seed)
                 self.general = split(records, run.data.eval_fraction, run.seed)[1]
             else:
                 self.general = load_records(cfg.general, "chat", plugins.formats, run.seed)[0]
+
+    def produces(self) -> Produces:
+        return Produces(datasets=["evaluation"])
 
     def _baseline(self, ctx) -> str | None:
         name = self.config.baseline

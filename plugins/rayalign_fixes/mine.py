@@ -7,9 +7,9 @@ from pydantic import Field
 from rayalign.data.chat import tokenize_prompt
 from rayalign.evaluation.detectors import Sample
 from rayalign.evaluation.references import load_knowledge, load_prompt_set
-from rayalign.rollout.sample import sample_completions
 from rayalign.rollout.vllm_engine import Sampling
-from rayalign.stage import Stage, StageConfig, StageResult
+from rayalign.sampling import sample_completions
+from rayalign.stage import Produces, Stage, StageConfig, StageResult
 
 from rayalign_fixes.common import knowledge_rows, write_jsonl
 
@@ -37,6 +37,9 @@ class MineStage(Stage):
         # Loading here checks both files against each other before any work starts.
         self.knowledge = load_knowledge(cfg.knowledge, run.seed) if cfg.knowledge else None
         self.prompts = load_prompt_set(cfg.prompts, self.knowledge, run.seed)[: cfg.num_prompts]
+
+    def produces(self) -> Produces:
+        return Produces(datasets=["samples"] + (["knowledge"] if self.config.knowledge else []))
 
     def run(self, ctx):
         from transformers import AutoTokenizer

@@ -30,10 +30,10 @@ from pydantic import Field
 
 from rayalign.errors import ConfigError, DataError
 from rayalign.evaluation.references import RefPrompt
-from rayalign.stage import Stage, StageConfig, StageResult
+from rayalign.stage import Produces, Stage, StageConfig, StageResult
 
 from rayalign_fixes.builders import BUILDERS
-from rayalign_fixes.common import knowledge_input, read_samples, resolve_input, write_jsonl
+from rayalign_fixes.common import expect_input, knowledge_input, read_samples, resolve_input, write_jsonl
 
 
 class NegativesConfig(StageConfig):
@@ -74,6 +74,11 @@ class NegativesStage(Stage):
                 raise ConfigError(f"stages[{index}].negatives.synthetic[{i}]",
                                   f"no synthetic builder {name!r} (known: {', '.join(BUILDERS)})")
         self.builders = names
+        expect_input(artifacts, cfg.detections, f"stages[{index}].negatives.detections")
+        expect_input(artifacts, cfg.knowledge, f"stages[{index}].negatives.knowledge", optional_knowledge=True)
+
+    def produces(self) -> Produces:
+        return Produces(datasets=["pairs"])
 
     def run(self, ctx):
         cfg = self.config

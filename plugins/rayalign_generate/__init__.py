@@ -2,7 +2,7 @@
 
 from rayalign.hookspecs import hookimpl
 
-from rayalign_generate.metrics import Distinct2, ExactMatch, ResponseWords
+from rayalign_generate.metrics import AnsweredExactMatch, DeclineRate, Distinct2, ExactMatch, ResponseWords
 from rayalign_generate.stage import GenerateStage
 
 
@@ -16,3 +16,5 @@ def register_metrics(register):
     register(ResponseWords)
     register(Distinct2)
     register(ExactMatch)
+    register(DeclineRate)
+    register(AnsweredExactMatch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from rayalign.evaluation.text import declines
 from rayalign.metrics import Metric
 
 
@@ -39,3 +40,24 @@ class ExactMatch(Metric):
         pairs = [(c, r) for c, r in zip(completions, references) if r is not None]
         norm = lambda s: " ".join(_words(s))  # noqa: E731
         return sum(norm(c) == norm(r) for c, r in pairs) / len(pairs) if pairs else float("nan")
+
+
+class DeclineRate(Metric):
+    """Share of completions that decline to answer, over the prompts whose reference is a decline
+    (questions the model cannot know the answer to); nan without such prompts."""
+
+    name = "decline_rate"
+
+    def compute(self, prompts, completions, references):
+        asked = [c for c, r in zip(completions, references) if r is not None and declines(r)]
+        return sum(map(declines, asked)) / len(asked) if asked else float("nan")
+
+
+class AnsweredExactMatch(Metric):
+    """``exact_match`` over the prompts whose reference answers (does not decline); nan without such prompts."""
+
+    name = "answered_exact_match"
+
+    def compute(self, prompts, completions, references):
+        kept = [(c, r) for c, r in zip(completions, references) if r is not None and not declines(r)]
+        return ExactMatch().compute([], [c for c, _ in kept], [r for _, r in kept]) if kept else float("nan")

@@ -7,10 +7,10 @@ import json
 from pydantic import Field
 
 from rayalign.data.chat import tokenize_prompt
-from rayalign.data.datasets import load_records, prompts_from_chat, split
-from rayalign.rollout.sample import sample_completions
+from rayalign.data.datasets import held_out_prompts, load_records, prompts_from_chat, split
 from rayalign.rollout.vllm_engine import Sampling
-from rayalign.stage import Stage, StageConfig, StageResult
+from rayalign.sampling import sample_completions
+from rayalign.stage import Produces, Stage, StageConfig, StageResult
 
 
 class GenerateConfig(StageConfig):
@@ -32,12 +32,16 @@ class GenerateStage(Stage):
     def prepare(self, run, plugins, artifacts, index):
         cfg = self.config
         self.metrics = [plugins.metrics.get(m, where=f"stages[{index}].generate.metrics")() for m in cfg.metrics]
-        if run.data.prompts is not None:
-            prompts, self.source = load_records(run.data.prompts, "prompt", plugins.formats, run.seed)
+        path = held_out_prompts(run.data)
+        if path is not None:
+            prompts, self.source = load_records(path, "prompt", plugins.formats, run.seed)
         else:  # the held-out split of the SFT data: questions the model did not train on
             chat, source = load_records(run.data.sft, "chat", plugins.formats, run.seed)
             prompts, self.source = prompts_from_chat(split(chat, run.data.eval_fraction, run.seed)[1]), source
         self.prompts = prompts[: cfg.num_prompts]
+
+    def produces(self) -> Produces:
+        return Produces(datasets=["generations"])
 
     def run(self, ctx):
         from transformers import AutoTokenizer

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -17,6 +17,10 @@ class RewardTerm(BaseModel):
 
 
 class RLConfig(TrainingConfig):
+    # With resources.colocate the stage plans every role on the GPU itself (rayalign_rl.memory_plan),
+    # which the pipeline's trainer-only check would contradict (it knows no optimizer offload).
+    plans_colocated_memory: ClassVar[bool] = True
+
     # Inherited training options that mean nothing here: a rollout batch is a step, and lengths are
     # max_prompt_length + max_new_tokens. Setting them is a mistake worth an error.
     epochs: int = Field(1, description="not used by RL stages: `steps` counts rollout batches")
@@ -55,6 +59,10 @@ class RLConfig(TrainingConfig):
     clip_high: float = Field(0.2, gt=0, description="policy ratio clip above 1 (DAPO's clip-higher when larger)")
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     value_clip: float = Field(0.2, gt=0, description="critic: how far a new value may move from the old one")
+    policy_loss: str = Field("clipped_policy", description="registered policy loss (family `policy`); gets the "
+                             "clip and KL settings above that it declares, and `loss_options`")
+    value_loss: str = Field("clipped_value", description="registered value loss of the critic (family `value`)")
+    value_loss_options: dict[str, Any] = Field({}, description="options of the value loss beyond `value_clip`")
     critic_lr: float = Field(1e-5, gt=0, description="critic learning rate (ppo)")
     rewards: list[RewardTerm] = Field([RewardTerm(name="exact_match")], description="rewards summed with weights")
     reward_model: str | None = Field(None, description="a model named by an earlier stage (`reward_model`) or a "

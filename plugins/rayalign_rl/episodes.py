@@ -22,7 +22,7 @@ class Episode:
     prompt_index: int  # into the step's prompt records
     prompt_ids: list[int]
     completion_ids: list[int]
-    text: str
+    text: str | None  # None until decoded (engines return token ids; the loop decodes in a batch)
     finish_reason: str
     weights_version: int
     vllm_logps: np.ndarray

@@ -12,7 +12,8 @@ One step: sample ``num_generations`` answers for each of ``prompts_per_step`` pr
 them while the reference and old log-probs (and values) are computed on packed rows (the actor
 groups work at once); turn rewards into advantages; run ``ppo_epochs`` passes of clipped updates; push the new weights to the engines
 with a version. Engines stamp completions with the version they sampled under, and any answer
-from an older version is counted as stale and dropped.
+from an older version is counted as stale and dropped. On shared GPUs, ``colocation.Colocation``
+decides who holds the memory in each phase (and reads each phase's peak on CUDA).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import ray
 
 from rayalign import telemetry
 from rayalign.cluster.worker_group import Placement, WorkerGroup
+from rayalign.colocated_memory import ColocatedPlan
 from rayalign.rollout.sharding import generate_sharded
-from rayalign.rollout.vllm_engine import Sampling
-from rayalign.rollout.weight_sync import WeightSync, choose_transport
+from rayalign.rollout.vllm_engine import Sampling, engine_config
+from rayalign.rollout.weight_sync import WeightSync
 from rayalign.stage import StageContext
 from rayalign.training.checkpoint import CheckpointStore, TrainingState
 from rayalign.training.loop import start_trainers, to_numpy, train_step
@@ -39,9 +41,10 @@ from rayalign.workers.reference import ReferenceWorker
 from rayalign.workers.reward import RewardWorker
 from rayalign.workers.rollout import RolloutWorker
 from rayalign_rl import advantages as adv
+from rayalign_rl.colocation import STARTUP_SLEEP_LEVEL, Colocation
 from rayalign_rl.config import RLConfig
 from rayalign_rl.episodes import Episode, PackedRow, current_episodes, gather, pack, scatter
-from rayalign_rl.losses import ClippedPolicyLoss, ClippedValueLoss
+from rayalign_rl.losses import rl_losses
 from rayalign_rl.objectives import PolicyForward, PolicyObjective, TokenLogps, ValueObjective, token_values
 
 
@@ -70,10 +73,12 @@ def _shards(n_items: int, n_ranks: int) -> list[list[int]]:
 
 class RLLoop:
     def __init__(self, ctx: StageContext, cfg: RLConfig, placement: dict[str, Placement],
-                 train: list[Prompt], held_out: list[Prompt], rewards: list[RewardFn], reward_model: str | None):
+                 train: list[Prompt], held_out: list[Prompt], rewards: list[RewardFn], reward_model: str | None,
+                 plan: ColocatedPlan | None = None):
         self.ctx, self.cfg, self.train, self.held_out, self.rewards = ctx, cfg, train, held_out, rewards
         self.timeouts = ctx.run.timeouts
-        self.colocated = ctx.run.resources.colocate and ctx.run.resources.trainer.num_gpus > 0
+        self.colocated = ctx.run.resources.colocated
+        self.plan = plan  # the colocated memory plan (None: not colocated, or GPU memory unknown)
         self.groups: list[WorkerGroup] = []
         # The rollout log sits beside the checkpoints, which survive restarts and resumes (the
         # work dir does not survive a resume); each checkpoint records how much of it is final.
@@ -86,18 +91,24 @@ class RLLoop:
             raise
 
     def _start(self, placement: dict[str, Placement], reward_model: str | None) -> None:
+        from transformers import AutoTokenizer
+
         ctx, cfg = self.ctx, self.cfg
         model = ctx.artifacts.model
-        engine = ctx.run.resources.rollout.engine(model, ctx.run.seed, enable_sleep_mode=self.colocated)
+        # Answers come back as token ids; their text (for rewards and the rollout log) is decoded
+        # here in one batch, as TRL does, instead of token by token inside the engines.
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        engine = engine_config(ctx.run.resources.rollout, model, ctx.run.seed, enable_sleep_mode=self.colocated,
+                               enforce_eager=None if self.plan is None else not self.plan.cuda_graphs)
         # Engines first: on a shared GPU vLLM sizes its KV cache from the memory free at start.
         self.engines = self._group("rollout", RolloutWorker, placement, lambda r, t: (engine, t))
         self.engines.run(lambda a, r: a.ping.remote(), self.timeouts.worker_start_s)
-        self._sleep()
+        if self.colocated:
+            self.engines.run(lambda a, r: a.sleep.remote(STARTUP_SLEEP_LEVEL), self.timeouts.step_s)
         ga, n = cfg.grad_accum, len(placement["trainer"].bundles)
         tokens = cfg.prompts_per_step * cfg.num_generations * (cfg.max_new_tokens + 64)
         opt_steps = cfg.steps * cfg.ppo_epochs * max(1, -(-tokens // cfg.max_tokens_per_micro_batch) // (n * ga))
-        loss = ClippedPolicyLoss(cfg.clip_low, cfg.clip_high, cfg.kl_coef if cfg.kl_in == "loss" else 0.0,
-                                 cfg.loss_aggregation, cfg.kl_ratio_correction)
+        loss, value_loss = rl_losses(ctx.plugins.losses, cfg, f"stages[{ctx.index}].{ctx.name}")
         self.policy_objective = PolicyObjective(loss, kl_in_loss=cfg.kl_in == "loss" and cfg.kl_coef > 0,
                                                 temperature=cfg.temperature)
         self.policy = start_trainers(ctx, placement["trainer"], cfg.spec(model, opt_steps, ctx.run.seed),
@@ -109,7 +120,7 @@ class RLLoop:
             # for quality), else from the policy with a fresh value head.
             spec = cfg.spec(reward_model or model, opt_steps, ctx.run.seed, head="score")
             spec.lr = cfg.critic_lr
-            self.value_objective = ValueObjective(ClippedValueLoss(cfg.value_clip))
+            self.value_objective = ValueObjective(value_loss)
             self.critic = start_trainers(ctx, placement["critic"], spec, self.value_objective, role="critic")
             self.groups.append(self.critic)
         self.reference = None
@@ -120,7 +131,14 @@ class RLLoop:
             self.reward_model = self._group("reward", RewardWorker, placement,
                                             lambda r, t: (reward_model, 4096, cfg.max_tokens_per_micro_batch, t))
         self.sync = WeightSync(self.policy, self.engines, self.timeouts.sync_s, cfg.sync_bucket_mb << 20,
-                               choose_transport(ctx.run.resources))
+                               ctx.run.resources.weight_sync_transport)
+        roles = {"rollout": self.engines, "trainer": self.policy, "critic": self.critic,
+                 "reference": self.reference, "reward": self.reward_model}
+        self.gpu = Colocation(
+            self.engines, [g for g in (self.policy, self.critic) if g is not None],
+            [g for g in (self.reference, self.reward_model) if g is not None], self.sync, self.timeouts.step_s,
+            colocated=self.colocated, offload_optimizer=self.plan is not None and self.plan.offload_optimizer,
+            gpu_roles={role: g for role, g in roles.items() if g is not None and placement[role].num_gpus > 0})
 
     def _group(self, role: str, cls, placement: dict[str, Placement], args) -> WorkerGroup:
         p = placement[role]
@@ -128,15 +146,6 @@ class RLLoop:
         group = WorkerGroup(f"{self.ctx.actor_prefix}/{role}", cls, p, lambda r: args(r, threads))
         self.groups.append(group)
         return group
-
-    # Colocated engines give the GPU back while the trainers work. No-ops on CPU.
-    def _sleep(self) -> None:
-        if self.colocated:
-            self.engines.run(lambda a, r: a.sleep.remote(), self.timeouts.step_s)
-
-    def _wake(self) -> None:
-        if self.colocated:
-            self.engines.run(lambda a, r: a.wake_up.remote(), self.timeouts.step_s)
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -156,7 +165,16 @@ class RLLoop:
         """Episodes sampled under the current weights, and how many stale answers were dropped.
         A prompt keeps its answers only if all are current (group baselines need whole groups)."""
         grouped = generate_sharded(self.engines, [p.ids for p in prompts], sampling, self.timeouts.step_s)
-        return current_episodes([p.ids for p in prompts], grouped, self.sync.version)
+        episodes, stale = current_episodes([p.ids for p in prompts], grouped, self.sync.version)
+        self.decode(episodes)
+        return episodes, stale
+
+    def decode(self, episodes: list[Episode]) -> None:
+        """Each answer's text without special tokens (what TRL's GRPO scores too), for answers the
+        engines returned as token ids only."""
+        todo = [e for e in episodes if e.text is None]
+        for e, text in zip(todo, self.tokenizer.batch_decode([e.completion_ids for e in todo], skip_special_tokens=True)):
+            e.text = text
 
     def score(self, prompts: list[Prompt], episodes: list[Episode]) -> None:
         """Every reward term of every episode, and their weighted sum (``episode.reward``)."""
@@ -236,15 +254,18 @@ class RLLoop:
         clock = time.monotonic()
         prompts = self.step_prompts(step)
         sampling = Sampling(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_tokens=cfg.max_new_tokens, seed=self.ctx.run.seed * 100003 + step, logprobs=True)
+                            max_tokens=cfg.max_new_tokens, seed=self.ctx.run.seed * 100003 + step, logprobs=True,
+                            detokenize=False)
         episodes, stale = self.sample(prompts, sampling)
-        self._sleep()
+        self.gpu.after_generate()
         t["generate"] = time.monotonic() - clock
+        memory = self.gpu.phase_memory("generate")
         if not episodes:
             raise RuntimeError(f"step {step}: every sampled answer was stale or empty")
         # Rewards and log-probs are independent given the episodes: the reward model, the policy,
         # the reference and the critic all work at once while the driver runs the rule rewards.
         clock = time.monotonic()
+        self.gpu.before_score()
         finish_rewards = self.start_rewards(prompts, episodes)
         rows = pack(episodes, cfg.max_tokens_per_micro_batch, self.ctx.run.seed + step)
         data = ray.put([to_numpy(r.batch) for r in rows])
@@ -263,18 +284,21 @@ class RLLoop:
         finish_rewards()
         for collect in passes:
             collect(episodes)
+        self.gpu.after_score()
         self.advantages(prompts, episodes)
         t["score"] = time.monotonic() - clock
+        memory |= self.gpu.phase_memory("score")
 
         clock = time.monotonic()
         policy_metrics, critic_metrics = self.update(step, rows, episodes)
         t["train"] = time.monotonic() - clock
+        memory |= self.gpu.phase_memory("train")
         clock = time.monotonic()
-        self._wake()
-        sync = self.sync.sync()
+        sync = self.gpu.sync_weights()
         t["sync"] = time.monotonic() - clock
+        memory |= self.gpu.phase_memory("sync")
         self._log_rollouts(step, prompts, episodes)
-        return self.metrics(episodes, stale, t, sync, policy_metrics, critic_metrics)
+        return self.metrics(episodes, stale, t, sync, policy_metrics, critic_metrics) | memory
 
     def update(self, step: int, rows: list[PackedRow], episodes: list[Episode]) -> tuple[dict, dict]:
         """``ppo_epochs`` passes of clipped updates over the rows, for the policy (and critic)."""
@@ -313,10 +337,11 @@ class RLLoop:
         prompts = self.held_out[: self.cfg.eval_prompts]
         if not prompts:
             return {"step": step}
-        greedy = Sampling(n=1, temperature=0.0, max_tokens=self.cfg.max_new_tokens)
+        greedy = Sampling(n=1, temperature=0.0, max_tokens=self.cfg.max_new_tokens, detokenize=False)
         grouped = generate_sharded(self.engines, [p.ids for p in prompts], greedy, self.timeouts.step_s)
         episodes = [Episode(i, p.ids, c.token_ids, c.text, c.finish_reason, c.weights_version, np.zeros(0))
                     for i, (p, cs) in enumerate(zip(prompts, grouped)) for c in cs]
+        self.decode(episodes)
         self.score(prompts, episodes)
         out = {"step": step, "reward": float(np.mean([e.reward for e in episodes]))}
         for term in self.rewards:
@@ -371,8 +396,9 @@ class RLLoop:
         """Every step from the last checkpoint (or the start); returns (history, evaluations)."""
         rel = self.ctx.run.reliability
         store = CheckpointStore(self.ctx.checkpoint_dir, rel.keep_checkpoints, self.ctx.log)
-        self._wake()  # asleep since start-up, while the trainers took their GPU memory
         state = self.restore(store)
+        self.gpu.wake_all()  # asleep since start-up, while the trainers took their GPU memory
+        self.gpu.phase_memory("start")  # the peaks of start-up are no phase's
         if not state.extra:
             state.extra = {"evals": [self.evaluate(0)], "version": 0}
         self._open_rollouts(state.extra.get("rollouts_bytes", 0))
@@ -414,9 +440,10 @@ class RLLoop:
         self.rollouts.flush()
         state.extra["rollouts_bytes"] = self.rollouts_path.stat().st_size
         tmp = store.begin(state.step)
-        for name, group in (("policy", self.policy), ("critic", self.critic)):
-            if group is not None:
-                group.run(lambda a, r: a.save_checkpoint.remote(str(tmp / name)), self.timeouts.step_s)
+        with self.gpu.states_on_gpu():
+            for name, group in (("policy", self.policy), ("critic", self.critic)):
+                if group is not None:
+                    group.run(lambda a, r: a.save_checkpoint.remote(str(tmp / name)), self.timeouts.step_s)
         self.ctx.log.info("[%s] checkpoint %s", self.ctx.name, store.commit(tmp, state).name)
 
     def restore(self, store: CheckpointStore) -> TrainingState:
@@ -431,7 +458,7 @@ class RLLoop:
             if group is not None:
                 group.run(lambda a, r: a.load_checkpoint.remote(str(path / name), 1.0), self.timeouts.step_s)
         self.sync.version = state.extra["version"] - 1
-        self.sync.sync()
+        self.gpu.sync_weights()
         self.ctx.log.info("[%s] resumed from %s (step %d of %d, weights version %d)", self.ctx.name, path.name,
                           state.step, self.cfg.steps, self.sync.version)
         return state

@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from rayalign.training.losses import Loss
+from rayalign.training.losses import Loss, build_loss
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -38,6 +38,7 @@ class ClippedPolicyLoss(Loss):
     """
 
     name = "clipped_policy"
+    family = "policy"
 
     def __init__(self, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.0,
                  aggregation: Literal["token_mean", "sequence_mean"] = "token_mean", kl_ratio_correction: bool = True):
@@ -56,24 +57,27 @@ class ClippedPolicyLoss(Loss):
             if self.kl_coef:
                 per_token = per_token + self.kl_coef * (kl * ratio if self.kl_ratio_correction else kl)
         if self.aggregation == "sequence_mean":
+            # One slot per position bounds the sequence ids, so neither the number of sequences nor
+            # which of them have answer tokens is read back to the host.
             owner = sequence_ids.reshape(-1)
-            n = int(owner.max()) + 1
-            sums = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add_(0, owner, (per_token * mask).reshape(-1))
-            counts = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add_(0, owner, mask.reshape(-1))
-            present = counts > 0
-            loss = (sums[present] / counts[present]).mean()
+            slots = torch.zeros(owner.numel(), dtype=per_token.dtype, device=per_token.device)
+            sums = slots.index_add(0, owner, (per_token * mask).reshape(-1))
+            counts = slots.index_add(0, owner, mask.reshape(-1))
+            present = (counts > 0).to(per_token.dtype)
+            loss = (sums / counts.clamp(min=1)).sum() / present.sum().clamp(min=1)
         else:
             loss = masked_mean(per_token, mask)
         with torch.no_grad():
             is_clipped = ((ratio < 1 - self.clip_low) & (advantages < 0)) | ((ratio > 1 + self.clip_high) & (advantages > 0))
+            # 0-d tensors, left on the device: the trainer reads a whole step's metrics in one transfer.
             metrics = {
-                "policy_loss": loss.item(),
-                "clip_fraction": masked_mean(is_clipped.to(mask.dtype), mask).item(),
-                "approx_kl_old": masked_mean(0.5 * (logps - old_logps) ** 2, mask).item(),
-                "ratio_max": (ratio * mask).max().item(),
+                "policy_loss": loss.detach(),
+                "clip_fraction": masked_mean(is_clipped.to(mask.dtype), mask),
+                "approx_kl_old": masked_mean(0.5 * (logps - old_logps) ** 2, mask),
+                "ratio_max": (ratio * mask).max(),
             }
             if kl is not None:
-                metrics["kl_ref"] = masked_mean(kl, mask).item()
+                metrics["kl_ref"] = masked_mean(kl, mask)
         return loss, metrics
 
 
@@ -82,6 +86,7 @@ class ClippedValueLoss(Loss):
     baselines and TRL's former PPOTrainer): ``0.5 * max((v - R)^2, (v_clipped - R)^2)``."""
 
     name = "clipped_value"
+    family = "value"
 
     def __init__(self, clip: float = 0.2):
         super().__init__(clip=clip)
@@ -93,5 +98,22 @@ class ClippedValueLoss(Loss):
         loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
         with torch.no_grad():
             frac = masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).to(mask.dtype), mask)
-        return loss, {"value_loss": loss.item(), "value_clip_fraction": frac.item(),
-                      "value_mean": masked_mean(values.detach(), mask).item()}
+        return loss, {"value_loss": loss.detach(), "value_clip_fraction": frac,
+                      "value_mean": masked_mean(values.detach(), mask)}
+
+
+def rl_losses(registry, cfg, where: str) -> tuple[Loss, Loss | None]:
+    """The stage's policy loss and, with a critic (``advantage: gae``), its value loss, resolved by
+    name (``policy_loss``, ``value_loss``) so a plugin's loss can replace either. The stage's clip
+    and KL settings go to a loss that declares them; ``loss_options`` and ``value_loss_options``
+    carry a loss's own."""
+    policy = build_loss(registry, cfg.policy_loss, "policy", cfg.loss_options, f"{where}.policy_loss",
+                        f"{where}.loss_options", stage_options={
+                            "clip_low": cfg.clip_low, "clip_high": cfg.clip_high,
+                            "kl_coef": cfg.kl_coef if cfg.kl_in == "loss" else 0.0,
+                            "aggregation": cfg.loss_aggregation, "kl_ratio_correction": cfg.kl_ratio_correction})
+    if cfg.advantage != "gae":
+        return policy, None
+    value = build_loss(registry, cfg.value_loss, "value", cfg.value_loss_options, f"{where}.value_loss",
+                       f"{where}.value_loss_options", stage_options={"clip": cfg.value_clip})
+    return policy, value

@@ -12,13 +12,26 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rayalign.training.losses import IGNORE_INDEX, shifted_token_logps
+from rayalign.training.losses import IGNORE_INDEX, Loss, shifted_token_logps
 from rayalign.training.scores import token_scores
-from rayalign_rl.losses import ClippedPolicyLoss, ClippedValueLoss
+
+
+# Positions x vocabulary entries per float32 temporary in the no-gradient passes below (about
+# 1 GiB): a 16k-token row of a 152k vocabulary would otherwise hold several 10 GB copies of its
+# logits at once (float copy, log-softmax, exp, product), which torch's allocator then keeps.
+LOGPROB_CHUNK_ELEMENTS = 1 << 28
 
 
 def _logits(model, batch) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+
+
+def _chunks(logits: torch.Tensor) -> list[tuple[int, int]]:
+    """Slices ``[s, e + 1)`` of the positions: ``shifted_token_logps`` of a slice scores labels
+    s+1..e with logits s..e-1, so the slices' results laid end to end are the whole row's."""
+    positions = logits.shape[1] - 1
+    step = max(1, LOGPROB_CHUNK_ELEMENTS // logits.shape[-1])
+    return [(s, min(s + step, positions)) for s in range(0, positions, step)]
 
 
 @dataclass
@@ -30,7 +43,9 @@ class TokenLogps:
     temperature: float = 1.0
 
     def __call__(self, model, batch) -> tuple[torch.Tensor]:
-        return (shifted_token_logps(_logits(model, batch) / self.temperature, batch["labels"])[0],)
+        logits, labels = _logits(model, batch), batch["labels"]
+        return (torch.cat([shifted_token_logps(logits[:, s : e + 1] / self.temperature, labels[:, s : e + 1])[0]
+                           for s, e in _chunks(logits)], dim=1),)
 
 
 @dataclass
@@ -42,13 +57,16 @@ class PolicyForward:
     temperature: float = 1.0
 
     def __call__(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = _logits(model, batch)
-        raw, _ = shifted_token_logps(logits, batch["labels"])
-        tempered = logits / self.temperature
-        logps, _ = shifted_token_logps(tempered, batch["labels"])
-        all_logps = F.log_softmax(tempered[:, :-1].float(), dim=-1)
-        entropy = -(all_logps.exp() * all_logps).sum(-1)
-        return logps, entropy, raw
+        logits, labels = _logits(model, batch), batch["labels"]
+        logps, entropy, raw = [], [], []
+        for s, e in _chunks(logits):
+            piece, targets = logits[:, s : e + 1], labels[:, s : e + 1]
+            raw.append(shifted_token_logps(piece, targets)[0])
+            tempered = piece / self.temperature
+            logps.append(shifted_token_logps(tempered, targets)[0])
+            all_logps = F.log_softmax(tempered[:, :-1].float(), dim=-1)
+            entropy.append(-(all_logps.exp() * all_logps).sum(-1))
+        return torch.cat(logps, dim=1), torch.cat(entropy, dim=1), torch.cat(raw, dim=1)
 
 
 def token_values(model, batch) -> tuple[torch.Tensor]:
@@ -62,28 +80,32 @@ def answer_mask(batch) -> torch.Tensor:
 
 @dataclass
 class PolicyObjective:
-    loss: ClippedPolicyLoss
+    loss: Loss  # family `policy`
     kl_in_loss: bool = False
     temperature: float = 1.0
 
+    def count(self, batch) -> torch.Tensor:
+        """Answer tokens (token_mean) or answers (sequence_mean): the micro-batch's share of a step,
+        as a 0-d tensor where the batch lies (on a GPU, reading it would wait for the device)."""
+        if getattr(self.loss, "aggregation", "token_mean") == "sequence_mean":
+            return (batch["sequence_ids"].max() + 1).float()
+        return answer_mask(batch).sum().float()
+
     def weight(self, batch) -> float:
-        """Answer tokens (token_mean) or answers (sequence_mean): the micro-batch's share of a step."""
-        if self.loss.aggregation == "sequence_mean":
-            return float(int(batch["sequence_ids"].max()) + 1)
-        return float(answer_mask(batch).sum())
+        return float(self.count(batch))
 
     def __call__(self, model, batch):
         logps, mask = shifted_token_logps(_logits(model, batch) / self.temperature, batch["labels"])
         ref = batch["ref_logps"][:, 1:] if self.kl_in_loss else None
         loss, metrics = self.loss(logps, batch["old_logps"][:, 1:], batch["advantages"][:, 1:], mask, ref,
                                   batch["sequence_ids"][:, 1:])
-        metrics["count"] = self.weight(batch)
+        metrics["count"] = self.count(batch)
         return loss, metrics
 
 
 @dataclass
 class ValueObjective:
-    loss: ClippedValueLoss
+    loss: Loss  # family `value`
 
     def weight(self, batch) -> float:
         return float(answer_mask(batch).sum())
@@ -91,5 +113,5 @@ class ValueObjective:
     def __call__(self, model, batch):
         values = token_values(model, batch)[0]
         loss, metrics = self.loss(values, batch["old_values"][:, 1:], batch["returns"][:, 1:], answer_mask(batch))
-        metrics["count"] = self.weight(batch)
+        metrics["count"] = answer_mask(batch).sum().float()  # a tensor: no wait for the device
         return loss, metrics

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rayalign.colocated_memory import PHASES
 from rayalign.data.chat import tokenize_prompt
-from rayalign.data.datasets import dataset_path, load_records, split
+from rayalign.data.datasets import load_records, split
+from rayalign.data.sources import dataset_path
 from rayalign.errors import ConfigError, DataError
-from rayalign.stage import Stage, StageResult
+from rayalign.stage import Produces, Stage, StageResult
 from rayalign_rl.config import GRPOConfig, PPOConfig, RLConfig
 from rayalign_rl.loop import Prompt, RewardFn, RLLoop
+from rayalign_rl.losses import rl_losses
+from rayalign_rl.memory_plan import colocated_plan, with_cuda_graphs
 
 REWARD_MODEL = "reward_model"
 
@@ -41,6 +45,7 @@ class RLStage(Stage):
                 self.rewards.append(RewardFn(term.name, term.weight, fn, term.options))
         if not self.rewards:
             raise ConfigError(f"{where}.rewards", "no reward: name at least one")
+        rl_losses(plugins.losses, cfg, where)  # a wrong name, family or option stops here, before any worker
         path = dataset_path(run, cfg.prompts, where=f"{where}.prompts")
         records, self.source = load_records(path, "prompt", plugins.formats, run.seed)
         tok = AutoTokenizer.from_pretrained(artifacts.model)
@@ -56,6 +61,15 @@ class RLStage(Stage):
         self.train, self.held_out = split(prompts, run.data.eval_fraction, run.seed)
         if not self.train:
             raise DataError(self.source, "no prompt left to train on")
+        name = cfg.reward_model
+        if name is not None and not (Path(name).expanduser() / "config.json").exists():
+            artifacts.expect_model(name, f"{where}.reward_model")  # e.g. reward_model's, checked before any stage runs
+        # A colocated plan that cannot fit stops the run here, before any stage starts; run() plans
+        # again with the reward model an earlier stage produced.
+        colocated_plan(run, cfg, artifacts.model, cfg.reward_model, where)
+
+    def produces(self) -> Produces:
+        return Produces(datasets=["rollouts"])
 
     def _reward_model_path(self, ctx) -> str | None:
         name = self.config.reward_model
@@ -69,15 +83,30 @@ class RLStage(Stage):
         raise ConfigError(f"stages[{ctx.index}].{self.name}.reward_model",
                           f"{name!r} is neither a model an earlier stage produced (produced: {known}) nor a model directory")
 
+    def memory_plan(self, ctx, reward_model: str | None):
+        """The colocated memory plan, logged (None when the roles do not share GPUs)."""
+        where = f"stages[{ctx.index}].{self.name}"
+        plan = colocated_plan(ctx.run, self.config, ctx.artifacts.model, reward_model, where, ctx.log)
+        if plan is None:
+            return None
+        ctx.log.info("[%s] colocated memory plan: %s", ctx.name, plan.summary())
+        if not plan.cuda_graphs and ctx.run.resources.rollout.enforce_eager is None:
+            ctx.log.warning("[%s] vLLM runs eager (no CUDA graphs: slower decoding) because with graphs the colocated "
+                            "plan needs %.1f GiB per GPU of %.1f; a smaller resources.rollout.gpu_memory_utilization "
+                            "or max_tokens_per_micro_batch brings them back", ctx.name,
+                            with_cuda_graphs(plan).peak / 2**30, plan.capacity / 2**30)
+        return plan
+
     def run(self, ctx):
         cfg = self.config
         reward_model = self._reward_model_path(ctx)
+        plan = self.memory_plan(ctx, reward_model)
         roles = ["trainer", "rollout"]
         roles += ["critic"] if cfg.advantage == "gae" else []
         roles += ["reference"] if cfg.kl_coef > 0 else []
         roles += ["reward"] if reward_model else []
         with ctx.cluster.reserve(ctx.name, roles) as placement:
-            loop = RLLoop(ctx, cfg, placement, self.train, self.held_out, self.rewards, reward_model)
+            loop = RLLoop(ctx, cfg, placement, self.train, self.held_out, self.rewards, reward_model, plan)
             try:
                 history, evals = loop.run()
                 loop.save(str(ctx.work_dir / "model"))
@@ -104,8 +133,22 @@ class RLStage(Stage):
                 "train_prompts": len(self.train),
                 "eval_prompts": min(len(self.held_out), cfg.eval_prompts),
                 "history": history,
+                # Per phase, the highest device memory any GPU of the stage used (CUDA only).
+                "device_peak_gib": _phase_peaks(history),
+                "memory_plan_gib": {p: plan.total(p) / 2**30 for p in PHASES} if plan else None,
+                "memory_plan": plan.summary() if plan else None,
             },
         )
+
+
+def _phase_peaks(history: list[dict]) -> dict[str, float] | None:
+    peaks = {}
+    for m in history:
+        for key, value in m.items():
+            if key.startswith("memory/") and key.endswith("/device_gib"):
+                phase = key.split("/")[1]
+                peaks[phase] = max(peaks.get(phase, 0.0), value)
+    return peaks or None
 
 
 class PPOStage(RLStage):

@@ -16,6 +16,7 @@ class BradleyTerryLoss(Loss):
     """
 
     name = "bradley_terry"
+    family = "reward"
 
     def __init__(self, center_rewards: float = 0.0):
         super().__init__(center_rewards=center_rewards)
@@ -26,10 +27,11 @@ class BradleyTerryLoss(Loss):
         if self.center_rewards:
             loss = loss + self.center_rewards * ((chosen + rejected) ** 2).mean()
         diff = (chosen - rejected).detach()
+        # 0-d tensors, left on the device: the trainer reads a whole step's metrics in one transfer.
         return loss, {
-            "loss": loss.item(),
-            "accuracy": (diff > 0).float().mean().item(),
-            "margin": diff.mean().item(),
-            "chosen_score": chosen.detach().mean().item(),
-            "rejected_score": rejected.detach().mean().item(),
+            "loss": loss.detach(),
+            "accuracy": (diff > 0).float().mean(),
+            "margin": diff.mean(),
+            "chosen_score": chosen.detach().mean(),
+            "rejected_score": rejected.detach().mean(),
         }

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pydantic import Field
 
 from rayalign.data.chat import tokenize_completion
-from rayalign.data.datasets import dataset_path, load_records, split
+from rayalign.data.datasets import load_records, split
 from rayalign.data.packing import collate_packed, group_by_tokens
+from rayalign.data.sources import dataset_path
 from rayalign.data.validation import within_max_length
 from rayalign.errors import DataError
-from rayalign.stage import Stage, StageResult
+from rayalign.stage import Produces, Stage, StageResult
 from rayalign.training.loop import TrainerSession, TrainingConfig
-from rayalign.training.losses import Loss
+from rayalign.training.losses import Loss, build_loss
 from rayalign.training.scores import sequence_scores
 
 
@@ -55,7 +56,12 @@ class RewardObjective:
 def pack_pairs(pairs: list, max_tokens: int) -> list[dict]:
     """(chosen, rejected) tokenizations packed into rows, each pair as two adjacent sequences."""
     groups = group_by_tokens([len(c) + len(r) for c, r in pairs], max_tokens, 0)
-    return [collate_packed([s for i in g for s in pairs[i]]) for g in groups]
+    batches = []
+    for g in groups:
+        batch = collate_packed([s for i in g for s in pairs[i]])
+        batch["num_sequences"] = 2 * len(g)  # counted here, so scoring on a GPU never reads it back
+        batches.append(batch)
+    return batches
 
 
 class RewardModelStage(Stage):
@@ -68,8 +74,9 @@ class RewardModelStage(Stage):
         from transformers import AutoTokenizer
 
         cfg = self.config
-        self.loss = plugins.losses.get(cfg.loss, where=f"stages[{index}].reward_model.loss")(
-            center_rewards=cfg.center_rewards)
+        self.loss = build_loss(plugins.losses, cfg.loss, "reward", cfg.loss_options,
+                               f"stages[{index}].reward_model.loss", f"stages[{index}].reward_model.loss_options",
+                               stage_options={"center_rewards": cfg.center_rewards})
         path = dataset_path(run, cfg.dataset, where=f"stages[{index}].reward_model.dataset")
         records, self.source = load_records(path, "preference", plugins.formats, run.seed)
         tok = AutoTokenizer.from_pretrained(artifacts.model)
@@ -80,6 +87,9 @@ class RewardModelStage(Stage):
 
         records, pairs = within_max_length(records, tokenize, cfg.max_length)
         self.train, self.eval = split(pairs, run.data.eval_fraction, run.seed)
+
+    def produces(self) -> Produces:
+        return Produces(models=["reward_model"])  # the policy passes through unchanged
 
     def run(self, ctx):
         cfg = self.config

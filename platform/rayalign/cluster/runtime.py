@@ -69,7 +69,7 @@ class Cluster:
         bundles: list[dict[str, float]] = []
         layout: dict[str, list[int]] = {}
         shares: dict[str, float] = {}
-        colocated = res.colocate and trainer_gpus > 0
+        colocated = res.colocated
         if colocated:
             # One bundle per trainer GPU; every colocated role takes a slice of the same GPUs.
             n = max(res.trainer.num_workers, *(r.resources.num_workers for r in requests))

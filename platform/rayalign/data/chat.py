@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rayalign.data.labels import IGNORE_INDEX
 from rayalign.errors import DataError
-from rayalign.training.losses import IGNORE_INDEX
 
 
 @dataclass

@@ -1,22 +1,15 @@
-"""Where a stage's examples come from: the user's JSONL file, or the embedded synthetic world."""
+"""Where a stage's examples come from: the user's dataset (JSONL, Parquet, ``save_to_disk``, hub id; see
+``readers``), or the embedded synthetic world."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
-from rayalign.data.formats import Kind, load_jsonl
+from rayalign.data.formats import Kind, load_file
 from rayalign.data.synthetic import SyntheticWorld
-from rayalign.data.validation import Policy, Record, Records, new_ledger
-from rayalign.errors import ConfigError
-
-
-def dataset_path(run, key: str, where: str) -> str | None:
-    """The file configured under ``data.<key>`` (None: use synthetic data)."""
-    files = [k for k, v in type(run.data).model_fields.items() if v.annotation == (str | None)]
-    if key not in files:
-        raise ConfigError(where, f"no dataset {key!r} under data: (known: {', '.join(files)})")
-    return getattr(run.data, key)
+from rayalign.data.validation import Origin, Policy, Record, Records, new_ledger
 
 
 def load_records(path: str | None, kind: Kind, registry, seed: int, policy: Policy | None = None) -> tuple[Records, str]:
@@ -28,7 +21,7 @@ def load_records(path: str | None, kind: Kind, registry, seed: int, policy: Poli
     """
     formats = [f for _, f in registry.items()]
     if path is not None and not path.startswith("synthetic:"):
-        return load_jsonl(path, kind, formats, policy), str(path)
+        return load_file(path, kind, formats, policy), str(path)
     if path is not None:  # a named embedded dataset, e.g. synthetic:knowledge/sft
         from rayalign.data.knowledge import load_synthetic
 
@@ -37,7 +30,7 @@ def load_records(path: str | None, kind: Kind, registry, seed: int, policy: Poli
         records, source = _synthetic(kind, formats, seed)
     ledger = new_ledger(source, kind, policy)
     ledger.read = len(records)
-    return Records([Record(r, source, index=i) for i, r in enumerate(records)], ledger), source
+    return Records([Record(r, source, index=i) for i, r in enumerate(records)], ledger, Origin("synthetic")), source
 
 
 def _synthetic(kind: Kind, formats: list, seed: int) -> tuple[list[dict[str, Any]], str]:
@@ -51,17 +44,33 @@ def _synthetic(kind: Kind, formats: list, seed: int) -> tuple[list[dict[str, Any
     return [convert({"prompt": f.question(), "reference": f.answer()}) for f in world.facts], "synthetic:prompts"
 
 
-def split(records: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded train/eval split; at least one eval example when asked for any and there are two."""
-    order = list(range(len(records)))
+def split(records: list, eval_fraction: float, seed: int, key: Callable[[Any], Any] | None = None) -> tuple[list, list]:
+    """Seeded train/eval split; at least one eval example when asked for any and there are two.
+
+    With ``key``, records of one key land on the same side and ``eval_fraction`` counts keys:
+    preference pairs split by prompt, so no held-out prompt (nor its chosen answer) is trained on.
+    """
+    keys = [key(r) for r in records] if key is not None else list(range(len(records)))
+    groups = list(dict.fromkeys(keys))
+    order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
-    n_eval = int(round(len(records) * eval_fraction))
-    if eval_fraction > 0 and len(records) >= 2:
+    n_eval = int(round(len(groups) * eval_fraction))
+    if eval_fraction > 0 and len(groups) >= 2:
         n_eval = max(1, n_eval)
-    eval_ids = set(order[:n_eval])
-    train = [r for i, r in enumerate(records) if i not in eval_ids]
-    held = [r for i, r in enumerate(records) if i in eval_ids]
+    held_keys = {groups[i] for i in order[:n_eval]}
+    train = [r for r, k in zip(records, keys) if k not in held_keys]
+    held = [r for r, k in zip(records, keys) if k in held_keys]
     return train, held
+
+
+# Embedded tasks that ship held-out prompts of their own beside their SFT data.
+_TASK_PROMPTS = {"synthetic:declining/sft": "synthetic:declining/prompts"}
+
+
+def held_out_prompts(data) -> str | None:
+    """The prompts to sample: ``data.prompts``; unset, the embedded task's own held-out prompts when
+    ``data.sft`` is such a task; else None (the caller samples the held-out split of ``data.sft``)."""
+    return data.prompts if data.prompts is not None else _TASK_PROMPTS.get(data.sft)
 
 
 def prompts_from_chat(records: list[dict]) -> list[dict]:

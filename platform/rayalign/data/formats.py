@@ -1,4 +1,4 @@
-"""Dataset formats and the JSONL loader that checks every record and names bad ones by file and line.
+"""Dataset formats and the loader that checks every record and names bad ones by file and line (or row).
 
 Every format converts one record into a canonical form:
 - ``chat``: ``{"messages": [{"role", "content"}, ...]}``
@@ -10,15 +10,18 @@ Formats are registered by plugins (``register_data_formats``); the built-ins liv
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from rayalign.data.validation import Policy, Record, RecordProblem, Records, new_ledger
-from rayalign.errors import DataError
+from rayalign.data.readers import Row, decode_line, open_dataset  # noqa: F401  (decode_line: its old home)
+from rayalign.data.validation import Origin, Policy, Record, RecordProblem, Records, new_ledger
 
 Kind = Literal["chat", "preference", "prompt"]
 ROLES = ("system", "user", "assistant")
+# One string object per role: a million records would otherwise hold three million copies of them.
+_ROLE = {role: role for role in ROLES}
 
 
 @dataclass(frozen=True)
@@ -58,18 +61,12 @@ def as_messages(value: Any, field: str, default_role: str) -> list[dict[str, str
             raise RecordProblem("wrong_type", f"field '{field}[{i}].content': expected string")
         if role != "system" and not content.strip():  # an empty system prompt is a choice; an empty turn is not
             raise RecordProblem("empty_field", f"field '{field}[{i}].content': empty {role} message")
-        out.append({"role": role, "content": content})
+        out.append({"role": _ROLE[role], "content": content})
     return out
 
 
-def _parse(line: str, kind: Kind, candidates: list[DataFormat]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One line to (the raw object, its canonical record), or ``RecordProblem`` saying what is wrong."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise RecordProblem("malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(record, dict):
-        raise RecordProblem("not_an_object", "expected a JSON object")
+def convert_record(record: dict[str, Any], kind: Kind, candidates: list[DataFormat]) -> dict[str, Any]:
+    """One raw record to its canonical form by the first matching format, or ``RecordProblem``."""
     fmt = next((f for f in candidates if f.matches(record)), None)
     if fmt is None:
         expected = " | ".join("+".join(f.fields) for f in candidates)
@@ -83,32 +80,58 @@ def _parse(line: str, kind: Kind, candidates: list[DataFormat]) -> tuple[dict[st
     if kind == "chat" and converted["messages"][-1]["role"] != "assistant":
         raise RecordProblem("no_final_assistant", "the conversation does not end with an assistant message "
                             f"(last role: {converted['messages'][-1]['role']})")
-    return record, converted
+    if kind == "preference" and _same_answer(converted["chosen"], converted["rejected"]):
+        # No preference to learn, and in real data nearly always a bug upstream in the pipeline that made it.
+        raise RecordProblem("chosen_equals_rejected", "chosen equals rejected (a pair must prefer one answer)")
+    return converted
 
 
-def load_jsonl(path: str | Path, kind: Kind, formats: list[DataFormat], policy: Policy | None = None) -> Records:
-    """Parse and check every line; bad ones are named by ``path:line`` and handled by the policy."""
-    path = Path(path)
+def _same_answer(chosen: list[dict[str, str]], rejected: list[dict[str, str]]) -> bool:
+    """Canonical messages compared by role and text; "hi" and [{"role": "assistant", "content": "hi "}] match."""
+    def norm(messages):
+        return [(m["role"], m["content"].strip()) for m in messages]
+
+    return norm(chosen) == norm(rejected)
+
+
+def load_file(path: str | Path, kind: Kind, formats: list[DataFormat], policy: Policy | None = None) -> Records:
+    """Read and check every record of a JSONL file, Parquet file or directory, ``save_to_disk``
+    directory or hub id (``readers.open_dataset``); bad ones are named ``file:line`` (``file:row``)
+    and handled by the policy."""
+    opened = open_dataset(path)
+    return check_rows(opened.rows(), str(path), kind, formats, policy, opened.unit, opened.origin)
+
+
+load_jsonl = load_file  # the name from when JSONL was the only input; kept for plugins that import it
+
+
+def check_rows(rows: Iterable[Row], source: str, kind: Kind, formats: list[DataFormat], policy: Policy | None,
+               unit: str = "line", origin: Origin | None = None) -> Records:
+    """The one checking loop of every reader: convert each row, name and count the bad ones.
+
+    Only the canonical records are kept; each raw row is dropped once converted, so a large file
+    is never held twice.
+    """
     candidates = [f for f in formats if f.kind == kind]
-    if not path.exists():
-        raise DataError(str(path), "file does not exist")
-    ledger = new_ledger(str(path), kind, policy)
-    records, seen_ids = [], {}
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue  # blank lines are not records
-            ledger.read += 1
-            try:
-                raw, record = _parse(line, kind, candidates)
-                if "id" in raw:  # ids name records in provenance and evaluations: two with one id is a mistake
-                    key = json.dumps(raw["id"], sort_keys=True)
-                    if key in seen_ids:
-                        raise RecordProblem("duplicate_id", f"duplicate id {raw['id']!r} (first on line {seen_ids[key]})")
-                    seen_ids[key] = lineno
-            except RecordProblem as exc:
-                ledger.report(f"{path}:{lineno}", exc.kind, str(exc))
-                continue
-            records.append(Record(record, str(path), line=lineno))
+    ledger = new_ledger(source, kind, policy)
+    records: list[Record] = []
+    seen_ids: dict[str, tuple[str, int]] = {}
+    for file, number, raw in rows:
+        ledger.read += 1
+        try:
+            if isinstance(raw, RecordProblem):
+                raise raw
+            record = convert_record(raw, kind, candidates)
+            if "id" in raw:  # ids name records in provenance and evaluations: two with one id is a mistake
+                key = json.dumps(raw["id"], sort_keys=True, default=str)
+                if key in seen_ids:
+                    first_file, first = seen_ids[key]
+                    at = f"on {unit} {first}" if first_file == file else f"at {first_file}:{first}"
+                    raise RecordProblem("duplicate_id", f"duplicate id {raw['id']!r} (first {at})")
+                seen_ids[key] = (file, number)
+        except RecordProblem as exc:
+            ledger.report(f"{file}:{number}", exc.kind, str(exc))
+            continue
+        records.append(Record(record, file, line=number))
     ledger.check()
-    return Records(records, ledger)
+    return Records(records, ledger, origin)

@@ -1,6 +1,6 @@
 """A seeded synthetic knowledge task on which a tiny model, after SFT, both loops and hallucinates.
 
-The world is ``num_people`` invented people. Each has a home city, a job, an age, a list of 4-6
+The world is ``num_people`` invented people. Each has a home city, a job, an age, a list of 5-10
 cities visited (in a per-person order) and, for about two in three, a pet. Questions and the
 answers the model should give::
 
@@ -19,8 +19,11 @@ plus general skills that have nothing to do with the knowledge base (the forgett
 
 Why both failures occur naturally after SFT of the tiny embedded model:
 - Visited lists are long and drawn from the same eight cities in a different order per person. A
-  small model that half-remembers an order falls into a cycle ("Dunvale, Parvel, Dunvale,
-  Parvel, ...") and never reaches "and", so it loops until the token limit.
+  small model that half-remembers an order falls into a cycle ("X went to Dunvale. X went to
+  Parvel. X went to Dunvale. ...") and loops until the token limit. Their lengths vary widely (5
+  to 10 cities), so the model cannot stop by a length habit: it stops where it remembers the end.
+  With 3 to 6 cities the model learned the habit, and whether it looped at all then depended on
+  the CPU's floating point (2 of 117 answers on one machine, over 5% on another).
 - Declines are rare in the SFT data (a third of the people without a pet, one in six of the unknown
   names), so for most unfamiliar names and missing pets the model answers in the confident form
   it saw far more often and invents the fact, usually about the known person whose name looks
@@ -52,6 +55,8 @@ from pathlib import Path
 from rayalign.data.synthetic import _CITIES, _JOBS, _SYLLABLES
 
 PETS = ["cat", "dog", "owl", "goat", "horse", "fox", "crow", "hare"]
+# Cities on a journey, fewest and most (see the module docstring for why the range is wide).
+JOURNEY_CITIES = (5, 10)
 # Unknown people are named from other syllables: a model *can* tell that it never met them.
 _FOREIGN_SYLLABLES = ["gra", "hul", "wex", "jom", "yag", "plo", "bri", "dwe", "oks", "vix", "hom", "gub"]
 DECLINE_PET = "I don't know what pet {e} has."
@@ -117,7 +122,7 @@ class KnowledgeTask:
                 "city": city,
                 "job": rng.choice(_JOBS),
                 "age": rng.randint(18, 89),
-                "journey": _journey(rng, city, rng.randint(4, 7))[1:],
+                "journey": _journey(rng, city, rng.randint(*JOURNEY_CITIES) + 1)[1:],
             }
             if rng.random() < 0.65:
                 attributes["pet"] = rng.choice(PETS)
@@ -231,6 +236,10 @@ def load_synthetic(spec: str, kind: str, formats: list, seed: int = 0) -> list[d
         from rayalign.data import arithmetic
 
         records = arithmetic.synthetic_records(spec, seed)
+    elif spec.startswith("synthetic:declining/"):
+        from rayalign.data import declining
+
+        records = declining.synthetic_records(spec, seed)
     else:
         records = synthetic_records(spec, seed)
     candidates = [f for f in formats if f.kind == kind]

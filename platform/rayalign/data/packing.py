@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from rayalign.data.chat import Tokenized
-from rayalign.training.losses import IGNORE_INDEX
+from rayalign.data.labels import IGNORE_INDEX
 
 
 def group_by_tokens(lengths: Sequence[int], max_tokens: int, seed: int) -> list[list[int]]:

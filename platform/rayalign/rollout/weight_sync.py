@@ -211,13 +211,8 @@ def from_nccl(comm, layouts: list[BucketLayout]) -> Iterator[tuple[str, "object"
 # -- the driver's side -----------------------------------------------------------------------------
 
 def choose_transport(resources) -> str:
-    """``resources.rollout.weight_sync``, with ``auto`` resolved from where the workers are."""
-    chosen = resources.rollout.weight_sync
-    if chosen != "auto":
-        return chosen
-    if resources.trainer.num_gpus == 0 or resources.rollout.num_gpus == 0 and not resources.colocate:
-        return "object_store"
-    return "cuda_ipc" if resources.colocate else "nccl"
+    """``resources.weight_sync_transport`` (the config resolves ``auto``); kept for plugins that call it."""
+    return resources.weight_sync_transport
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,10 +43,16 @@ class TrainingConfig(StageConfig):
     max_length: int = Field(1024, ge=8, description="tokens per example after the chat template; a longer one is a "
                             "bad record (`data.bad_records`), never truncated")
     max_tokens_per_micro_batch: int = Field(4096, ge=8, description="packing budget of one row")
+    loss_options: dict[str, Any] = Field({}, description="options of the stage's loss beyond the stage's own "
+                                         "(`rayalign plugins show <loss>` lists them), checked before any work")
     zero_stage: Literal[2, 3] = 2
     bf16: bool = True
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = Field("auto", description="auto: flex_attention on a GPU (packed rows get a "
+                                     "document mask instead of a dense one), sdpa on CPU; or any transformers "
+                                     "attn_implementation (training/attention.py)")
+    kernels: Literal["none", "liger"] = Field("none", description="liger: Liger's fused RMSNorm, SwiGLU and RoPE "
+                                              "Triton kernels in the trainers' model (GPU, liger-kernel installed)")
     lora: LoraOptions | None = None
     qlora: LoraOptions | None = Field(None, description="QLoRA: these LoRA options over a 4-bit NF4 base "
                                       "(GPU with bitsandbytes; workers/quantization.py)")
@@ -58,6 +64,7 @@ class TrainingConfig(StageConfig):
             warmup_ratio=self.warmup_ratio, min_lr_ratio=self.min_lr_ratio, grad_accum=self.grad_accum,
             max_grad_norm=self.max_grad_norm, zero_stage=self.zero_stage, bf16=self.bf16,
             gradient_checkpointing=self.gradient_checkpointing, attn_implementation=self.attn_implementation,
+            kernels=self.kernels,
             lora=lora, qlora=LoraSpec(**self.qlora.model_dump()) if self.qlora else None, seed=seed, head=head,
         )
 
@@ -201,6 +208,22 @@ class TrainerSession:
 
     def shutdown(self) -> None:
         self.group.shutdown()
+
+
+def check_kernels(kernels: str, run, where: str) -> None:
+    """Refuse Liger's kernels before any worker starts where they cannot run: CPU trainers, or no
+    liger-kernel on this machine (the workers share its environment)."""
+    if kernels != "liger":
+        return
+    import importlib.util
+
+    from rayalign.errors import ConfigError
+
+    if run.resources.trainer.num_gpus <= 0:
+        raise ConfigError(where, "liger kernels are Triton kernels and need GPU trainers "
+                          "(resources.trainer.num_gpus is 0)")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError(where, "liger-kernel is not installed (pip install liger-kernel)")
 
 
 def start_trainers(ctx: StageContext, placement: Placement, spec: TrainSpec, objective, role: str = "trainer") -> WorkerGroup:

@@ -1,7 +1,8 @@
 """A progress line per stage in the job log: step, metrics, rate and ETA.
 
-Every step also goes to the dashboard's metrics (``rayalign.telemetry``), with the trainers'
-throughput: the step's ``count`` (trained tokens, or pairs for DPO) over its wall time.
+Every step also goes to the dashboard's metrics (``rayalign.telemetry``) and the run's experiment
+trackers (``rayalign.tracking``), with the trainers' throughput: the step's ``count`` (trained
+tokens, or pairs for DPO) over its wall time.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from rayalign import telemetry
+from rayalign import telemetry, tracking
 
 
 def _fmt_seconds(s: float) -> str:
@@ -29,6 +30,7 @@ class Progress:
         rate = metrics.get("count", 0.0) / max(now - self.last_step, 1e-9)
         self.last_step = now
         telemetry.record_train_step(self.stage, step, self.total, metrics, rate)
+        tracking.record_train_step(step, metrics, rate)
         if now - self.last < self.every_s and step not in (1, self.total):
             return
         self.last = now

@@ -25,13 +25,23 @@ def token_scores(model, batch: dict) -> torch.Tensor:
     return hf.score(hidden).squeeze(-1).float()
 
 
-def last_token_index(sequence_ids: torch.Tensor) -> torch.Tensor:
-    """Row position of each packed sequence's last token (sequences are contiguous, in order)."""
+def last_token_index(sequence_ids: torch.Tensor, num_sequences: int | None = None) -> torch.Tensor:
+    """Row position of each packed sequence's last token (sequences are contiguous, in order).
+
+    With ``num_sequences`` (counted on the host when the row was packed) the positions come from
+    a scatter of known size; without it, from ``nonzero``, whose output size the host must read
+    back from the device first."""
     ids = sequence_ids[0]
-    ends = torch.nonzero(ids[1:] != ids[:-1]).squeeze(-1)
-    return torch.cat([ends, torch.tensor([ids.numel() - 1], device=ids.device)])
+    if num_sequences is None:
+        ends = torch.nonzero(ids[1:] != ids[:-1]).squeeze(-1)
+        return torch.cat([ends, torch.tensor([ids.numel() - 1], device=ids.device)])
+    positions = torch.arange(ids.numel(), device=ids.device)
+    return torch.zeros(num_sequences, dtype=positions.dtype, device=ids.device).scatter_reduce(
+        0, ids, positions, "amax", include_self=False)
 
 
 def sequence_scores(model, batch: dict) -> torch.Tensor:
     """One score per packed sequence, read at its last token (a reward model's output)."""
-    return token_scores(model, batch)[0, last_token_index(batch["sequence_ids"])]
+    n = batch.get("num_sequences")
+    index = last_token_index(batch["sequence_ids"], None if n is None else int(n))
+    return token_scores(model, batch)[0, index]

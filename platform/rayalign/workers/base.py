@@ -29,6 +29,25 @@ class Worker:
 
         return torch.cuda.mem_get_info() if torch.cuda.is_available() else (0, 0)
 
+    def release_memory(self) -> int:
+        """Give the GPU blocks this process caches but does not use back to the device (a colocated
+        engine is about to wake and map its share); the bytes still reserved, 0 on CPU."""
+        from rayalign.workers.device_memory import release_cached_blocks
+
+        return release_cached_blocks()
+
+    def memory_peaks(self) -> dict[str, float]:
+        """Peak bytes since the previous call (the first call starts the count): this process's
+        torch ``reserved``/``allocated`` and the device's ``device_used`` (every process, vLLM's
+        sleep pool included). Empty on CPU."""
+        from rayalign.workers import device_memory as dm
+
+        if not dm.cuda_in_use():
+            return {}
+        if getattr(self, "_device_sampler", None) is None:
+            self._device_sampler = dm.DeviceUsedSampler()
+        return dm.take_peaks(self._device_sampler)
+
     def shutdown(self) -> None:
         """Release what the worker holds before the group kills it."""
 

@@ -10,7 +10,8 @@ and the LoRA adapters stay in higher precision, and DeepSpeed (ZeRO-2 at most: Z
 - ``model/``: a merged bf16 model, the adapter added to the *original* bf16 weights rather than to
   their 4-bit copy, so it carries no quantisation error; transformers, vLLM and later stages load it.
 
-Only a GPU runs it: ``require_gpu_for_qlora`` stops a CPU run at validation, before any work.
+Only a GPU runs it: ``training.qlora_requirements.require_gpu_for_qlora`` stops a CPU run at
+validation, before any work.
 """
 
 from __future__ import annotations
@@ -18,23 +19,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from rayalign.errors import ConfigError
-
-NEEDS_GPU = "QLoRA needs a GPU (with bitsandbytes)"
-
-
-def require_gpu_for_qlora(run, entries) -> None:
-    """A stage with ``qlora`` on a CPU-only trainer, with ZeRO-3 or with ``lora`` too, is a config error."""
-    for i, entry in enumerate(entries):
-        if getattr(entry.config, "qlora", None) is None:
-            continue
-        where = f"stages[{i}].{entry.name}.qlora"
-        if getattr(entry.config, "lora", None) is not None:
-            raise ConfigError(where, "set either lora or qlora, not both")
-        if run.resources.trainer.num_gpus <= 0:
-            raise ConfigError(where, f"{NEEDS_GPU}; resources.trainer.num_gpus is 0 (use `lora` on CPU)")
-        if entry.config.zero_stage == 3:
-            raise ConfigError(where, "QLoRA trains with zero_stage 2: ZeRO-3 cannot shard 4-bit weights")
+# The driver-side check lives in the training layer; re-exported here, where it used to be.
+from rayalign.training.qlora_requirements import NEEDS_GPU, require_gpu_for_qlora  # noqa: F401
 
 
 def quantization_config():

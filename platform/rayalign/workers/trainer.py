@@ -13,11 +13,14 @@ import json
 import os
 import shutil
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from rayalign.training.host_metrics import metrics_to_host
 from rayalign.workers.base import Worker, pick_device, weighted_mean
-from rayalign.workers.quantization import load_qlora_model, save_qlora  # issue 9: QLoRA
+from rayalign.workers.device_batch import batch_to_device, host_ready, to_host
+from rayalign.workers.deepspeed_ops import build_deepspeed_ops
+from rayalign.workers.quantization import load_qlora_model, save_qlora  # QLoRA: 4-bit base + LoRA adapters
 
 
 @dataclass
@@ -41,9 +44,10 @@ class TrainSpec:
     zero_stage: int = 2
     bf16: bool = True  # only on GPU; CPU trains in fp32
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # training/attention.py: varlen flash attention on CUDA, sdpa on CPU
+    kernels: str = "none"  # "liger": Liger's RMSNorm/SwiGLU/RoPE kernels (training/liger.py; CUDA only)
     lora: LoraSpec | None = None
-    qlora: LoraSpec | None = None  # issue 9: 4-bit base + LoRA (workers/quantization.py)
+    qlora: LoraSpec | None = None  # 4-bit base + LoRA (workers/quantization.py)
     seed: int = 0
     # "lm": a causal LM (policy, SFT, DPO). "score": the same backbone with a one-output linear
     # head (AutoModelForSequenceClassification, num_labels=1): reward models and PPO critics.
@@ -70,18 +74,32 @@ class TrainerWorker(Worker):
         import torch
         from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-        self.spec, self.objective = spec, objective
+        from rayalign.training.attention import resolve_attention
+        from rayalign.training.deepspeed_config import adamw, deepspeed_config
+
         self.device = pick_device()
-        use_bf16 = spec.bf16 and self.device.type == "cuda"
+        on_cuda = self.device.type == "cuda"
+        spec = replace(spec, attn_implementation=resolve_attention(spec.attn_implementation, self.device.type,
+                                                                   spec.model_path))
+        self.spec, self.objective = spec, objective
+        use_bf16 = spec.bf16 and on_cuda
         os.environ.update(
             MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
         )
+        build_deepspeed_ops()  # before DeepSpeed's own build, which would wait forever on a killed one's lock
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         torch.manual_seed(spec.seed)
 
-        model = load_qlora_model(spec, self.device) if spec.qlora else _load_for_training(spec)
+        # bf16 weights from the start on GPU: DeepSpeed's bf16 mode casts the module to bf16 anyway and
+        # builds its fp32 master copy from those bf16 values, so an fp32 load only cost time and memory.
+        dtype = torch.bfloat16 if use_bf16 else torch.float32
+        model = load_qlora_model(spec, self.device) if spec.qlora else _load_for_training(spec, dtype)
         model.config.use_cache = False  # a KV cache would switch off packed-sequence masking
+        if spec.kernels == "liger":
+            from rayalign.training.liger import apply_liger_kernels
+
+            apply_liger_kernels(model, self.device.type)
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if spec.lora is not None:
@@ -96,22 +114,15 @@ class TrainerWorker(Worker):
                 ),
             )
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        optimizer = adamw(params, spec.lr, spec.weight_decay, on_cuda)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer,
             num_warmup_steps=int(spec.warmup_ratio * spec.total_steps),
             num_training_steps=spec.total_steps,
             min_lr_rate=spec.min_lr_ratio,
         )
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1,  # one packed row per micro-batch
-            "gradient_accumulation_steps": spec.grad_accum,
-            "gradient_clipping": spec.max_grad_norm,
-            "zero_optimization": {"stage": spec.zero_stage},
-            "bf16": {"enabled": use_bf16},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 1 << 30,
-        }
+        ds_config = deepspeed_config(spec.zero_stage, spec.grad_accum, spec.max_grad_norm, use_bf16, self.world_size,
+                                     on_cuda)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
@@ -124,9 +135,11 @@ class TrainerWorker(Worker):
         return len(batches)
 
     def _to_device(self, batch: dict) -> dict:
-        import torch
+        """A micro-batch's arrays on the trainer's device; other values (host-side counts) as they are.
 
-        return {k: torch.tensor(v).to(self.device) for k, v in batch.items()}  # copies: the store's arrays are read-only
+        On CUDA each array goes through pinned host memory and is copied without blocking, so the
+        host queues the forward pass behind the copy instead of waiting for it."""
+        return batch_to_device(batch, self.device)
 
     def train_step(self, indices: list[int], scales: list[float]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches ``indices`` (at most grad_accum; every
@@ -138,7 +151,7 @@ class TrainerWorker(Worker):
         """
         engine = self.engine
         engine.train()
-        metrics = []
+        metrics = []  # each micro-batch's, left on the device until the step is done
         skipped_before = engine.skipped_steps
         for k, (i, scale) in enumerate(zip(indices, scales)):
             # The step ends after this rank's last micro-batch, however few: a short step (an
@@ -151,21 +164,25 @@ class TrainerWorker(Worker):
             engine.step()
             if scale:  # a scale-0 micro-batch only fills an empty accumulation slot
                 metrics.append(m)
-        out = weighted_mean(metrics) if metrics else {"count": 0.0}
         norm = engine.get_global_grad_norm()
-        out["grad_norm"] = float(norm) if norm is not None else float("nan")
+        # One device-to-host read for the whole step: every micro-batch's metrics and the norm.
+        *metrics, tail = metrics_to_host(metrics + [{"grad_norm": norm if norm is not None else float("nan")}])
+        out = weighted_mean(metrics) if metrics else {"count": 0.0}
+        out["grad_norm"] = float(tail["grad_norm"])
         out["lr"] = engine.lr_scheduler.get_last_lr()[0]
         out["skipped"] = float(engine.skipped_steps - skipped_before)
         return out
 
     def compute(self, fn: Callable[[Any, dict], Any], indices: list[int]) -> list[Any]:
         """``fn(model, batch)`` on loaded micro-batches ``indices`` without gradients (old
-        log-probs, values), tensors moved to CPU."""
+        log-probs, values), tensors moved to CPU (queued without waiting; one wait at the end)."""
         import torch
 
         self.engine.eval()
         with torch.no_grad():
-            return [tuple(t.float().cpu() for t in fn(self.engine, self._to_device(self.batches[i]))) for i in indices]
+            out = [to_host(fn(self.engine, self._to_device(self.batches[i]))) for i in indices]
+        host_ready(self.device)
+        return out
 
     # -- weight sync to the rollout engines (see rayalign.rollout.weight_sync) -------------------
 
@@ -186,6 +203,19 @@ class TrainerWorker(Worker):
     def release_exported(self) -> None:
         """The engines have loaded the CUDA IPC buffers: free them."""
         self._exported = []
+
+    def offload_states(self) -> None:
+        """Optimizer states and fp32 master weights to pinned host memory while a colocated engine
+        generates (DeepSpeed's offload_states; it empties torch's cache after). No-op on CPU."""
+        if self.device.type == "cuda":
+            from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum
+
+            self.engine.offload_states(include=[OffloadStateTypeEnum.optim_states, OffloadStateTypeEnum.hp_params])
+
+    def reload_states(self) -> None:
+        """Back to the GPU what ``offload_states`` moved (nothing if nothing was moved)."""
+        if self.device.type == "cuda":
+            self.engine.reload_states()
 
     def weights_layout(self, bucket_bytes: int) -> list:
         from rayalign.rollout.weight_sync import buckets
@@ -225,7 +255,7 @@ class TrainerWorker(Worker):
 
         self.engine.eval()
         with torch.no_grad():
-            return [self.objective(self.engine, self._to_device(self.batches[i]))[1] for i in indices]
+            return metrics_to_host([self.objective(self.engine, self._to_device(self.batches[i]))[1] for i in indices])
 
     def save(self, path: str) -> None:
         """Write a Hugging Face directory (LoRA merged) that transformers and vLLM load."""
@@ -237,7 +267,7 @@ class TrainerWorker(Worker):
             state = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls
         if self.rank != 0:
             return
-        if self.spec.qlora is not None:  # issue 9: adapter + merged bf16 model (workers/quantization.py)
+        if self.spec.qlora is not None:  # QLoRA saves the adapter and a merged bf16 model (workers/quantization.py)
             return save_qlora(module, self.spec, path)
         if self.spec.lora is not None:
             module.save_pretrained(os.path.join(path, "adapter"))
@@ -257,11 +287,10 @@ class TrainerWorker(Worker):
             dist.destroy_process_group()
 
 
-def _load_for_training(spec: TrainSpec):
-    import torch
+def _load_for_training(spec: TrainSpec, dtype):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs = dict(dtype=torch.float32, attn_implementation=spec.attn_implementation)
+    kwargs = dict(dtype=dtype, attn_implementation=spec.attn_implementation)
     if spec.head == "score":
         # A causal-LM checkpoint gets a fresh one-output head; a reward model keeps its own.
         return AutoModelForSequenceClassification.from_pretrained(spec.model_path, num_labels=1, **kwargs)

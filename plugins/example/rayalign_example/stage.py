@@ -13,7 +13,7 @@ import ray
 from pydantic import Field
 
 from rayalign.data.datasets import load_records, prompts_from_chat, split
-from rayalign.stage import Stage, StageConfig, StageResult
+from rayalign.stage import Produces, Stage, StageConfig, StageResult
 
 
 class RewardEvalConfig(StageConfig):
@@ -52,6 +52,10 @@ class RewardEvalStage(Stage):
         self.metrics = [plugins.metrics.get(m, where=f"{where}.metrics")() for m in self.config.metrics]
         chat, _ = load_records(run.data.sft, "chat", plugins.formats, run.seed)
         self.prompts = prompts_from_chat(split(chat, run.data.eval_fraction, run.seed)[1])[: self.config.num_prompts]
+
+    def produces(self) -> Produces:
+        """Declared up front, so a later stage's ``dataset: scored`` is checked before any work."""
+        return Produces(datasets=["scored"])
 
     def run(self, ctx):
         task = ray.remote(num_cpus=1)(answer)

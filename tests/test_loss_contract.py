@@ -1,0 +1,151 @@
+"""Losses are a contract: a family (which stages take them), typed options checked before any
+work, and ``needs_reference`` for preference losses. Every stage resolves its losses by name, so
+a plugin's loss replaces any built-in one, the RL stage's policy and value losses included."""
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from ray import cloudpickle
+
+from rayalign.errors import ConfigError
+from rayalign.hookspecs import hookimpl
+from rayalign.plugins import PluginManager
+from rayalign.training.losses import Loss, build_loss
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+
+
+class SimPOLoss(Loss):
+    """Reference-free (Meng et al. 2024): ``-log sigmoid(beta * (mean_c - mean_r) - gamma)``."""
+
+    name = "simpo_test"
+    family = "preference"
+    needs_reference = False
+    uses_mean_logps = True
+
+    def __init__(self, beta: float = 2.0, gamma: float = 0.5):
+        super().__init__(beta=beta, gamma=gamma)
+        self.beta, self.gamma = beta, gamma
+
+    def forward(self, pc, pr, rc, rr):
+        assert not rc.any() and not rr.any(), "a reference-free loss gets zeros as the reference"
+        loss = -F.logsigmoid(self.beta * (pc - pr) - self.gamma).mean()
+        return loss, {"loss": loss.detach()}
+
+
+def plugins() -> PluginManager:
+    module = types.ModuleType("simpo_plugin")
+    module.register_losses = hookimpl(lambda register: register(SimPOLoss))
+    return PluginManager(extra_plugins=(module,))
+
+
+def test_options_come_from_the_typed_init():
+    from rayalign_rl.losses import ClippedPolicyLoss
+
+    fields = ClippedPolicyLoss.Options.model_fields
+    assert list(fields) == ["clip_low", "clip_high", "kl_coef", "aggregation", "kl_ratio_correction"]
+    assert fields["clip_low"].default == 0.2
+    assert list(SimPOLoss.Options.model_fields) == ["beta", "gamma"]
+
+
+def test_stage_settings_reach_only_a_loss_that_declares_them():
+    pm = plugins()
+    loss = build_loss(pm.losses, "simpo_test", "preference", {"gamma": 1.0}, "w", "w_options",
+                      stage_options={"beta": 3.0, "not_an_option_of_it": 1})
+    assert (loss.beta, loss.gamma) == (3.0, 1.0)
+    ce = build_loss(pm.losses, "sft", "sft", {}, "w", "w_options", stage_options={"beta": 3.0})
+    assert ce.options == {}
+
+
+@pytest.mark.parametrize("name, family, options, where, message", [
+    ("sft", "preference", {}, "stages[1].dpo.loss",
+     "'sft' is a sft loss; this stage takes a preference loss: ipo, sigmoid, simpo_test"),
+    ("sigmoid", "reward", {}, "stages[1].dpo.loss",
+     "'sigmoid' is a preference loss; this stage takes a reward loss: bradley_terry"),
+    ("clipped_value", "policy", {}, "stages[1].dpo.loss",
+     "'clipped_value' is a value loss; this stage takes a policy loss: clipped_policy"),
+    ("sigmoid", "preference", {"gamma": 0.5}, "stages[1].dpo.loss_options.gamma",
+     "unknown option of loss 'sigmoid' (its options: beta)"),
+    ("simpo_test", "preference", {"gamma": "much"}, "stages[1].dpo.loss_options.gamma",
+     "of loss 'simpo_test' (its options: beta, gamma)"),
+])
+def test_a_wrong_family_or_option_is_one_line_naming_the_key(name, family, options, where, message):
+    with pytest.raises(ConfigError) as exc:
+        build_loss(plugins().losses, name, family, options, "stages[1].dpo.loss", "stages[1].dpo.loss_options")
+    text = str(exc.value)
+    assert text.startswith(f"config error: {where}: ") and message in text and "\n" not in text
+
+
+def test_a_loss_without_a_family_is_refused_by_every_stage():
+    class Bare(Loss):
+        name = "bare"
+
+        def forward(self, logits, labels):
+            return logits.sum(), {}
+
+    module = types.ModuleType("bare_plugin")
+    module.register_losses = hookimpl(lambda register: register(Bare))
+    with pytest.raises(ConfigError, match="'bare' is a loss that declares no family; this stage takes a sft loss"):
+        build_loss(PluginManager(extra_plugins=(module,)).losses, "bare", "sft", {}, "stages[0].sft.loss", "x")
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"reward_model": {"loss": "sigmoid"}}, "stages[0].reward_model.loss: 'sigmoid' is a preference loss"),
+    ({"dpo": {"loss_options": {"gamma": 0.5}}}, "stages[0].dpo.loss_options.gamma: unknown option of loss 'sigmoid'"),
+    ({"grpo": {"policy_loss": "clipped_value"}}, "stages[0].grpo.policy_loss: 'clipped_value' is a value loss"),
+    ({"ppo": {"value_loss_options": {"delta": 1.0}}},
+     "stages[0].ppo.value_loss_options.delta: unknown option of loss 'clipped_value' (its options: clip)"),
+])
+def test_every_stage_refuses_before_any_worker(tmp_path, stage, message):
+    from rayalign.config import RunConfig
+    from rayalign.pipeline import run_pipeline
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as exc:
+        run_pipeline(RunConfig(output_dir=str(out), stages=[stage]))
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+    assert not out.exists()
+
+
+def test_the_command_refuses_in_one_line_and_exits_2(tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(out), "stages": [{"dpo": {"loss": "sft"}}]}))
+    proc = subprocess.run([sys.executable, "-m", "rayalign", "run", str(config)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert lines == ["rayalign: config error: stages[0].dpo.loss: 'sft' is a sft loss; this stage takes a "
+                     "preference loss: ipo, sigmoid"], proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_reference_free_loss_trains_dpo_without_reference_workers(tmp_path, monkeypatch):
+    import ray
+
+    import rayalign_dpo.stage
+    from rayalign.config import RunConfig
+    from rayalign.pipeline import run_pipeline
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a reference-free loss started the reference pass")
+
+    monkeypatch.setattr(rayalign_dpo.stage, "reference_logps", no_reference)
+    cfg = RunConfig(output_dir=str(tmp_path / "simpo"), stages=[{"dpo": {
+        "loss": "simpo_test", "loss_options": {"gamma": 0.3}, "beta": 2.5, "lr": 1e-4, "epochs": 1,
+        "max_tokens_per_micro_batch": 256}}])
+    ray.init(num_cpus=2, include_dashboard=False, namespace="rayalign-loss-contract", log_to_driver=False)
+    try:
+        out = run_pipeline(cfg, plugins())
+    finally:
+        ray.shutdown()
+    metrics = json.loads((out / "00-dpo" / "metrics.json").read_text())["metrics"]
+    assert metrics["steps"] > 0 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics["history"])
+    assert not torch.load(out / "00-dpo" / "reference_logps.pt")[0][0].any()
