@@ -21,7 +21,7 @@ from rayalign.evaluation.text import declines, distinct_n, find_loop, rep_n, wor
 from rayalign.hookspecs import hookimpl
 from rayalign.plugins import PluginManager
 from rayalign.stage import Artifacts, Produces
-from rayalign_fixes.builders import borrow_answer, loop_span, swap_values
+from rayalign_fixes.builders import borrow_answer, borrow_decline, loop_span, swap_values
 from rayalign_fixes.detectors import ContradictionDetector, RepetitionDetector, UnanswerableDetector
 
 from conftest import REPO
@@ -190,6 +190,19 @@ def test_borrow_answer_makes_a_confident_answer_for_an_unanswerable_question():
     text, rule = borrow_answer(p, random.Random(0), donors=[other, donor])
     assert text == "Zitanmo lives in Kelmora." and rule == "answer of d with Bavoren -> Zitanmo"
     assert borrow_answer(donor, random.Random(0), donors=[other]) is None  # answerable: not its job
+
+
+def test_borrow_decline_makes_a_decline_for_a_question_about_someone_known():
+    donor = ref("I don't know who Zitanmo is.", id="d", prompt="Where does Zitanmo live?", unanswerable=True,
+                attribute="city")
+    other = ref("I don't know what pet Kelrato has.", id="e", prompt="What pet does Kelrato have?",
+                unanswerable=True, attribute="pet")
+    p = ref("Bavoren lives in Kelmora.", prompt="Where does Bavoren live?", entity="bavoren", attribute="city")
+    text, rule = borrow_decline(p, random.Random(0), donors=[other, donor])
+    assert text == "I don't know who Bavoren is." and rule == "answer of d with Zitanmo -> Bavoren"
+    assert borrow_decline(donor, random.Random(0), donors=[other]) is None  # unanswerable: declining is right
+    no_entity = ref("19.", prompt="What is 12 plus 7?")
+    assert borrow_decline(no_entity, random.Random(0), donors=[donor]) is None  # nothing to know: work it out
 
 
 # -- bad input -----------------------------------------------------------------------------------

@@ -11,6 +11,10 @@
 - ``borrow_answer``: for a question the data marks unanswerable, a confident answer borrowed from
   an answerable question of the same shape ("What pet does Kelrato have?" gets "Kelrato has a pet
   owl." from "What pet does Bavoren have?"). Trains declining instead of inventing.
+- ``borrow_decline``: the mirror image, for an answerable question about a known entity: a decline
+  borrowed from an unanswerable question of the same shape ("Where does Bavoren live?" gets "I
+  don't know who Bavoren is." from "Where does Zitanmo live?"). Without it, a fix that teaches
+  declining also teaches declining what the model knows (false declines cost task accuracy).
 
 Each builder returns ``(text, rule)`` or ``None`` when it does not apply to a prompt.
 """
@@ -77,11 +81,14 @@ def swap_values(p: RefPrompt, rng: random.Random, knowledge: KnowledgeBase | Non
     return _replace(p.reference, value, new), f"swapped {value} -> {new}"
 
 
-def borrow_answer(p: RefPrompt, rng: random.Random, donors: list[RefPrompt] = (), **_) -> tuple[str, str] | None:
-    if not p.unanswerable:
-        return None
+def _borrow(p: RefPrompt, rng: random.Random, donors: list[RefPrompt], unanswerable: bool) -> tuple[str, str] | None:
+    """The reference of a donor question of the same shape about someone else, with the name swapped.
+
+    ``unanswerable`` picks the donors: answerable ones lend a confident answer, unanswerable ones
+    a decline. Same shape: the two questions differ in one run of words (the name).
+    """
     target = p.question.split()
-    shaped = [d for d in donors if not d.unanswerable and (p.attribute is None or d.attribute == p.attribute)]
+    shaped = [d for d in donors if d.unanswerable == unanswerable and (p.attribute is None or d.attribute == p.attribute)]
     rng.shuffle(shaped)
     for donor in shaped:
         source = donor.question.split()
@@ -95,8 +102,17 @@ def borrow_answer(p: RefPrompt, rng: random.Random, donors: list[RefPrompt] = ()
     return None
 
 
+def borrow_answer(p: RefPrompt, rng: random.Random, donors: list[RefPrompt] = (), **_) -> tuple[str, str] | None:
+    return _borrow(p, rng, donors, unanswerable=False) if p.unanswerable else None
+
+
+def borrow_decline(p: RefPrompt, rng: random.Random, donors: list[RefPrompt] = (), **_) -> tuple[str, str] | None:
+    return _borrow(p, rng, donors, unanswerable=True) if not p.unanswerable and p.entity else None
+
+
 BUILDERS: dict[str, tuple[str, Callable[..., tuple[str, str] | None]]] = {  # name -> (kind, builder)
     "loop_span": ("repetition", loop_span),
     "swap_values": ("hallucination", swap_values),
     "borrow_answer": ("hallucination", borrow_answer),
+    "borrow_decline": ("hallucination", borrow_decline),
 }

@@ -69,6 +69,8 @@ class RLConfig(TrainingConfig):
                                      "path; scores answers as the reward term named `reward_model`")
     eval_every: int = Field(5, ge=1, description="steps between held-out evaluations (greedy)")
     eval_prompts: int = Field(64, ge=1, description="held-out prompts evaluated (at most)")
+    eval_fraction: float | None = Field(None, ge=0, lt=1, description="share of the prompts held out for the "
+                                        "evaluations (null: `data.eval_fraction`)")
     sync_bucket_mb: int = Field(256, ge=1, description="weight-sync bucket size")
     lr: float = Field(1e-6, gt=0, description="policy learning rate")
     min_lr_ratio: float = Field(1.0, ge=0, le=1, description="1.0: constant after warmup (RL's usual schedule)")

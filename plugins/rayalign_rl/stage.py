@@ -58,7 +58,8 @@ class RLStage(Stage):
             else:
                 prompts.append(Prompt(record["prompt"], record.get("reference"), ids))
         records.ledger.check()
-        self.train, self.held_out = split(prompts, run.data.eval_fraction, run.seed)
+        fraction = run.data.eval_fraction if cfg.eval_fraction is None else cfg.eval_fraction
+        self.train, self.held_out = split(prompts, fraction, run.seed)
         if not self.train:
             raise DataError(self.source, "no prompt left to train on")
         name = cfg.reward_model
