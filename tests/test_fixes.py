@@ -355,6 +355,26 @@ def test_negatives_pairs_carry_provenance_and_honour_the_detector_filter():
     assert [q["provenance"]["source"] for q in only_contradictions] == ["synthetic"]
 
 
+def test_borrow_decline_runs_only_when_named():
+    from rayalign_fixes.negatives import NegativesConfig, NegativesStage
+
+    known = ref("Bavoren lives in Kelmora.", id="b", prompt="Where does Bavoren live?", entity="bavoren",
+                attribute="city")
+    donor = ref("I don't know who Zitanmo is.", id="z", prompt="Where does Zitanmo live?", unanswerable=True,
+                attribute="city")
+
+    def synthetic_pairs(**options):
+        stage = NegativesStage(NegativesConfig(target="hallucination", **options))
+        stage.prepare(None, None, DETECTIONS_DECLARED, 3)
+        pairs = stage._pairs(known, [(sample(known.reference, id="b"), {"findings": {}})], [donor], None,
+                             random.Random(0))
+        return {q["provenance"]["detector"]: (q["chosen"], q["rejected"]) for q in pairs}
+
+    assert "synthetic:borrow_decline" not in synthetic_pairs()  # the default builders leave it out
+    named = synthetic_pairs(synthetic=["borrow_decline"])
+    assert named == {"synthetic:borrow_decline": ("Bavoren lives in Kelmora.", "I don't know who Bavoren is.")}
+
+
 def test_negatives_prefer_a_decline_to_guesses_at_what_the_model_does_not_know():
     from rayalign_fixes.negatives import NegativesConfig, NegativesStage
 

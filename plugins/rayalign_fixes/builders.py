@@ -15,6 +15,7 @@
   borrowed from an unanswerable question of the same shape ("Where does Bavoren live?" gets "I
   don't know who Bavoren is." from "Where does Zitanmo live?"). Without it, a fix that teaches
   declining also teaches declining what the model knows (false declines cost task accuracy).
+  Opt-in (``OPT_IN``): a stage runs it only when ``synthetic:`` names it.
 
 Each builder returns ``(text, rule)`` or ``None`` when it does not apply to a prompt.
 """
@@ -116,3 +117,7 @@ BUILDERS: dict[str, tuple[str, Callable[..., tuple[str, str] | None]]] = {  # na
     "borrow_answer": ("hallucination", borrow_answer),
     "borrow_decline": ("hallucination", borrow_decline),
 }
+# Builders a negatives stage runs only when its `synthetic:` names them. With other settings changed
+# alongside, borrow_decline did worse over three seeds of the embedded task
+# (benchmarks/results/trials/): not a default until it is measured on its own.
+OPT_IN = {"borrow_decline"}

@@ -32,7 +32,7 @@ from rayalign.errors import ConfigError, DataError
 from rayalign.evaluation.references import RefPrompt
 from rayalign.stage import Produces, Stage, StageConfig, StageResult
 
-from rayalign_fixes.builders import BUILDERS
+from rayalign_fixes.builders import BUILDERS, OPT_IN
 from rayalign_fixes.common import expect_input, knowledge_input, read_samples, resolve_input, write_jsonl
 
 
@@ -41,7 +41,8 @@ class NegativesConfig(StageConfig):
     detections: str = Field("detections", description="an earlier detect stage's dataset name, or a JSONL path")
     knowledge: str | None = Field("knowledge", description="knowledge base for synthetic swaps (name, path or null)")
     synthetic: list[str] | None = Field(None, description=f"synthetic builders ({', '.join(BUILDERS)}); "
-                                                          "null: those of the target kind")
+                                                          "null: those of the target kind, less the opt-in "
+                                                          f"{', '.join(sorted(OPT_IN))}")
     synthetic_per_prompt: int = Field(1, ge=0, description="synthetic negatives per prompt and builder")
     max_rejected_per_prompt: int = Field(2, ge=0, description="flagged samples used per prompt")
     detectors: list[str] | None = Field(None, description="detectors whose flags make rejected answers "
@@ -68,7 +69,8 @@ class NegativesStage(Stage):
 
     def prepare(self, run, plugins, artifacts, index):
         cfg = self.config
-        names = cfg.synthetic if cfg.synthetic is not None else [n for n, (k, _) in BUILDERS.items() if k == cfg.target]
+        defaults = [n for n, (k, _) in BUILDERS.items() if k == cfg.target and n not in OPT_IN]
+        names = cfg.synthetic if cfg.synthetic is not None else defaults
         for i, name in enumerate(names):
             if name not in BUILDERS:
                 raise ConfigError(f"stages[{index}].negatives.synthetic[{i}]",
