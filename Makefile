@@ -36,8 +36,10 @@ demo: install
 test: install
 	# The example third-party plugin, installed as its own distribution like any author's would be.
 	$(BIN)/python -m pip install -q --no-deps -e plugins/example
+	# Two test processes, one module each at a time (module fixtures share a Ray cluster or a whole
+	# recipe run): most tests wait on Ray, subprocesses and imports, so two keep both cores busy.
 	# --durations: the CI log shows where the suite's time goes.
-	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -ra --durations=40
+	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -ra --durations=40 -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs

@@ -13,6 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 # (users get a warning): later stages' names are checked against that declaration. Set at import,
 # so recipe subprocesses inherit it too.
 os.environ.setdefault("RAYALIGN_STRICT_OUTPUTS", "1")
+# Every ray.init without an address starts a cluster of its own. Unset, Ray would attach to a cluster
+# that `ray start` left on the machine: one the multi-node or job tests start, in the other test
+# process (`make test` runs two).
+os.environ.setdefault("RAY_ADDRESS", "local")
 
 
 @pytest.fixture(scope="session")
