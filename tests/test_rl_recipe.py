@@ -37,7 +37,7 @@ def recipe(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # its setup runs the whole recipe (~6 min on 2 idle cores)
-# Fails on some CPUs (docs/rl.md, "Known problem"): held-out exact match does not move there.
+# The recipe's GRPO settings and why they are what they are: docs/rl.md.
 def test_rl_raises_the_held_out_reward(recipe):
     out, stages, stdout = recipe
     assert list(stages) == ["sft", "reward_model", "grpo"]
