@@ -8,9 +8,11 @@ status and log, the stage outputs, the actors it named, and whether the other Ra
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,19 +41,24 @@ def job(tmp_path_factory):
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
     # Someone else's Ray on the same machine, started first: the demo must leave it running.
-    other = tmp / "other-ray"
+    # Its own short temp dir: Ray's socket paths must stay under 107 bytes, and pytest's (under xdist:
+    # .../popen-gw0/e2e0/...) leave too little room.
+    other = Path(tempfile.mkdtemp(prefix="ra-e2e-", dir="/tmp"))
     other_gcs = free_port()
     subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     # In a session of its own, by which the test finds all of it again to stop it.
-    starter = subprocess.Popen(
-        [BIN / "ray", "start", "--head", f"--port={other_gcs}", f"--temp-dir={other}", "--num-cpus=1",
-         "--include-dashboard=false", f"--dashboard-agent-listen-port={free_port()}",
-         f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    starter_log = tmp / "other-ray.log"
+    with starter_log.open("w") as log:
+        starter = subprocess.Popen(
+            [BIN / "ray", "start", "--head", f"--port={other_gcs}", f"--temp-dir={other}", "--num-cpus=1",
+             "--include-dashboard=false", f"--dashboard-agent-listen-port={free_port()}",
+             f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     out = tmp / "run"
     try:
-        assert starter.wait(timeout=180) == 0, "the other Ray did not start"
+        started = starter.wait(timeout=180) == 0
+        assert started, f"the other Ray did not start: {starter_log.read_text()[-3000:]}"
         other_before = processes_under(other)
         # What `make demo` runs, plus the actor list taken before the head goes.
         script = (f'ray job submit --working-dir {REPO} --runtime-env-json \'{{"excludes": ["/runs/", "/.venv/"]}}\' '
@@ -65,6 +72,7 @@ def job(tmp_path_factory):
                                capture_output=True, text=True, timeout=120)
     finally:
         stop_session(starter.pid)
+        shutil.rmtree(other, ignore_errors=True)
     actors = (tmp / "actors.json").read_text() if (tmp / "actors.json").exists() else "[]"
     yield proc, out, actors, (other_before, other_after, alive)
 
