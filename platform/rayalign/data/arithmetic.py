@@ -24,6 +24,8 @@ from __future__ import annotations
 import random
 import re
 
+from rayalign.data.synthetic import named_part
+
 SCHEME = "synthetic:arithmetic/"
 PARTS = ("sft", "preference", "prompts", "eval")
 FINAL = "最终结果是"
@@ -105,12 +107,7 @@ def _near_miss(value: int, rng: random.Random) -> int:
 
 def synthetic_records(spec: str, seed: int = 0) -> list[dict]:
     """The records named ``synthetic:arithmetic/<part>``."""
-    part = spec[len(SCHEME):] if spec.startswith(SCHEME) else None
-    if part not in PARTS:
-        from rayalign.errors import DataError
-
-        raise DataError(spec, f"unknown synthetic dataset (known: {', '.join(SCHEME + p for p in PARTS)})")
-    return ArithmeticTask(seed).records(part)
+    return ArithmeticTask(seed).records(named_part(spec, SCHEME, PARTS))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import random
 
-from rayalign.data.synthetic import ATTRIBUTES, Fact, SyntheticWorld
+from rayalign.data.synthetic import ATTRIBUTES, Fact, SyntheticWorld, named_part
 
 DECLINE = "{e}? I don't know who that is."
 RELATIONS = ["cousin", "friend", "teacher", "neighbour"]
@@ -93,12 +93,7 @@ class DecliningTask:
 
 def synthetic_records(spec: str, seed: int = 0) -> list[dict]:
     """The records named ``synthetic:declining/<part>``."""
-    part = spec[len(SCHEME):] if spec.startswith(SCHEME) else None
-    if part not in PARTS:
-        from rayalign.errors import DataError
-
-        raise DataError(spec, f"unknown synthetic dataset (known: {', '.join(SCHEME + p for p in PARTS)})")
-    return DecliningTask(seed).records(part)
+    return DecliningTask(seed).records(named_part(spec, SCHEME, PARTS))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ import json
 import random
 from pathlib import Path
 
-from rayalign.data.synthetic import _CITIES, _JOBS, _SYLLABLES
+from rayalign.data.synthetic import _CITIES, _JOBS, _SYLLABLES, named_part
 
 PETS = ["cat", "dog", "owl", "goat", "horse", "fox", "crow", "hare"]
 # Cities on a journey, fewest and most (see the module docstring for why the range is wide).
@@ -220,12 +220,7 @@ SCHEME = "synthetic:knowledge/"
 
 def synthetic_records(spec: str, seed: int = 0) -> list[dict]:
     """The records named ``synthetic:knowledge/<part>`` (every part is cheap to rebuild)."""
-    part = "knowledge" if spec == SCHEME.rstrip("/") else spec[len(SCHEME):] if spec.startswith(SCHEME) else None
-    if part not in PARTS:
-        from rayalign.errors import DataError
-
-        raise DataError(spec, f"unknown synthetic dataset (known: synthetic:knowledge, {', '.join(SCHEME + p for p in PARTS[1:])})")
-    return KnowledgeTask(seed).records(part)
+    return KnowledgeTask(seed).records(named_part(spec, SCHEME, PARTS, bare="knowledge"))
 
 
 def load_synthetic(spec: str, kind: str, formats: list, seed: int = 0) -> list[dict]:

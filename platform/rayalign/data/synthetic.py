@@ -14,6 +14,23 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+def named_part(spec: str, scheme: str, parts: tuple[str, ...], bare: str | None = None) -> str:
+    """The part that ``spec`` (``<scheme><part>``, e.g. ``synthetic:arithmetic/sft``) names.
+
+    ``bare``: the part the scheme names without a part (``synthetic:knowledge``). Anything else is a
+    DataError that lists every name the task knows.
+    """
+    if bare is not None and spec == scheme.rstrip("/"):
+        return bare
+    part = spec[len(scheme):] if spec.startswith(scheme) else None
+    if part not in parts:
+        from rayalign.errors import DataError
+
+        known = ([scheme.rstrip("/")] if bare else []) + [scheme + p for p in parts if p != bare]
+        raise DataError(spec, f"unknown synthetic dataset (known: {', '.join(known)})")
+    return part
+
+
 _SYLLABLES = ["ba", "vo", "ren", "kel", "mo", "ra", "zi", "tan", "lu", "pe", "dor", "fi", "na", "sul", "qui", "ter"]
 _CITIES = ["Kelmora", "Dunvale", "Parvel", "Ostrin", "Belgar", "Mirrow", "Tessan", "Yorrim"]
 _JOBS = ["baker", "sailor", "painter", "miner", "weaver", "healer", "scribe", "smith"]
