@@ -65,21 +65,26 @@ def cmd_plugins(args) -> None:
     for info in sorted(pm.info.values(), key=lambda i: i.name):
         status = f"BROKEN: {info.error}" if info.broken else f"hooks: {', '.join(info.hooks)}"
         print(f"{info.name:<24} {info.package} {info.version}  {status}")
-    for kind in ("stages", "losses", "metrics", "rewards", "formats", "detectors", "filters", "trackers"):
+    for kind in ("stages", "losses", "metrics", "rewards", "advantage_estimators", "formats", "detectors", "filters",
+                 "trackers"):
         registry = getattr(pm, kind)
         print(f"{kind}: {', '.join(f'{n} ({registry.owner[n]})' for n in registry) or '-'}")
 
 
 def describe(pm, name: str) -> str:
-    """A stage's config schema (key, type, default, help), or what a loss/metric/format is."""
+    """A stage's config schema (key, type, default, help), or what a loss/metric/reward/... is."""
+    from rayalign.rewards import reward_schema
+
+    found = []  # one name may be a stage and an estimator (grpo), a metric and a reward (exact_match)
     if name in pm.stages:
         stage = pm.stages.get(name, where=name)
         lines = [f"stage {name} (plugin {pm.stages.owner[name]}): {first_line(stage.__doc__)}", "", "options:"]
         lines += schema_lines(stage.Config)
-        return "\n".join(lines)
+        found.append("\n".join(lines))
     for kind, registry in (("loss", pm.losses), ("metric", pm.metrics), ("reward", pm.rewards),
                            ("data format", pm.formats), ("detector", pm.detectors),
-                           ("filter", pm.filters), ("tracker", pm.trackers)):
+                           ("filter", pm.filters), ("tracker", pm.trackers),
+                           ("advantage estimator", pm.advantage_estimators)):
         if name in registry:
             item = registry.get(name, where=name)
             text = f"{kind} {name} (plugin {registry.owner[name]}): {first_line(item.__doc__)}"
@@ -87,9 +92,15 @@ def describe(pm, name: str) -> str:
                 text += (f"\n  family: {getattr(item, 'family', 'none declared')}"
                          + (f", needs_reference: {item.needs_reference}, uses_mean_logps: {item.uses_mean_logps}"
                             if getattr(item, "family", None) == "preference" else ""))
-            schema = getattr(item, "Config", None) or getattr(item, "Options", None)  # losses: Options
+            if kind == "advantage estimator":
+                text += f"\n  needs_critic: {item.needs_critic}, min_group_size: {item.min_group_size}"
+            # losses: Options; a reward without a declared Config: its keyword parameters
+            schema = reward_schema(item) if kind == "reward" else (getattr(item, "Config", None)
+                                                                   or getattr(item, "Options", None))
             options = schema_lines(schema) if schema is not None else []
-            return "\n".join([text, "", "options:"] + options) if options else text
+            found.append("\n".join([text, "", "options:"] + options) if options else text)
+    if found:
+        return "\n\n".join(found)
     pm.stages.get(name, where="plugins show")  # raises, listing the known stages
     raise AssertionError("unreachable")
 

@@ -23,11 +23,13 @@ if TYPE_CHECKING:
     from rayalign.metrics import Metric
     from rayalign.stage import Stage
     from rayalign.tracking import Tracker
+    from rayalign.training.advantages import AdvantageEstimator
     from rayalign.training.losses import Loss
 
 PROJECT = "rayalign"
-HOOKSPEC_VERSION = "1.4"  # 1.1: register_detectors; 1.2: register_filters; 1.3: register_trackers;
-# 1.4: a loss declares its family and typed options
+HOOKSPEC_VERSION = "1.5"  # 1.1: register_detectors; 1.2: register_filters; 1.3: register_trackers;
+# 1.4: a loss declares its family and typed options; 1.5: rewards and metrics declare their options
+# (checked before any work), register_advantage_estimators
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -67,8 +69,12 @@ def register_losses(register: Callable[[type["Loss"]], None]) -> None:
 def register_rewards(register: Callable[[str, Callable[..., float]], None]) -> None:
     """Register reward functions.
 
-    Call ``register(name, fn)`` where ``fn(prompt: str, completion: str, **example) -> float``
-    scores one completion. RL stages combine several by name with weights.
+    Call ``register(name, fn)`` where ``fn(prompt: str, completion: str, reference: str | None = None,
+    **options) -> float`` scores one completion against the prompt's reference answer. Its options
+    are ``fn.Config``, a ``rayalign.rewards.RewardConfig`` (set with ``@reward_config(...)``), or
+    else its named keyword parameters after ``reference``; a key that is neither is refused before
+    any work, and ``**kwargs`` takes none. RL stages combine several by name with weights, each with
+    its ``options``.
     """
 
 
@@ -76,8 +82,10 @@ def register_rewards(register: Callable[[str, Callable[..., float]], None]) -> N
 def register_metrics(register: Callable[[type["Metric"]], None]) -> None:
     """Register generation metrics.
 
-    Call ``register(MetricClass)``; ``MetricClass.name`` is the key it writes into a stage's
-    ``metrics.json`` and ``MetricClass.compute(prompts, completions, references)`` returns a float.
+    Call ``register(MetricClass)``, a subclass of ``rayalign.metrics.Metric``; ``name`` is the key
+    it writes into a stage's ``metrics.json``, ``Config`` its pydantic options schema
+    (``metric_options.<name>``, checked before any work, read as ``self.config``), and
+    ``compute(prompts, completions, references)`` returns a float.
     """
 
 
@@ -130,4 +138,20 @@ def register_trackers(register: Callable[[type["Tracker"]], None]) -> None:
     then ``log_scalars(metrics, step)`` every training step and stage summary, with one global step
     that only increases, ``log_table(key, rows, step)`` for sample tables, and ``finish(failed)``.
     A tracker that raises is reported once and muted; the run goes on.
+    """
+
+
+@hookspec
+def register_advantage_estimators(register: Callable[[type["AdvantageEstimator"]], None]) -> None:
+    """Register advantage estimators for the RL stages (``ppo``, ``grpo``).
+
+    Call ``register(EstimatorClass)``, a subclass of
+    ``rayalign.training.advantages.AdvantageEstimator`` (or of ``GroupEstimator``, for one that
+    compares the answers to one prompt). ``name`` is what a stage's ``advantage:`` key names;
+    ``needs_critic`` asks for a critic whose values arrive in the batch (and whose targets
+    ``estimate`` returns); ``min_group_size`` is the answers per prompt it needs; ``Config`` is its
+    pydantic options schema, fed from the stage settings it declares and ``advantage_options``.
+    ``estimate(batch)`` turns an ``AdvantageBatch`` (rewards, per-token KL, group size, values)
+    into ``Advantages`` (one value per token of each answer). The name and options are checked
+    before any work.
     """

@@ -1,8 +1,9 @@
 """Runs a chain of stages as one job, handing each stage's artifacts to the next.
 
 Order of work, so that bad input costs nothing:
-1. validate every stage's config against its plugin's schema, and the trackers' options (a
-   tracker whose package is absent stops here);
+1. validate every stage's config against its plugin's schema, the names and options of the
+   registered things it names (rewards, metrics, advantage estimators: ``rayalign.options``), and
+   the trackers' options (a tracker whose package is absent stops here);
 2. resolve the base model and let every stage load and check its data (``prepare``); each
    stage's ``prepare`` sees what the stages before it declare they produce (``Stage.produces``),
    so a misspelt name of an earlier stage's dataset or model fails here too;
@@ -40,6 +41,7 @@ from rayalign.data.validation import DataChecks, Policy, data_checks
 from rayalign.errors import ConfigError, PluginError, RayalignError
 from rayalign.memory import check_training_memory
 from rayalign.models import resolve_model  # plugins outside this repo import it from here too: keep it
+from rayalign.options import check_registered
 from rayalign.plugins import PluginManager, get_plugin_manager
 from rayalign.report import write_report
 from rayalign.resume_check import check_resume, write_fingerprint
@@ -71,6 +73,8 @@ def run_pipeline(cfg: RunConfig, plugins: PluginManager | None = None, source: s
     check_output_dir(cfg.output_dir)  # first: a refused output_dir costs no work
     plugins = plugins or get_plugin_manager()
     entries = validate_stages(cfg, plugins.stages, source)
+    for i, entry in enumerate(entries):
+        check_registered(entry.config, plugins, f"stages[{i}].{entry.name}")
     trackers = tracking.build_trackers(plugins, cfg, source)
     stages = [plugins.stages.get(e.name, where=f"stages[{i}]")(e.config) for i, e in enumerate(entries)]
     artifacts = Artifacts(model=resolve_model(cfg))

@@ -134,6 +134,7 @@ _REGISTRIES = {  # property -> (hook, kind)
     "detectors": ("register_detectors", "detector"),
     "filters": ("register_filters", "filter"),
     "trackers": ("register_trackers", "tracker"),
+    "advantage_estimators": ("register_advantage_estimators", "advantage estimator"),
 }
 
 
@@ -299,6 +300,10 @@ class PluginManager:
     @property
     def trackers(self) -> Registry:
         return self._registry("trackers")
+
+    @property
+    def advantage_estimators(self) -> Registry:
+        return self._registry("advantage_estimators")
 
 
 class _SetAside(Exception):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from pydantic import Field
 
 from rayalign.data.chat import tokenize_prompt
 from rayalign.data.datasets import held_out_prompts, load_records, prompts_from_chat, split
+from rayalign.metrics import build_metrics
 from rayalign.rollout.vllm_engine import Sampling
 from rayalign.sampling import sample_completions
 from rayalign.stage import Produces, Stage, StageConfig, StageResult
@@ -21,6 +23,12 @@ class GenerateConfig(StageConfig):
     max_tokens: int = Field(64, ge=1, description="new tokens per sample")
     show: int = Field(3, ge=0, description="samples printed in the job log")
     metrics: list[str] = Field(["response_words", "distinct_2", "exact_match"], description="registered metrics")
+    metric_options: dict[str, dict[str, Any]] = Field({}, description="options of the metrics by name "
+                                                      "(`rayalign plugins show <metric>` lists them)")
+
+    def check_plugins(self, plugins, where: str) -> None:
+        """With the rest of the config: every metric exists and its options are its own."""
+        build_metrics(plugins, self.metrics, self.metric_options, where)
 
 
 class GenerateStage(Stage):
@@ -31,7 +39,7 @@ class GenerateStage(Stage):
 
     def prepare(self, run, plugins, artifacts, index):
         cfg = self.config
-        self.metrics = [plugins.metrics.get(m, where=f"stages[{index}].generate.metrics")() for m in cfg.metrics]
+        self.metrics = build_metrics(plugins, cfg.metrics, cfg.metric_options, f"stages[{index}].generate")
         path = held_out_prompts(run.data)
         if path is not None:
             prompts, self.source = load_records(path, "prompt", plugins.formats, run.seed)

@@ -1,7 +1,8 @@
-"""Built-in online RL: the PPO and GRPO/RLOO stages, their losses and rule-based rewards."""
+"""Built-in online RL: the PPO and GRPO/RLOO stages, their losses, advantage estimators and rule-based rewards."""
 
 from rayalign.hookspecs import hookimpl
 
+from rayalign_rl.advantages import ESTIMATORS
 from rayalign_rl.losses import ClippedPolicyLoss, ClippedValueLoss
 from rayalign_rl.rewards import RULE_REWARDS
 from rayalign_rl.stage import GRPOStage, PPOStage
@@ -23,3 +24,9 @@ def register_losses(register):
 def register_rewards(register):
     for name, fn in RULE_REWARDS.items():
         register(name, fn)
+
+
+@hookimpl
+def register_advantage_estimators(register):
+    for estimator in ESTIMATORS:
+        register(estimator)

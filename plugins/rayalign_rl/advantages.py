@@ -8,12 +8,18 @@
 * ``rloo``: leave-one-out baseline, no critic: reward minus the mean of the *other* answers to the
   same prompt (Ahmadian et al. 2024).
 
-Group estimators take rewards shaped [prompts, answers per prompt].
+Group estimators take rewards shaped [prompts, answers per prompt]. Each is registered as an
+estimator (``register_advantage_estimators``, ``rayalign.training.advantages``), the classes at
+the end of this module, so a plugin's estimator is named in ``advantage:`` exactly like these.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
+
+from rayalign.training.advantages import (AdvantageBatch, AdvantageConfig, AdvantageEstimator, Advantages,
+                                          GroupEstimator, build_estimator)
 
 STD_EPS = 1e-4  # TRL's, so an all-equal group gives zero advantages rather than 0/0
 
@@ -34,8 +40,6 @@ def rloo(rewards: np.ndarray) -> np.ndarray:
     baseline = (rewards.sum(axis=1, keepdims=True) - rewards) / (k - 1)
     return rewards - baseline
 
-
-GROUP_ESTIMATORS = {"grpo": grpo, "rloo": rloo}
 
 
 def gae(token_rewards: np.ndarray, values: np.ndarray, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
@@ -59,3 +63,60 @@ def whiten(arrays: list[np.ndarray], shift_mean: bool = True) -> list[np.ndarray
     mean, var = flat.mean(), flat.var(ddof=1)
     out = [(a - mean) / np.sqrt(var + 1e-8) for a in arrays]
     return out if shift_mean else [a + mean for a in out]
+
+
+class GAEConfig(AdvantageConfig):
+    gamma: float = Field(1.0, ge=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    whiten_advantages: bool = Field(True, description="normalise advantages over the batch")
+
+
+class GAE(AdvantageEstimator):
+    """PPO's generalised advantage estimation over the answer's tokens, with a critic."""
+
+    name = "gae"
+    needs_critic = True
+    Config = GAEConfig
+
+    def estimate(self, batch: AdvantageBatch) -> Advantages:
+        cfg = self.config
+        pairs = [gae(r, v, cfg.gamma, cfg.lam) for r, v in zip(batch.token_rewards(), batch.values)]
+        advantages, returns = [a for a, _ in pairs], [r for _, r in pairs]
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages)
+        return Advantages(advantages, returns)
+
+
+class GRPOConfig(AdvantageConfig):
+    scale_rewards: bool = Field(True, description="divide by the group's reward std")
+
+
+class GRPO(GroupEstimator):
+    """Group-relative: reward minus the group's mean, over the group's std; no critic."""
+
+    name = "grpo"
+    Config = GRPOConfig
+
+    def group_advantages(self, rewards: np.ndarray) -> np.ndarray:
+        return grpo(rewards, self.config.scale_rewards)
+
+
+class RLOO(GroupEstimator):
+    """Leave-one-out: reward minus the mean of the other answers to the prompt; no critic."""
+
+    name = "rloo"
+
+    def group_advantages(self, rewards: np.ndarray) -> np.ndarray:
+        return rloo(rewards)
+
+
+ESTIMATORS = (GAE, GRPO, RLOO)
+
+
+def stage_estimator(plugins, cfg, where: str) -> AdvantageEstimator:
+    """The estimator an RL stage's ``advantage:`` names, with the stage settings it declares
+    (``scale_rewards``, ``gamma``, ``lam``, ``whiten_advantages``) and its ``advantage_options``."""
+    return build_estimator(plugins.advantage_estimators, cfg.advantage, cfg.advantage_options, f"{where}.advantage",
+                           f"{where}.advantage_options", stage_options={
+                               "scale_rewards": cfg.scale_rewards, "gamma": cfg.gamma, "lam": cfg.lam,
+                               "whiten_advantages": cfg.whiten_advantages})

@@ -4,16 +4,35 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
+from rayalign.errors import ConfigError
+from rayalign.rewards import reward_options
 from rayalign.training.loop import TrainingConfig
+from rayalign_rl.advantages import stage_estimator
+
+REWARD_MODEL_TERM = "reward_model"  # the term scored by the stage's reward model, not a registered reward
+# The stage, the loop and the colocated memory plan decide whether to start a critic by this name,
+# not yet by the estimator's `needs_critic`; until they ask the estimator, one that needs a critic
+# under another name is refused before any work instead of failing once the workers are up.
+CRITIC_STARTED_FOR = ("gae",)
 
 
 class RewardTerm(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="a registered reward (`rayalign plugins` lists them), or `reward_model`")
     weight: float = 1.0
-    options: dict[str, Any] = Field({}, description="keyword arguments for the reward function (e.g. `pattern`)")
+    options: dict[str, Any] = Field({}, description="the reward's options (e.g. `pattern`; `rayalign plugins show "
+                                    "<reward>` lists them)")
+
+    def check_plugins(self, plugins, where: str) -> None:
+        """Called with the rest of the config (``rayalign.options.check_registered``): the reward
+        exists and its options are its own; they become every option of it, defaults included."""
+        if self.name == REWARD_MODEL_TERM:
+            if self.options:
+                raise ConfigError(f"{where}.options", "the reward model term takes no options")
+            return
+        self.options = reward_options(plugins, self.name, self.options, where)
 
 
 class RLConfig(TrainingConfig):
@@ -43,8 +62,10 @@ class RLConfig(TrainingConfig):
     max_new_tokens: int = Field(128, ge=1, description="tokens per sampled answer")
     max_prompt_length: int = Field(512, ge=1, description="prompt tokens after the chat template; a longer prompt "
                                    "is a bad record (`data.bad_records`)")
-    advantage: Literal["gae", "grpo", "rloo"] = Field("gae", description="gae (PPO, with a critic), grpo or rloo "
-                                                      "(group baselines, no critic)")
+    advantage: str = Field("gae", description="a registered advantage estimator: gae (PPO, with a critic), grpo "
+                           "or rloo (group baselines, no critic), or a plugin's (`rayalign plugins` lists them)")
+    advantage_options: dict[str, Any] = Field({}, description="options of the estimator beyond the settings "
+                                              "below that it declares")
     scale_rewards: bool = Field(True, description="grpo: divide by the group's reward std")
     whiten_advantages: bool = Field(True, description="gae: normalise advantages over the batch")
     gamma: float = Field(1.0, ge=0, le=1, description="gae discount")
@@ -78,6 +99,30 @@ class RLConfig(TrainingConfig):
     grad_accum: int = Field(4, ge=1, description="packed micro-batches per optimizer step per rank")
     max_tokens_per_micro_batch: int = Field(4096, ge=8, description="packing budget of one row")
 
+    _needs_critic: bool | None = PrivateAttr(None)
+
+    def check_plugins(self, plugins, where: str) -> None:
+        """With the rest of the config: the advantage estimator exists, takes its options and fits
+        ``num_generations`` (the reward terms check themselves: ``RewardTerm.check_plugins``)."""
+        estimator = stage_estimator(plugins, self, where)
+        if self.num_generations < estimator.min_group_size:
+            raise ConfigError(f"{where}.num_generations", f"advantage {self.advantage!r} compares answers to the "
+                              f"same prompt: needs at least {estimator.min_group_size}")
+        if estimator.needs_critic and self.advantage not in CRITIC_STARTED_FOR:
+            raise ConfigError(f"{where}.advantage", f"advantage {self.advantage!r} needs a critic, which this "
+                              f"rayalign starts only for {', '.join(CRITIC_STARTED_FOR)}")
+        self._needs_critic = estimator.needs_critic
+
+    @property
+    def needs_critic(self) -> bool:
+        """Whether the advantage estimator reads a critic's values (``gae``)."""
+        if self._needs_critic is None:  # a config built outside a run: ask the process's plugins
+            from rayalign.plugins import get_plugin_manager
+
+            registry = get_plugin_manager().advantage_estimators
+            self._needs_critic = registry.get(self.advantage, where="advantage").needs_critic
+        return self._needs_critic
+
 
 class PPOConfig(RLConfig):
     pass
@@ -85,7 +130,7 @@ class PPOConfig(RLConfig):
 
 class GRPOConfig(RLConfig):
     num_generations: int = Field(4, ge=2, description="answers sampled per prompt (a group)")
-    advantage: Literal["gae", "grpo", "rloo"] = Field("grpo", description="grpo or rloo (group baselines, no "
-                                                      "critic), or gae")
+    advantage: str = Field("grpo", description="grpo or rloo (group baselines, no critic), gae, or a plugin's "
+                           "estimator")
     kl_coef: float = Field(0.04, ge=0, description="weight of the k3 KL to the reference in the loss (0: none)")
     kl_in: Literal["reward", "loss"] = "loss"

@@ -228,26 +228,22 @@ class RLLoop:
         return collect
 
     def advantages(self, prompts: list[Prompt], episodes: list[Episode]) -> None:
+        """Per-token advantages (and, for a critic, returns) from the estimator ``advantage:`` names."""
         cfg = self.cfg
         for e in episodes:
             e.arrays["kl"] = (e.arrays["old_logps"] - e.arrays["ref_logps"]) if "ref_logps" in e.arrays \
                 else np.zeros(len(e.completion_ids), dtype=np.float32)
-        kl_penalty = cfg.kl_coef if cfg.kl_in == "reward" else 0.0
-        if cfg.advantage == "gae":
-            for e in episodes:
-                token_rewards = -kl_penalty * e.arrays["kl"]
-                token_rewards[-1] += e.reward
-                e.arrays["advantages"], e.arrays["returns"] = adv.gae(token_rewards, e.arrays["values"], cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                for e, a in zip(episodes, adv.whiten([e.arrays["advantages"] for e in episodes])):
-                    e.arrays["advantages"] = a
-            return
-        # Group estimators: episodes arrive prompt-major, num_generations per prompt.
-        g = cfg.num_generations
-        rewards = np.array([e.reward - kl_penalty * e.arrays["kl"].sum() for e in episodes]).reshape(-1, g)
-        scalar = adv.grpo(rewards, cfg.scale_rewards) if cfg.advantage == "grpo" else adv.rloo(rewards)
-        for e, a in zip(episodes, scalar.reshape(-1)):
-            e.arrays["advantages"] = np.full(len(e.completion_ids), a, dtype=np.float32)
+        if getattr(self, "estimator", None) is None:  # resolved here, like the losses, through the registry
+            self.estimator = adv.stage_estimator(self.ctx.plugins, cfg, f"stages[{self.ctx.index}].{self.ctx.name}")
+        batch = adv.AdvantageBatch(
+            rewards=[e.reward for e in episodes], kl=[e.arrays["kl"] for e in episodes],
+            kl_coef=cfg.kl_coef if cfg.kl_in == "reward" else 0.0, group_size=cfg.num_generations,
+            values=[e.arrays["values"] for e in episodes] if self.estimator.needs_critic else None)
+        result = self.estimator.estimate(batch)
+        for i, e in enumerate(episodes):
+            e.arrays["advantages"] = result.advantages[i]
+            if result.returns is not None:
+                e.arrays["returns"] = result.returns[i]
 
     def step(self, step: int) -> dict:
         cfg, t = self.cfg, {}

@@ -103,8 +103,9 @@ class ClippedValueLoss(Loss):
 
 
 def rl_losses(registry, cfg, where: str) -> tuple[Loss, Loss | None]:
-    """The stage's policy loss and, with a critic (``advantage: gae``), its value loss, resolved by
-    name (``policy_loss``, ``value_loss``) so a plugin's loss can replace either. The stage's clip
+    """The stage's policy loss and, with a critic (an estimator that ``needs_critic``: gae), its
+    value loss, resolved by name (``policy_loss``, ``value_loss``) so a plugin's loss can replace
+    either. The stage's clip
     and KL settings go to a loss that declares them; ``loss_options`` and ``value_loss_options``
     carry a loss's own."""
     policy = build_loss(registry, cfg.policy_loss, "policy", cfg.loss_options, f"{where}.policy_loss",
@@ -112,7 +113,7 @@ def rl_losses(registry, cfg, where: str) -> tuple[Loss, Loss | None]:
                             "clip_low": cfg.clip_low, "clip_high": cfg.clip_high,
                             "kl_coef": cfg.kl_coef if cfg.kl_in == "loss" else 0.0,
                             "aggregation": cfg.loss_aggregation, "kl_ratio_correction": cfg.kl_ratio_correction})
-    if cfg.advantage != "gae":
+    if not cfg.needs_critic:
         return policy, None
     value = build_loss(registry, cfg.value_loss, "value", cfg.value_loss_options, f"{where}.value_loss",
                        f"{where}.value_loss_options", stage_options={"clip": cfg.value_clip})

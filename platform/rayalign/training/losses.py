@@ -13,16 +13,15 @@ leaves them on the device costs no host-device synchronisation per micro-batch.
 
 from __future__ import annotations
 
-import inspect
-import typing
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel
 
 # Defined by the data layer, which writes it into labels; re-exported because losses and plugins read it here.
 from rayalign.data.labels import IGNORE_INDEX  # noqa: F401
+from rayalign.options import signature_schema, validate_options
 
 
 # What a family's losses get in ``forward`` (the stage that uses them calls it so):
@@ -69,15 +68,7 @@ class Loss(torch.nn.Module):
 
 def options_schema(cls: type) -> type[BaseModel]:
     """A pydantic model of ``cls.__init__``'s keyword arguments: their annotations and defaults."""
-    init = cls.__init__
-    hints = typing.get_type_hints(init) if init is not Loss.__init__ else {}
-    fields = {}
-    for param in inspect.signature(init).parameters.values():
-        if param.name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        default = ... if param.default is param.empty else param.default
-        fields[param.name] = (hints.get(param.name, Any), default)
-    return create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="forbid"), **fields)
+    return signature_schema(cls.__init__, f"{cls.__name__}Options")
 
 
 def build_loss(registry, name: str, family: LossFamily, options: dict[str, Any], where: str,
@@ -100,14 +91,7 @@ def build_loss(registry, name: str, family: LossFamily, options: dict[str, Any],
     schema = cls.Options
     given = {k: v for k, v in (stage_options or {}).items() if k in schema.model_fields}
     given.update(options)
-    try:
-        validated = schema.model_validate(given)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        message = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
-        known = ", ".join(schema.model_fields) or "none"
-        raise ConfigError(f"{options_key}.{key}", f"{message} of loss {name!r} (its options: {known})") from None
+    validated = validate_options(schema, given, options_key, "loss", name)
     return cls(**{k: getattr(validated, k) for k in schema.model_fields})
 
 
