@@ -8,11 +8,12 @@ Sides (each in its own process, one after the other):
 
 * ``rayalign``: the real ``grpo`` stage (plugins/rayalign_rl) through ``run_pipeline``: vLLM
   rollout worker, DeepSpeed trainer and (if ``kl_coef``) reference sharing one GPU
-  (``resources.colocate``: the stage's memory plan sizes every role first; the engine sleeps at
-  level 2 while the trainer works and wakes weights, then KV cache, around the weight sync), the
-  stages' own engine settings (CUDA graphs unless the plan needs them off), rule reward on the
-  driver, packed rows, CUDA IPC weight sync. A step's time is the sum of its ``time/*_s`` metrics
-  (generate + score + train + sync, sleep/wake included); the device's peak memory per phase
+  (``resources.colocate``: the stage's memory plan sizes every role first and decides whether the
+  engine can stay awake or must sleep while the trainer works), the stages' own engine settings
+  (CUDA graphs unless the plan needs them off), rule reward on the driver, packed rows, CUDA IPC
+  weight sync. A step's time is the sum of its ``time/*_s`` metrics (generate + score + train +
+  sync, any sleep/wake included); ``colocation_seconds_median`` says how much of it went to
+  sharing the GPU (sleep, wake, cache releases, offload); the device's peak memory per phase
   (``device_peak_gib_by_phase``) is read by the stage itself, beside what its plan predicted;
 * ``trl``: ``GRPOTrainer(use_vllm=True, vllm_mode="colocate")``, TRL's defaults otherwise; a
   step's time is the wall time between optimizer-step ends (one generation batch per step).
@@ -22,10 +23,9 @@ group size, prompts per step, completion length, sampling temperature, KL weight
 default: no reference model), the same exact-match reward function, learning rate, vLLM memory
 fraction and max model length. The first ``--warmup`` steps are excluded.
 
-Not matched on purpose: rayalign takes one optimizer step per packed row of 16k tokens
-(``grad_accum: 1``; a step's 128 answers make 3-4 rows), TRL one per generation batch. A larger
-``grad_accum`` would not fill its slots: ``training.loop.train_step`` fills missing accumulation
-slots with real forward/backward passes at scale 0, which would charge rayalign for idle work.
+Both take one optimizer step per generation batch: TRL's 8 micro-batches of 16 answers, rayalign's
+packed rows of 16k tokens (a step's 128 answers make 3-4 rows; ``grad_accum: 4``, and a step with
+fewer rows runs only those: ``training.loop.split_step``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def plan(args) -> dict:
     return {"prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
             "max_new_tokens": args.max_new_tokens, "max_prompt_length": args.max_prompt_length,
             "gpu_memory_utilization": args.gpu_memory_utilization, "warmup": args.warmup, "steps": args.steps,
-            "micro_batch_tokens": 16384, "grad_accum": 1, "trl_grad_accum": 8, "lr": 1e-6, "temperature": 1.0,
+            "micro_batch_tokens": 16384, "grad_accum": 4, "trl_grad_accum": 8, "lr": 1e-6, "temperature": 1.0,
             "kl_coef": 0.0, "offload_optimizer": args.offload_optimizer}
 
 
@@ -122,6 +122,9 @@ def run_rayalign(args) -> dict:
     return {"step_seconds": steps, "step_time": common.spread(steps), "stage_seconds": total,
             "phase_seconds_median": {k[5:-2]: common.spread([m[k] for m in history[p["warmup"]:]])["median"]
                                      for k in phases},
+            "colocation_seconds_median": {k[len("colocation/"):-2]: common.spread(
+                [m.get(k, 0.0) for m in history[p["warmup"]:]])["median"]
+                for k in sorted({k for m in history for k in m if k.startswith("colocation/")})},
             "device_peak_gib_by_phase": metrics.get("device_peak_gib"),
             "memory_plan_gib": metrics.get("memory_plan_gib"), "memory_plan": metrics.get("memory_plan"),
             "response_length": [m["response_length"] for m in history], "stale": metrics.get("stale_rollouts")}

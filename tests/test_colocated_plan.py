@@ -26,15 +26,26 @@ def shape(name: str) -> ModelShape:
     return ModelShape.from_config({"model_type": "qwen2", **SHAPES[name]})
 
 
-def setup(name="0.5b", tokens=16384, gib=H200_GIB, fraction=0.3, **kw) -> ColocatedSetup:
-    return ColocatedSetup(policy=shape(name), training=TrainingPlan(seq=tokens, gpu_memory_gib=gib),
+def setup(name="0.5b", tokens=16384, gib=H200_GIB, fraction=0.3, logits="full", **kw) -> ColocatedSetup:
+    return ColocatedSetup(policy=shape(name), training=TrainingPlan(seq=tokens, gpu_memory_gib=gib, logits=logits),
                           engine_fraction=fraction, max_model_len=528, **kw)
 
 
 @pytest.mark.parametrize("name", ["0.5b", "1.5b"])
-def test_the_grpo_benchmark_settings_fit_an_h200_with_graphs_and_no_offload(name):
-    # benchmarks/grpo_step.py: 16k-token rows, vLLM's share 0.3, no reference (kl_coef 0).
-    plan = plan_colocated(setup(name))
+def test_the_grpo_benchmark_settings_fit_an_h200_awake(name):
+    # benchmarks/grpo_step.py: 16k-token rows, vLLM's share 0.3, no reference (kl_coef 0), and the
+    # RL passes' chunked output head: room for the engine's whole share in every phase.
+    plan = plan_colocated(setup(name, logits="labelled"))
+    assert plan.fits and plan.cuda_graphs and not plan.offload_optimizer and plan.sleep_level == 0
+    for phase in PHASES:
+        assert plan.phases[phase]["vLLM"] == pytest.approx(0.3 * H200_GIB * GiB + CUDA_GRAPHS)
+        assert "vLLM asleep" not in plan.phases[phase]
+    assert "engines stay awake" in plan.summary()
+
+
+@pytest.mark.parametrize("name", ["0.5b", "1.5b"])
+def test_the_grpo_benchmark_settings_fit_an_h200_asleep_with_graphs_and_no_offload(name):
+    plan = plan_colocated(setup(name), sleep=True)
     assert plan.fits and plan.cuda_graphs and not plan.offload_optimizer and plan.sleep_level == 2
     assert plan.peak <= plan.capacity
     # The engine's whole share only while generating; asleep it keeps its context and graph pool.
@@ -55,9 +66,18 @@ def test_every_role_on_the_gpu_is_counted_in_every_phase():
     assert full["score"]["reference"] > full["train"]["reference"] == 2 * shape("0.5b").params
 
 
-def test_offload_then_eager_are_pulled_only_when_needed():
-    # 24 GiB, a 0.5B policy and a 1k-token row: the generate phase decides.
-    fits = lambda frac, **kw: plan_colocated(setup(tokens=1024, gib=24, fraction=frac), **kw)  # noqa: E731
+def test_sleep_then_offload_then_eager_are_pulled_only_when_needed():
+    # 40 GiB, a 0.5B policy, 16k-token rows: awake while the engine's share fits beside training.
+    plan = lambda frac, **kw: plan_colocated(setup(gib=40, fraction=frac, logits="labelled"), **kw)  # noqa: E731
+    assert plan(0.1).fits and plan(0.1).sleep_level == 0
+    crowded = next(f / 100 for f in range(10, 100) if not plan(f / 100, sleep=False).fits)
+    assert plan(crowded).fits and plan(crowded).sleep_level == 2 and not plan(crowded).offload_optimizer
+    assert plan(crowded).total("train") < plan(crowded, sleep=False).total("train")
+    # Forced awake where it cannot fit: refused, and the message names the lever.
+    assert "resources.colocate_sleep=true" in refusal(plan(crowded, sleep=False), "stages[0].grpo")
+
+    # 24 GiB, a 0.5B policy and a 1k-token row, engines asleep: the generate phase decides.
+    fits = lambda frac, **kw: plan_colocated(setup(tokens=1024, gib=24, fraction=frac), sleep=True, **kw)  # noqa: E731
     roomy = fits(0.3)
     assert roomy.fits and not roomy.offload_optimizer and roomy.cuda_graphs
     # Offload alone makes room: graphs stay on.
@@ -173,6 +193,9 @@ def test_roles_follow_the_stage_config(tiny_model_path, monkeypatch):
     monkeypatch.setenv("RAYALIGN_GPU_MEMORY_GIB", "80")
     run = RunConfig.model_validate({"resources": {"colocate": True, "trainer": {"num_gpus": 1}}})
     grpo = colocated_plan(run, _grpo(kl_coef=0.0), tiny_model_path, None, "s").phases["score"]
+    assert set(grpo) == {"policy", "vLLM", "CUDA contexts"}  # room to spare: the engine stays awake
+    asleep = run.model_copy(update={"resources": run.resources.model_copy(update={"colocate_sleep": True})})
+    grpo = colocated_plan(asleep, _grpo(kl_coef=0.0), tiny_model_path, None, "s").phases["score"]
     assert set(grpo) == {"policy", "vLLM asleep", "CUDA contexts"}
     # PPO: a critic (from the reward model), the reference, and the reward model named by an
     # earlier stage (not produced yet: sized like the policy).
@@ -229,9 +252,10 @@ def test_the_stage_turns_cuda_graphs_off_only_when_its_plan_needs_it_and_says_so
     monkeypatch.setenv("RAYALIGN_GPU_MEMORY_GIB", "24")
     stage = GRPOStage(_grpo(max_tokens_per_micro_batch=1024, kl_coef=0.0))
     # The largest vLLM share that needs the graph pool's memory: offload alone no longer suffices.
+    like_stage = lambda f: setup(tokens=1024, gib=24, fraction=f, logits="labelled")  # noqa: E731
     eager_only = max(f / 100 for f in range(5, 100)
-                     if plan_colocated(setup(tokens=1024, gib=24, fraction=f / 100)).fits
-                     and not plan_colocated(setup(tokens=1024, gib=24, fraction=f / 100), enforce_eager=False).fits)
+                     if plan_colocated(like_stage(f / 100)).fits
+                     and not plan_colocated(like_stage(f / 100), enforce_eager=False).fits)
 
     def plan_for(fraction: float):
         run = RunConfig.model_validate({"resources": {"colocate": True, "trainer": {"num_gpus": 1},
@@ -249,3 +273,18 @@ def test_the_stage_turns_cuda_graphs_off_only_when_its_plan_needs_it_and_says_so
     plan, log = plan_for(0.3)
     assert plan.cuda_graphs and not plan.offload_optimizer and "eager" not in log
     assert "colocated memory plan: peak" in log and "CUDA graphs on" in log
+
+
+def test_the_labelled_rl_passes_plan_one_chunk_of_logits_not_the_row():
+    from rayalign.memory import LABELLED_CHUNK_TOKENS
+    from rayalign.training.labelled_logps import CHUNK_TOKENS
+
+    assert LABELLED_CHUNK_TOKENS == CHUNK_TOKENS  # the planner's copy of the chunk size (it imports no torch)
+    full = plan_colocated(setup(logits="full"), sleep=True)
+    labelled = plan_colocated(setup(logits="labelled"), sleep=True)
+    vocab = shape("0.5b").vocab
+    # Training: 16k positions' logits and their float32 work become one 1k chunk's.
+    saved = full.phases["train"]["policy"] - labelled.phases["train"]["policy"]
+    assert saved == pytest.approx((16384 - CHUNK_TOKENS) * vocab * 12.35, rel=1e-6)
+    # Scoring: the whole row's bf16 logits are no longer kept.
+    assert full.phases["score"]["policy"] - labelled.phases["score"]["policy"] == pytest.approx(16384 * vocab * 2)

@@ -128,7 +128,7 @@ class FakeReference(GpuActor):
         return [(torch.zeros(1, b["input_ids"].shape[1] - 1),) for b in batches]
 
 
-def make_loop(tmp_path, tokenizer, *, colocated: bool, offload: bool) -> tuple[RLLoop, list]:
+def make_loop(tmp_path, tokenizer, *, colocated: bool, offload: bool, sleep_level: int = 2) -> tuple[RLLoop, list]:
     log: list = []
     cfg = GRPOConfig(prompts_per_step=2, num_generations=2, max_new_tokens=6, kl_coef=0.04, grad_accum=1)
     loop = RLLoop.__new__(RLLoop)
@@ -145,7 +145,7 @@ def make_loop(tmp_path, tokenizer, *, colocated: bool, offload: bool) -> tuple[R
     loop.sync = WeightSync(loop.policy, loop.engines, 60, transport="cuda_ipc")
     roles = {"rollout": loop.engines, "trainer": loop.policy, "reference": loop.reference}
     loop.gpu = Colocation(loop.engines, [loop.policy], [loop.reference], loop.sync, 60, colocated=colocated,
-                          offload_optimizer=offload, gpu_roles=roles if colocated else {})
+                          offload_optimizer=offload, sleep_level=sleep_level, gpu_roles=roles if colocated else {})
     loop.rollouts = open(tmp_path / "rollouts.jsonl", "w")
     return loop, log
 
@@ -188,6 +188,32 @@ def test_one_colocated_step_releases_sleeps_and_wakes_in_order(tmp_path, tokeniz
         for role in ("rollout", "trainer", "reference"):
             assert metrics[f"memory/{phase}/{role}_reserved_gib"] == pytest.approx(3.0)
     assert sum(1 for r, m, _ in log if m == "memory_peaks") == 4 * 3
+
+
+def test_with_room_for_both_the_engine_stays_awake_and_only_the_frozen_models_release(tmp_path, tokenizer,
+                                                                                      ray_started):
+    loop, log = make_loop(tmp_path, tokenizer, colocated=True, offload=False, sleep_level=0)
+    metrics = loop.step(0)
+    engine = [m for r, m, _ in log if r == "rollout" and m != "memory_peaks"]
+    assert engine == ["generate_batch", "update_weights"]
+    # The reference still returns its forward pass's blocks (the plan counts only its weights
+    # while the policy trains); the policy keeps its cache, and nothing is offloaded.
+    assert [(r, m) for r, m, _ in log if m == "release_memory"] == [("reference", "release_memory")]
+    assert not {m for _, m, _ in log} & {"offload_states", "reload_states", "sleep", "wake_up"}
+    assert metrics["weights_version"] == 1.0 and "memory/train/device_gib" in metrics
+    assert set(k for k in metrics if k.startswith("colocation/")) == {"colocation/release_s"}
+
+
+def test_sharing_operations_are_timed_per_step(tmp_path, tokenizer, ray_started):
+    loop, _ = make_loop(tmp_path, tokenizer, colocated=True, offload=True)
+    metrics = loop.step(0)
+    timed = {k for k in metrics if k.startswith("colocation/")}
+    assert timed == {f"colocation/{op}_s" for op in ("sleep", "reload", "release", "offload", "wake")}
+    assert all(metrics[k] >= 0 for k in timed)
+    # the step's phases stay the four time/ keys (benchmarks sum them as the step time)
+    assert {k for k in metrics if k.startswith("time/") and k.endswith("_s")} == \
+        {f"time/{p}_s" for p in ("generate", "score", "train", "sync")}
+    assert not loop.gpu.seconds  # taken with the step's metrics: the next step sums its own
 
 
 def test_apart_the_engines_never_sleep_and_nothing_is_released(tmp_path, tokenizer, ray_started):

@@ -55,7 +55,13 @@ def test_colocated_grpo_fits_one_gpu_and_records_each_phase_peak(shape, extra, t
     assert set(PHASES) <= set(peaks) and set(PHASES) <= set(plan)
     for phase in PHASES:
         assert 0 < peaks[phase] <= capacity
-    # The engine's share (0.3 of the GPU) is on the device while it generates and gone once it
-    # sleeps: scoring (every model's forward pass at once) peaks lower.
-    assert peaks["score"] < peaks["generate"]
     assert ("optimizer offload on" in side["memory_plan"]) == bool(extra), side["memory_plan"]
+    if "engines stay awake" in side["memory_plan"]:
+        # The engine's share (0.3 of the GPU) stays on the device in every phase.
+        assert all(peaks[p] >= 0.3 * capacity for p in PHASES), peaks
+    else:
+        # ... or only while it generates: once it sleeps, scoring (every model's forward pass at
+        # once) peaks lower.
+        assert peaks["score"] < peaks["generate"]
+    # The plan holds: no phase went more than 10% past the plan's peak.
+    assert max(peaks.values()) <= 1.10 * max(plan.values()), (peaks, plan)

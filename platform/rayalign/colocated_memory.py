@@ -8,12 +8,16 @@ hosts every role) is summed from the training planner (``rayalign.memory``):
   CUDA-graph pool) beside what the other processes keep: each trainer's weights, fp32 gradient
   partitions and optimizer states (unless offloaded to host memory), the frozen models' weights,
   and a CUDA context per process;
-* ``score``: the engine asleep; the policy, reference, critic and reward model run forward passes
+* ``score``: the engine asleep (see below); the policy, reference, critic and reward model run forward passes
   at once, each on packed rows of ``max_tokens_per_micro_batch`` tokens;
 * ``train``: the policy's training peak (weights, gradients, optimizer, activations, logits), then
   the critic's, beside the others' resident memory;
 * ``sync``: the engine's weights awake (its KV cache still asleep) and the trainer's exported copy
   of the weights (the CUDA IPC transport maps the whole model at once).
+
+When everything fits beside the engine's whole share, the engines stay awake (``sleep_level`` 0):
+no phase pays for sleeping, waking or returning cached blocks, and each phase holds the engine's
+share instead of its asleep remainder. Sleeping is for when they do not fit.
 
 These sums hold only because of what the RL loop does at run time: every colocated process returns
 its cached CUDA blocks (``torch.cuda.empty_cache``) before the engines wake, the engines sleep at
@@ -22,7 +26,8 @@ load, then KV cache), and the optimizer states go to host memory around generati
 turns that on. Without those, torch's caching allocators keep each process's own peak and vLLM's
 wake-up asks for its share on top (the out-of-memory this module exists to prevent).
 
-Levers, tried in this order when the plan does not fit: offload the optimizer states while the
+Levers, tried in this order until the plan fits: the engines sleep while the others work
+(``resources.colocate_sleep``: null lets the plan decide), offload the optimizer states while the
 engines generate (``resources.colocate_offload_optimizer``: null lets the plan decide), then CUDA
 graphs off (``resources.rollout.enforce_eager``: null lets the plan decide; graphs are kept when
 anything else fits, as eager decoding is several times slower). What no lever fixes is refused
@@ -69,7 +74,9 @@ class ColocatedPlan:
     offload_optimizer: bool
     cuda_graphs: bool
     phases: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> part -> bytes per GPU
-    sleep_level: int = 2  # every weight sync reloads every weight, so the engines drop theirs
+    # 0: the engines stay awake; 2: they sleep while the others work, dropping their weights (every
+    # weight sync reloads every weight, so keeping a copy in host memory would be wasted work).
+    sleep_level: int = 2
 
     @property
     def capacity(self) -> float:
@@ -107,7 +114,8 @@ class ColocatedPlan:
         """One line for the log: every phase's total, the peak's parts, and the levers chosen."""
         others = ", ".join(f"{p} {self.total(p) / GiB:.1f}" for p in PHASES if p != self.peak_phase)
         return (f"peak {self.phase_line(self.peak_phase)} of {self.capacity / GiB:.1f} GiB per GPU; {others} GiB; "
-                f"engines sleep at level {self.sleep_level}, optimizer offload {'on' if self.offload_optimizer else 'off'}, "
+                + ("engines stay awake" if self.sleep_level == 0 else f"engines sleep at level {self.sleep_level}")
+                + f", optimizer offload {'on' if self.offload_optimizer else 'off'}, "
                 f"CUDA graphs {'on' if self.cuda_graphs else 'off'}")
 
 
@@ -118,16 +126,20 @@ def _training(shape: ModelShape, plan: TrainingPlan, lm_head: bool) -> Estimate:
     return est
 
 
-def _forward(shape: ModelShape, tokens: int, lm_head: bool) -> float:
-    """A forward pass without gradients: one layer's intermediates at a time, and the logits."""
+def _forward(shape: ModelShape, tokens: int, lm_head: bool, logits: str = "full") -> float:
+    """A forward pass without gradients: one layer's intermediates at a time, and the logits
+    (``full``: the whole row's; ``labelled``: a chunk of positions at a time)."""
     layer = tokens * shape.activation_bytes_per_token_layer("full")
     if not lm_head:
         return layer
-    return layer + tokens * shape.vocab * INFERENCE_LOGITS_BYTES + LOGPROB_CHUNK_TEMPORARIES
+    kept = tokens * shape.vocab * INFERENCE_LOGITS_BYTES if logits == "full" else 0.0
+    return layer + kept + LOGPROB_CHUNK_TEMPORARIES
 
 
-def phases(setup: ColocatedSetup, offload_optimizer: bool, cuda_graphs: bool) -> dict[str, dict[str, float]]:
-    """Bytes per part of each phase on rank 0's GPU (see the module doc)."""
+def phases(setup: ColocatedSetup, offload_optimizer: bool, cuda_graphs: bool,
+           sleep: bool = True) -> dict[str, dict[str, float]]:
+    """Bytes per part of each phase on rank 0's GPU (see the module doc); ``sleep``: whether the
+    engines sleep outside generation, else they keep their whole share throughout."""
     plan = setup.training
     tokens = plan.seq * plan.micro_batch
     capacity = plan.gpu_memory_gib * GiB
@@ -144,40 +156,46 @@ def phases(setup: ColocatedSetup, offload_optimizer: bool, cuda_graphs: bool) ->
     trainers = {"policy": policy} | ({"critic": critic} if critic else {})
     contexts = {"CUDA contexts": CUDA_RESERVE * (len(trainers) + len(frozen))}  # the engine's is in its share
     graphs = CUDA_GRAPHS if cuda_graphs else 0.0
-    asleep = {"vLLM asleep": ENGINE_ASLEEP + graphs}
+    awake = {"vLLM": setup.engine_fraction * capacity + graphs}
+    resting = {"vLLM asleep": ENGINE_ASLEEP + graphs} if sleep else awake  # the engine outside generation
 
     generate = {name: resident(est, offload_optimizer) for name, est in trainers.items()}
-    generate |= frozen | {"vLLM": setup.engine_fraction * capacity + graphs} | contexts
+    generate |= frozen | awake | contexts
 
-    score = {"policy": resident(policy, False) + _forward(setup.policy, tokens, lm_head=True)}
+    score = {"policy": resident(policy, False) + _forward(setup.policy, tokens, lm_head=True, logits=plan.logits)}
     if critic:
         score["critic"] = resident(critic, False) + _forward(setup.critic, tokens, lm_head=False)
     for name, shape in (("reference", setup.reference), ("reward model", setup.reward)):
         if shape is not None:
-            score[name] = frozen[name] + _forward(shape, tokens, lm_head=name == "reference")
-    score |= asleep | contexts
+            score[name] = frozen[name] + _forward(shape, tokens, lm_head=name == "reference", logits=plan.logits)
+    score |= resting | contexts
 
     # The policy trains, then the critic; each beside the other's resident state. The frozen
     # models returned their forward blocks after scoring.
     train = {"policy": policy.training_peak, "critic": resident(critic, False)}
     if critic and critic.training_peak + resident(policy, False) > policy.training_peak + resident(critic, False):
         train = {"policy": resident(policy, False), "critic": critic.training_peak}
-    train = {k: v for k, v in train.items() if k in trainers} | frozen | asleep | contexts
+    train = {k: v for k, v in train.items() if k in trainers} | frozen | resting | contexts
 
     export = 2.0 * setup.policy.params if setup.export_whole_model else min(setup.bucket_bytes, 2.0 * setup.policy.params)
     sync = {name: resident(est, offload_optimizer) for name, est in trainers.items()}
-    sync |= {"exported weights": export} | frozen | {"vLLM weights": 2.0 * setup.policy.params} | asleep | contexts
+    engine = {"vLLM weights": 2.0 * setup.policy.params} | resting if sleep else awake  # awake: inside its share
+    sync |= {"exported weights": export} | frozen | engine | contexts
     return {"generate": generate, "score": score, "train": train, "sync": sync}
 
 
 def plan_colocated(setup: ColocatedSetup, offload_optimizer: bool | None = None,
-                   enforce_eager: bool | None = None) -> ColocatedPlan:
+                   enforce_eager: bool | None = None, sleep: bool | None = None) -> ColocatedPlan:
     """The first plan that fits, trying the levers the config leaves open (None) in the module
-    doc's order; when none fits, the one with every open lever pulled."""
+    doc's order; when none fits, the one with every open lever pulled. Offloading the optimizer
+    only helps engines that sleep (awake, theirs is the peak in every phase)."""
+    sleeps = [False, True] if sleep is None else [sleep]
     offloads = [False, True] if offload_optimizer is None else [offload_optimizer]
     graphs = [True, False] if enforce_eager is None else [not enforce_eager]
-    plans = [ColocatedPlan(setup, offload, cuda_graphs, phases(setup, offload, cuda_graphs))
-             for cuda_graphs in graphs for offload in offloads]
+    plans = [ColocatedPlan(setup, offload, cuda_graphs, phases(setup, offload, cuda_graphs, asleep),
+                           sleep_level=2 if asleep else 0)
+             for cuda_graphs in graphs for asleep in sleeps for offload in offloads
+             if asleep or not offload or sleep is False]
     return next((p for p in plans if p.fits), plans[-1])
 
 
@@ -218,7 +236,7 @@ def refusal(plan: ColocatedPlan, stage_key: str) -> str:
     if "score" in over or "train" in over:
         def fits_with(tokens: int) -> bool:
             trial = replace(setup, training=replace(setup.training, seq=tokens, micro_batch=1))
-            sums = phases(trial, plan.offload_optimizer, plan.cuda_graphs)
+            sums = phases(trial, plan.offload_optimizer, plan.cuda_graphs, plan.sleep_level != 0)
             return max(sum(sums["score"].values()), sum(sums["train"].values())) <= cap
 
         tokens = _largest_fitting(range(256, setup.training.seq * setup.training.micro_batch, 256), fits_with)
@@ -226,6 +244,8 @@ def refusal(plan: ColocatedPlan, stage_key: str) -> str:
             fixes.append(f"{stage_key}.max_tokens_per_micro_batch <= {tokens}")
         if not setup.training.grad_ckpt and "train" in over:
             fixes.append(f"{stage_key}.gradient_checkpointing=true")
+    if plan.sleep_level == 0:
+        fixes.append("resources.colocate_sleep=true")
     fixes.append("resources.colocate=false (the rollout workers on GPUs of their own)")
     also = [f"{p} {plan.total(p) / GiB:.1f}" for p in over if p != plan.peak_phase]
     return (f"colocated memory plan needs {plan.peak / GiB:.1f} GiB per GPU but the GPU has {cap / GiB:.1f} GiB{tried}: "

@@ -82,12 +82,16 @@ class ResourcesConfig(Strict):
     reward: RoleResources = RoleResources()  # reward-model workers (RL stages with a reward model)
     critic: RoleResources = RoleResources()  # value-model trainers (PPO)
     # Trainer, reference and rollout engines share the trainer's GPUs; vLLM sleeps while the
-    # trainer works, so a single-GPU machine runs every recipe.
+    # trainer works where memory needs it, so a single-GPU machine runs every recipe.
     colocate: bool = False
     # Colocated RL: move the trainers' optimizer states (Adam moments, fp32 master weights) to host
     # memory while the engines generate, and back before the update. null: when the stage's memory
     # plan needs it (it costs a copy each way per step).
     colocate_offload_optimizer: bool | None = None
+    # Colocated RL: the engines sleep (release their share of the GPU) while the trainers work.
+    # null: only when the stage's memory plan needs it; with room for both, they stay awake and a
+    # step pays for no sleep, wake or cache release.
+    colocate_sleep: bool | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Seconds to wait for a placement group before failing with what was asked for.
     placement_timeout_s: float = Field(120, gt=0)

@@ -42,6 +42,7 @@ LOGITS_BYTES = 10  # per token x vocab entry, bf16 logits (2) + fp32 copy (4) + 
 # than the CPU profile above. 12.35 came from an H200 validation run whose result file was withdrawn
 # (edited by hand), so it is unvalidated until benchmarks/memory_validation.py runs again.
 LOGITS_BYTES_CUDA = 12.35
+LABELLED_CHUNK_TOKENS = 1024  # training/labelled_logps.py's CHUNK_TOKENS (not imported: no torch here)
 CUDA_RESERVE = 1.0 * GiB  # CUDA context, cuBLAS workspaces, allocator slack: outside max_memory_allocated
 DS_BUCKET = 5e8  # DeepSpeed's reduce_bucket_size (elements): bf16 gradients in flight under ZeRO-2
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights, 8-bit absmax per 64, fp32 absmax per 256 blocks
@@ -152,6 +153,10 @@ class TrainingPlan:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     gpu_memory_gib: float = 80.0
     vllm_fraction: float = 0.0  # share of the GPU a colocated vLLM engine takes when awake
+    # full: the loss sees the whole [tokens x vocabulary] logits; labelled: the output head runs on
+    # a chunk of labelled positions at a time (training/labelled_logps.py), so one chunk's logits
+    # and their float32 work are live at once.
+    logits: Literal["full", "labelled"] = "full"
 
 
 @dataclass
@@ -238,7 +243,7 @@ def estimate(shape: ModelShape, plan: TrainingPlan) -> Estimate:
     else:
         activations = tokens * per_layer * shape.layers
     activations += tokens * shape.activation_bytes_outside_layers(plan.method)
-    logits = tokens * shape.vocab * LOGITS_BYTES_CUDA
+    logits = (tokens if plan.logits == "full" else min(tokens, LABELLED_CHUNK_TOKENS)) * shape.vocab * LOGITS_BYTES_CUDA
 
     est = Estimate(plan, shape)
     est.parts = {"weights": weights, "gradients": bf16_grads + fp32_grads, "optimizer states": optimizer,

@@ -15,12 +15,21 @@ One step, as the RL loop drives it (``rayalign.colocated_memory`` sums what each
 
 On CUDA every phase ends by reading each GPU group's peaks since the previous phase (torch's
 reserved bytes per role, and the device's used bytes, which include vLLM's own pool).
+When the memory plan has room for the engines' whole share beside everything else
+(``sleep_level`` 0), they stay awake: steps 1 and 4 shrink to the weight load, and no process
+returns its cached blocks (the frozen models still do after scoring: the plan counts only their
+weights while the policy trains).
+
 Apart from the sync and the memory readings, everything here is a no-op when nothing is colocated.
+Each operation's seconds are summed per step (``take_seconds``), so a step's cost of sharing the
+GPU is measured, not guessed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
+from collections import defaultdict
 
 from rayalign.cluster.worker_group import WorkerGroup
 from rayalign.memory import GiB
@@ -38,7 +47,24 @@ class Colocation:
         self.timeout_s, self.colocated = timeout_s, colocated
         self.offload = colocated and offload_optimizer
         self.sleep_level = sleep_level
+        self.sleeps = colocated and sleep_level > 0  # else the engines stay awake between steps
         self.gpu_roles = gpu_roles or {}  # role name -> group, for the groups with GPUs
+        self.seconds: dict[str, float] = defaultdict(float)  # operation -> seconds since take_seconds
+
+    @contextlib.contextmanager
+    def _timed(self, operation: str):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[operation] += time.monotonic() - started
+
+    def take_seconds(self) -> dict[str, float]:
+        """Seconds spent in each sharing operation (sleep, wake, release, offload, reload) since the
+        last call, as ``colocation/<operation>_s`` metrics."""
+        out = {f"colocation/{op}_s": v for op, v in self.seconds.items()}
+        self.seconds.clear()
+        return out
 
     def _each(self, groups: list[WorkerGroup], call) -> None:
         """``call`` on every actor of ``groups`` at once (they are independent processes)."""
@@ -47,22 +73,29 @@ class Colocation:
             group.wait(refs, self.timeout_s)
 
     def _release(self, groups: list[WorkerGroup]) -> None:
-        self._each(groups, lambda a, r: a.release_memory.remote())
+        with self._timed("release"):
+            self._each(groups, lambda a, r: a.release_memory.remote())
 
     def _offload(self) -> None:
         if self.offload:
-            self._each(self.trainers, lambda a, r: a.offload_states.remote())
+            with self._timed("offload"):
+                self._each(self.trainers, lambda a, r: a.offload_states.remote())
 
     def _reload(self) -> None:
         if self.offload:
-            self._each(self.trainers, lambda a, r: a.reload_states.remote())
+            with self._timed("reload"):
+                self._each(self.trainers, lambda a, r: a.reload_states.remote())
+
+    def _wake(self, tags: list[str] | None) -> None:
+        with self._timed("wake"):
+            self.engines.run(lambda a, r: a.wake_up.remote(tags), self.timeout_s)
 
     def wake_all(self) -> None:
         """Engines fully awake (start of the run), after the others returned their cached blocks."""
         if self.colocated:
             self._release(self.trainers + self.frozen)
             self._offload()
-            self.engines.run(lambda a, r: a.wake_up.remote(None), self.timeout_s)
+            self._wake(None)
 
     @contextlib.contextmanager
     def states_on_gpu(self):
@@ -72,8 +105,9 @@ class Colocation:
         self._offload()
 
     def after_generate(self) -> None:
-        if self.colocated:
-            self.engines.run(lambda a, r: a.sleep.remote(self.sleep_level), self.timeout_s)
+        if self.sleeps:
+            with self._timed("sleep"):
+                self.engines.run(lambda a, r: a.sleep.remote(self.sleep_level), self.timeout_s)
 
     def before_score(self) -> None:
         self._reload()
@@ -84,14 +118,14 @@ class Colocation:
 
     def sync_weights(self) -> SyncStats:
         """The trained weights into the engines, waking them in two steps when colocated."""
-        if not self.colocated:
+        if not self.sleeps:
             return self.sync.sync()
         self._release(self.trainers + self.frozen)
         self._offload()
-        self.engines.run(lambda a, r: a.wake_up.remote(WEIGHTS), self.timeout_s)
+        self._wake(WEIGHTS)
         stats = self.sync.sync()
         self._release(self.trainers[:1])  # the policy's exported copy of its weights
-        self.engines.run(lambda a, r: a.wake_up.remote(KV_CACHE), self.timeout_s)
+        self._wake(KV_CACHE)
         return stats
 
     def phase_memory(self, phase: str) -> dict[str, float]:

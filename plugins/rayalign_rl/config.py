@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from rayalign.errors import ConfigError
 from rayalign.rewards import reward_options
+from rayalign.training.labelled_logps import LogitsMode
 from rayalign.training.loop import TrainingConfig
 from rayalign_rl.advantages import stage_estimator
 
@@ -92,6 +93,7 @@ class RLConfig(TrainingConfig):
     eval_prompts: int = Field(64, ge=1, description="held-out prompts evaluated (at most)")
     eval_fraction: float | None = Field(None, ge=0, lt=1, description="share of the prompts held out for the "
                                         "evaluations (null: `data.eval_fraction`)")
+    logits: LogitsMode = "auto"
     sync_bucket_mb: int = Field(256, ge=1, description="weight-sync bucket size")
     lr: float = Field(1e-6, gt=0, description="policy learning rate")
     min_lr_ratio: float = Field(1.0, ge=0, le=1, description="1.0: constant after warmup (RL's usual schedule)")

@@ -110,7 +110,7 @@ class RLLoop:
         opt_steps = cfg.steps * cfg.ppo_epochs * max(1, -(-tokens // cfg.max_tokens_per_micro_batch) // (n * ga))
         loss, value_loss = rl_losses(ctx.plugins.losses, cfg, f"stages[{ctx.index}].{ctx.name}")
         self.policy_objective = PolicyObjective(loss, kl_in_loss=cfg.kl_in == "loss" and cfg.kl_coef > 0,
-                                                temperature=cfg.temperature)
+                                                temperature=cfg.temperature, logits=cfg.logits)
         self.policy = start_trainers(ctx, placement["trainer"], cfg.spec(model, opt_steps, ctx.run.seed),
                                      self.policy_objective)
         self.groups.append(self.policy)
@@ -138,6 +138,8 @@ class RLLoop:
             self.engines, [g for g in (self.policy, self.critic) if g is not None],
             [g for g in (self.reference, self.reward_model) if g is not None], self.sync, self.timeouts.step_s,
             colocated=self.colocated, offload_optimizer=self.plan is not None and self.plan.offload_optimizer,
+            # without a plan (GPU memory unknown) the engines sleep: the safe choice
+            sleep_level=self.plan.sleep_level if self.plan is not None else 2,
             gpu_roles={role: g for role, g in roles.items() if g is not None and placement[role].num_gpus > 0})
 
     def _group(self, role: str, cls, placement: dict[str, Placement], args) -> WorkerGroup:
@@ -268,7 +270,7 @@ class RLLoop:
         self.policy.run(lambda a, r: a.load_batches.remote(data), self.timeouts.step_s)
         if self.critic is not None:
             self.critic.run(lambda a, r: a.load_batches.remote(data), self.timeouts.step_s)
-        forward, ref_logps = PolicyForward(cfg.temperature), TokenLogps(cfg.temperature)
+        forward, ref_logps = PolicyForward(cfg.temperature, cfg.logits), TokenLogps(cfg.temperature, cfg.logits)
         passes = [self._start_per_episode(self.policy, rows, lambda a, ids: a.compute.remote(forward, ids),
                                           ["old_logps", "entropy", "raw_logps"])]
         if self.reference is not None:
@@ -294,7 +296,7 @@ class RLLoop:
         t["sync"] = time.monotonic() - clock
         memory |= self.gpu.phase_memory("sync")
         self._log_rollouts(step, prompts, episodes)
-        return self.metrics(episodes, stale, t, sync, policy_metrics, critic_metrics) | memory
+        return self.metrics(episodes, stale, t, sync, policy_metrics, critic_metrics) | memory | self.gpu.take_seconds()
 
     def update(self, step: int, rows: list[PackedRow], episodes: list[Episode]) -> tuple[dict, dict]:
         """``ppo_epochs`` passes of clipped updates over the rows, for the policy (and critic)."""
@@ -392,9 +394,9 @@ class RLLoop:
         """Every step from the last checkpoint (or the start); returns (history, evaluations)."""
         rel = self.ctx.run.reliability
         store = CheckpointStore(self.ctx.checkpoint_dir, rel.keep_checkpoints, self.ctx.log)
-        state = self.restore(store)
         self.gpu.wake_all()  # asleep since start-up, while the trainers took their GPU memory
-        self.gpu.phase_memory("start")  # the peaks of start-up are no phase's
+        state = self.restore(store)
+        self.gpu.phase_memory("start")  # the peaks of start-up (and of a restore) are no phase's
         if not state.extra:
             state.extra = {"evals": [self.evaluate(0)], "version": 0}
         self._open_rollouts(state.extra.get("rollouts_bytes", 0))

@@ -37,7 +37,10 @@ def colocated_plan(run, cfg, model: str, reward_model: str | None, where: str,
         reward = ModelShape.from_dir(Path(reward_model).expanduser()) if _local(reward_model) else policy
     setup = ColocatedSetup(
         policy=policy,
-        training=replace(plan_for_stage(cfg, run, capacity), vllm_fraction=0.0),
+        # The RL passes run the output head on answer tokens only, a chunk at a time, unless
+        # the stage asks for full logits (rayalign_rl.objectives).
+        training=replace(plan_for_stage(cfg, run, capacity), vllm_fraction=0.0,
+                         logits="full" if cfg.logits == "full" else "labelled"),
         engine_fraction=res.rollout.gpu_memory_utilization,
         max_model_len=res.rollout.max_model_len,
         reference=policy if cfg.kl_coef > 0 else None,
@@ -46,7 +49,7 @@ def colocated_plan(run, cfg, model: str, reward_model: str | None, where: str,
         export_whole_model=res.weight_sync_transport == "cuda_ipc",
         bucket_bytes=cfg.sync_bucket_mb << 20,
     )
-    plan = plan_colocated(setup, res.colocate_offload_optimizer, res.rollout.enforce_eager)
+    plan = plan_colocated(setup, res.colocate_offload_optimizer, res.rollout.enforce_eager, res.colocate_sleep)
     if not plan.fits:
         raise ConfigError(where, refusal(plan, where))
     return plan
@@ -54,4 +57,4 @@ def colocated_plan(run, cfg, model: str, reward_model: str | None, where: str,
 
 def with_cuda_graphs(plan: ColocatedPlan) -> ColocatedPlan:
     """The same plan with CUDA graphs on (to say how far from fitting it was)."""
-    return plan_colocated(plan.setup, plan.offload_optimizer, enforce_eager=False)
+    return plan_colocated(plan.setup, plan.offload_optimizer, enforce_eager=False, sleep=plan.sleep_level != 0)

@@ -3,6 +3,12 @@
 Functions here travel to the worker actors (``compute``/``score``/``setup``); each returns a
 tuple of [1, T-1] tensors aligned with the shifted labels. Per-token inputs in a batch
 (``old_logps``, ``advantages``, ...) are [1, T] in label alignment, hence the ``[:, 1:]``.
+
+``logits`` (the stage option) picks how the output head runs. ``full``: the model's logits at every
+position of the packed row. ``labelled`` (``auto`` on a GPU): the head only at answer positions, a
+chunk at a time (``rayalign.training.labelled_logps``), so neither the [tokens x vocabulary] logits
+nor their float32 copies exist at once; a 16k-token row of a 152k vocabulary otherwise holds tens
+of GB in the update's forward and backward. Both give the same values (tests/test_rl_objectives.py).
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rayalign.training.labelled_logps import (
+    chunk_logps, at_positions, label_targets, labelled_logits, labelled_token_logps, wants_labelled)
 from rayalign.training.losses import IGNORE_INDEX, Loss, shifted_token_logps
 from rayalign.training.scores import token_scores
 
@@ -41,8 +49,11 @@ class TokenLogps:
     the tempered one, and TRL's GRPO scores every log-prob that way too."""
 
     temperature: float = 1.0
+    logits: str = "auto"
 
     def __call__(self, model, batch) -> tuple[torch.Tensor]:
+        if wants_labelled(self.logits, batch):
+            return (tempered_logps(model, batch, self.temperature)[0],)
         logits, labels = _logits(model, batch), batch["labels"]
         return (torch.cat([shifted_token_logps(logits[:, s : e + 1] / self.temperature, labels[:, s : e + 1])[0]
                            for s, e in _chunks(logits)], dim=1),)
@@ -55,8 +66,11 @@ class PolicyForward:
     so what the sync check compares."""
 
     temperature: float = 1.0
+    logits: str = "auto"
 
     def __call__(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if wants_labelled(self.logits, batch):
+            return self._labelled(model, batch)
         logits, labels = _logits(model, batch), batch["labels"]
         logps, entropy, raw = [], [], []
         for s, e in _chunks(logits):
@@ -67,6 +81,29 @@ class PolicyForward:
             all_logps = F.log_softmax(tempered[:, :-1].float(), dim=-1)
             entropy.append(-(all_logps.exp() * all_logps).sum(-1))
         return torch.cat(logps, dim=1), torch.cat(entropy, dim=1), torch.cat(raw, dim=1)
+
+    def _labelled(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        targets, mask, positions = label_targets(batch)
+        kept = targets[:, positions].masked_fill(~mask[:, positions], 0)
+        logps, entropy, raw = [], [], []
+        for start, end, logits in labelled_logits(model, batch):
+            tgt = kept[:, start:end]
+            raw.append(chunk_logps(logits, tgt))
+            logps.append(chunk_logps(logits, tgt, self.temperature))
+            all_logps = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+            entropy.append(-(all_logps.exp() * all_logps).sum(-1))
+        keep = mask[:, positions]
+        length = targets.size(1)
+        return tuple(at_positions(torch.cat(parts, dim=1) * keep, positions, length)
+                     for parts in (logps, entropy, raw))
+
+
+def tempered_logps(model, batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``shifted_token_logps(logits / temperature, labels)`` by way of the labelled path: the
+    answer tokens' log-probs laid back into [B, T-1] (zeros elsewhere), and their mask."""
+    scored = labelled_token_logps(model, batch, temperature=temperature)
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    return at_positions(scored.logps, scored.positions, mask.size(1)), mask
 
 
 def token_values(model, batch) -> tuple[torch.Tensor]:
@@ -83,6 +120,7 @@ class PolicyObjective:
     loss: Loss  # family `policy`
     kl_in_loss: bool = False
     temperature: float = 1.0
+    logits: str = "auto"
 
     def count(self, batch) -> torch.Tensor:
         """Answer tokens (token_mean) or answers (sequence_mean): the micro-batch's share of a step,
@@ -95,7 +133,10 @@ class PolicyObjective:
         return float(self.count(batch))
 
     def __call__(self, model, batch):
-        logps, mask = shifted_token_logps(_logits(model, batch) / self.temperature, batch["labels"])
+        if wants_labelled(self.logits, batch):
+            logps, mask = tempered_logps(model, batch, self.temperature)
+        else:
+            logps, mask = shifted_token_logps(_logits(model, batch) / self.temperature, batch["labels"])
         ref = batch["ref_logps"][:, 1:] if self.kl_in_loss else None
         loss, metrics = self.loss(logps, batch["old_logps"][:, 1:], batch["advantages"][:, 1:], mask, ref,
                                   batch["sequence_ids"][:, 1:])

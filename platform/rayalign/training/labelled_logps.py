@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -71,19 +71,25 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(hf_model(model).forward).parameters
 
 
-def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def chunk_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(logits / temperature)[..., target]`` in float32, for logits [..., V] and targets [...]."""
     logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def token_logps_of(logits: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
-    """``log softmax(logits)[target]`` for [N, V] logits and [N] targets, ``chunk`` rows at a time;
-    with gradients on, each chunk is checkpointed (its fp32 work is redone in backward, not kept)."""
+def token_logps_of(logits: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK_TOKENS,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(logits / temperature)[target]`` for [N, V] logits and [N] targets, ``chunk``
+    rows at a time; with gradients on, each chunk is checkpointed (its fp32 work is redone in
+    backward, not kept)."""
     save = torch.is_grad_enabled() and logits.requires_grad
     parts = []
     for start in range(0, logits.size(0), chunk):
         rows, tgt = logits[start:start + chunk], targets[start:start + chunk]
-        parts.append(checkpoint(_chunk_logps, rows, tgt, use_reentrant=False) if save else _chunk_logps(rows, tgt))
+        parts.append(checkpoint(chunk_logps, rows, tgt, temperature, use_reentrant=False) if save
+                     else chunk_logps(rows, tgt, temperature))
     return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
 
 
@@ -95,40 +101,67 @@ def label_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return targets, mask, positions
 
 
-def _head_chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return _chunk_logps(head(hidden), targets)
+def _head_chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    return chunk_logps(head(hidden), targets, temperature)
 
 
 def head_token_logps(split: SplitModel, hidden: torch.Tensor, targets: torch.Tensor,
-                     chunk: int = CHUNK_TOKENS) -> torch.Tensor:
-    """``log softmax(head(hidden))[target]`` for [N, H] hidden states and [N] targets, ``chunk`` rows
-    at a time; with gradients on, each chunk (head included) is checkpointed."""
+                     chunk: int = CHUNK_TOKENS, temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(head(hidden) / temperature)[target]`` for [N, H] hidden states and [N] targets,
+    ``chunk`` rows at a time; with gradients on, each chunk (head included) is checkpointed."""
     save = torch.is_grad_enabled() and (hidden.requires_grad or split.head.weight.requires_grad)
     parts = []
     for start in range(0, hidden.size(0), chunk):
         rows, tgt = hidden[start:start + chunk], targets[start:start + chunk]
-        parts.append(checkpoint(_head_chunk_logps, split.head, rows, tgt, use_reentrant=False) if save
-                     else _head_chunk_logps(split.head, rows, tgt))
+        parts.append(checkpoint(_head_chunk_logps, split.head, rows, tgt, temperature, use_reentrant=False) if save
+                     else _head_chunk_logps(split.head, rows, tgt, temperature))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def labelled_token_logps(model, batch: dict, chunk: int = CHUNK_TOKENS) -> LabelledLogps:
-    """Run ``model`` on a (packed) batch and score the labelled tokens, as described above."""
+def labelled_token_logps(model, batch: dict, chunk: int = CHUNK_TOKENS, temperature: float = 1.0) -> LabelledLogps:
+    """Run ``model`` on a (packed) batch and score the labelled tokens, as described above, under
+    ``softmax(logits / temperature)`` (RL scores the tempered distribution it sampled from)."""
     targets, mask, positions = label_targets(batch)
     kept_targets, kept_mask = targets[:, positions], mask[:, positions]
     safe = kept_targets.masked_fill(~kept_mask, 0).reshape(-1)
     split = split_output_head(model)
     if split is not None:
         hidden = split.hidden_states(batch)[:, positions]  # [B, K, H]
-        flat = head_token_logps(split, hidden.reshape(-1, hidden.size(-1)), safe, chunk)
+        flat = head_token_logps(split, hidden.reshape(-1, hidden.size(-1)), safe, chunk, temperature)
         return LabelledLogps(flat.view(kept_mask.shape) * kept_mask, kept_mask, positions)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     if _accepts_logits_to_keep(model):
         logits = model(**inputs, logits_to_keep=positions).logits  # [B, K, V]
     else:
         logits = model(**inputs).logits[:, positions]
-    flat = token_logps_of(logits.reshape(-1, logits.size(-1)), safe, chunk)
+    flat = token_logps_of(logits.reshape(-1, logits.size(-1)), safe, chunk, temperature)
     return LabelledLogps(flat.view(kept_mask.shape) * kept_mask, kept_mask, positions)
+
+
+def labelled_logits(model, batch: dict, chunk: int = CHUNK_TOKENS) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Without gradients: ``(start, end, logits)`` for consecutive slices of the labelled positions
+    (``label_targets(batch)[2][start:end]``), ``logits`` [B, end - start, V] computed a slice at a
+    time, for passes that need more of the distribution than the labels' log-probs (entropy)."""
+    positions = label_targets(batch)[2]
+    split = split_output_head(model)
+    if split is not None:
+        hidden = split.hidden_states(batch)[:, positions]
+        for start in range(0, positions.numel(), chunk):
+            yield start, min(start + chunk, positions.numel()), split.head(hidden[:, start:start + chunk])
+        return
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if _accepts_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=positions).logits
+    else:
+        logits = model(**inputs).logits[:, positions]
+    for start in range(0, positions.numel(), chunk):
+        yield start, min(start + chunk, positions.numel()), logits[:, start:start + chunk]
+
+
+def at_positions(values: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, K] values at ``positions`` laid into zeros of [B, length] (gradients flow to ``values``)."""
+    return values.new_zeros(values.size(0), length).index_copy(1, positions, values)
 
 
 def labelled_sequence_logps(model, batch: dict, num_sequences: int,
