@@ -7,7 +7,8 @@ Order of work, so that bad input costs nothing:
 2. resolve the base model and let every stage load and check its data (``prepare``); each
    stage's ``prepare`` sees what the stages before it declare they produce (``Stage.produces``),
    so a misspelt name of an earlier stage's dataset or model fails here too;
-3. only then create the output directory, connect to Ray and run the stages.
+3. only then create the output directory, connect to Ray, check that every node imports the
+   plugins the run uses (``cluster.plugin_check``), and run the stages.
 Each stage writes into a hidden temporary directory renamed to ``NN-<stage>`` on success, so an
 output directory never holds half a stage. With ``resume: true`` finished stages are skipped.
 The run's experiment trackers (``trackers:``, ``rayalign.tracking``) get every training step and
@@ -36,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from rayalign import telemetry, tracking
+from rayalign.cluster.plugin_check import PluginModule, check_nodes_import, modules_in_use
 from rayalign.config import RunConfig, check_output_dir, validate_stages
 from rayalign.data.validation import DataChecks, Policy, data_checks
 from rayalign.errors import ConfigError, PluginError, RayalignError
@@ -72,20 +74,21 @@ def run_pipeline(cfg: RunConfig, plugins: PluginManager | None = None, source: s
     setup_logging()
     check_output_dir(cfg.output_dir)  # first: a refused output_dir costs no work
     plugins = plugins or get_plugin_manager()
-    entries = validate_stages(cfg, plugins.stages, source)
-    for i, entry in enumerate(entries):
-        check_registered(entry.config, plugins, f"stages[{i}].{entry.name}")
-    trackers = tracking.build_trackers(plugins, cfg, source)
-    stages = [plugins.stages.get(e.name, where=f"stages[{i}]")(e.config) for i, e in enumerate(entries)]
-    artifacts = Artifacts(model=resolve_model(cfg))
-    # Each stage's datasets follow data.bad_records; what they skipped lands in its metrics.
-    checks = [DataChecks(Policy.of(cfg.data)) for _ in stages]
-    declared = []  # per stage, what it declares it returns by name
-    for i, stage in enumerate(stages):
-        with data_checks(checks[i]):
-            stage.prepare(cfg, plugins, artifacts, i)
-        declared.append(stage.produces())
-        artifacts.will_produce += declared[-1]
+    with plugins.recording_use() as used:  # every node must import these: checked once Ray is up
+        entries = validate_stages(cfg, plugins.stages, source)
+        for i, entry in enumerate(entries):
+            check_registered(entry.config, plugins, f"stages[{i}].{entry.name}")
+        trackers = tracking.build_trackers(plugins, cfg, source)
+        stages = [plugins.stages.get(e.name, where=f"stages[{i}]")(e.config) for i, e in enumerate(entries)]
+        artifacts = Artifacts(model=resolve_model(cfg))
+        # Each stage's datasets follow data.bad_records; what they skipped lands in its metrics.
+        checks = [DataChecks(Policy.of(cfg.data)) for _ in stages]
+        declared = []  # per stage, what it declares it returns by name
+        for i, stage in enumerate(stages):
+            with data_checks(checks[i]):
+                stage.prepare(cfg, plugins, artifacts, i)
+            declared.append(stage.produces())
+            artifacts.will_produce += declared[-1]
 
     check_training_memory(cfg, entries, artifacts.model, log)  # a GPU plan that cannot fit stops here
     out = Path(cfg.output_dir).expanduser().resolve()
@@ -103,14 +106,15 @@ def run_pipeline(cfg: RunConfig, plugins: PluginManager | None = None, source: s
     run_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(run_log)
     try:
-        return _run_stages(cfg, plugins, out, created, entries, stages, artifacts, checks, trackers, declared)
+        return _run_stages(cfg, plugins, out, created, entries, stages, artifacts, checks, trackers, declared,
+                           modules_in_use(plugins, used))
     finally:
         log.removeHandler(run_log)
         run_log.close()
 
 
 def _run_stages(cfg, plugins, out: Path, created: bool, entries, stages, artifacts: Artifacts, checks,
-                trackers: list[tracking.LoadedTracker], declared: list[Produces]) -> Path:
+                trackers: list[tracking.LoadedTracker], declared: list[Produces], modules: list[PluginModule]) -> Path:
     from rayalign.cluster.runtime import Cluster, connect
 
     connect()
@@ -118,6 +122,7 @@ def _run_stages(cfg, plugins, out: Path, created: bool, entries, stages, artifac
     summary: dict = {"stages": []}
     current, started = "", time.time()
     try:
+        check_nodes_import(modules, cfg.timeouts.worker_start_s)  # a plugin missing on a node: one line, no work done
         # Trackers finish before the cleanup below, so none writes into a directory being removed.
         with tracking.session(trackers, out, cfg.model_dump(mode="json")):
             for i, (entry, stage) in enumerate(zip(entries, stages)):

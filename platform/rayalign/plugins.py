@@ -19,9 +19,11 @@ one blamed, since its names are what the documentation and recipes promise.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
@@ -36,6 +38,8 @@ DISABLE_ENV = "RAYALIGN_DISABLE_PLUGINS"
 # A plugin module may declare the hookspec versions it supports, e.g. RAYALIGN_HOOKSPEC = ">=1,<2".
 VERSION_ATTRIBUTE = "RAYALIGN_HOOKSPEC"
 BUILTIN_PACKAGE = "rayalign"  # the distribution whose entry points are the built-in plugins
+# Kinds whose code runs only in the driver process: a plugin that provides only these need not be on the workers.
+DRIVER_ONLY = ("tracker",)
 
 log = logging.getLogger("rayalign")
 
@@ -68,11 +72,13 @@ class PluginInfo:
 class Registry(Generic[T]):
     """Name -> item, remembering which plugin registered each one."""
 
-    def __init__(self, kind: str, broken: Callable[[], list[PluginInfo]] = list):
+    def __init__(self, kind: str, broken: Callable[[], list[PluginInfo]] = list,
+                 on_get: Callable[[str, str], None] | None = None):
         self.kind = kind
         self._items: dict[str, T] = {}
         self.owner: dict[str, str] = {}
         self._broken = broken
+        self._on_get = on_get  # told the owning plugin of every name looked up (PluginManager.recording_use)
 
     def add(self, name: str, item: T, plugin: str) -> None:
         if name in self._items:
@@ -84,13 +90,16 @@ class Registry(Generic[T]):
 
     def get(self, name: str, where: str) -> T:
         try:
-            return self._items[name]
+            item = self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items)) or "none"
             message = f"no plugin provides {self.kind} {name!r} (known: {known})"
             for info in self._broken():
                 message += f"; plugin {info.name!r} (package {info.package}) is broken: {info.error}"
             raise ConfigError(where, message) from None
+        if self._on_get is not None:
+            self._on_get(self.kind, self.owner[name])
+        return item
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
@@ -146,6 +155,7 @@ class PluginManager:
         self._pm.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
         self._registries: dict[str, Registry] | None = None
+        self._in_use: set[str] | None = None  # while recording_use: the plugins whose names were looked up
         if load_entry_points:
             self._load_entry_points()
         for plugin in extra_plugins:
@@ -207,7 +217,8 @@ class PluginManager:
     def _collect_all(self) -> dict[str, Registry]:
         """Run every plugin's ``register_*`` hooks in one pass, so that a plugin set aside by one hook
         loses what its other hooks registered, whichever registry a caller asks for first."""
-        registries = {attr: Registry(kind, broken=lambda: self.broken) for attr, (_, kind) in _REGISTRIES.items()}
+        registries = {attr: Registry(kind, broken=lambda: self.broken, on_get=self._used)
+                      for attr, (_, kind) in _REGISTRIES.items()}
         for attr, (hook_name, _) in _REGISTRIES.items():
             registry = registries[attr]
             for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
@@ -263,6 +274,28 @@ class PluginManager:
         info = self.info.get(plugin) or PluginInfo(plugin, "?", "?")
         self._set_aside(plugin, info.package, info.version, reason)
         self.info[plugin].hooks = info.hooks  # still listed, so `rayalign plugins` shows what it tried
+
+    def _used(self, kind: str, plugin: str) -> None:
+        if self._in_use is not None and kind not in DRIVER_ONLY:
+            self._in_use.add(plugin)
+
+    @contextlib.contextmanager
+    def recording_use(self) -> Iterator[set[str]]:
+        """The plugins whose stages, losses, rewards, ... are looked up by name inside the block:
+        those a run uses, which every node of the cluster must be able to import."""
+        self._in_use = used = set()
+        try:
+            yield used
+        finally:
+            self._in_use = None
+
+    def module_of(self, plugin: str) -> str | None:
+        """The name of the module a plugin's entry point loaded (None for a plugin passed in code)."""
+        info = self.info.get(plugin)
+        obj = self._pm.get_plugin(plugin)
+        if info is None or not info.installed or obj is None:
+            return None
+        return obj.__name__ if isinstance(obj, types.ModuleType) else getattr(obj, "__module__", None)
 
     def _registry(self, attr: str) -> Registry:
         if self._registries is None:

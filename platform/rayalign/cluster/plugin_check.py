@@ -1,0 +1,96 @@
+"""Before any work: every node of the Ray cluster can import the plugins the run uses.
+
+A plugin installed only where the job was submitted imports on the driver, so the config checks
+pass, and would otherwise be found missing only when an actor on another node fails to unpickle a
+loss or a stage's object, deep in a traceback. One tiny task per alive node, pinned there with
+``NodeAffinitySchedulingStrategy``, tries the imports under the job's runtime environment (what
+``ray job submit --runtime-env-json`` ships reaches it too), and the first failure stops the run
+with one line naming the node, the plugin and how to ship it.
+
+Third-party plugins are imported in full (a missing dependency of theirs counts). The built-in
+plugins ship inside rayalign itself, so for them finding the module is enough; importing them
+would load torch and vLLM in every probe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rayalign.errors import PluginError
+
+
+@dataclass(frozen=True)
+class PluginModule:
+    plugin: str  # entry-point name
+    package: str  # distribution that provides it
+    module: str  # what the entry point loads
+    full_import: bool  # import it, rather than only find it
+
+
+def modules_in_use(plugins: Any, used: set[str]) -> list[PluginModule]:
+    """The modules of the installed plugins in ``used`` (plugins passed in code have none)."""
+    out = []
+    for name in sorted(used):
+        module = plugins.module_of(name)
+        if module is not None:
+            info = plugins.info[name]
+            out.append(PluginModule(name, info.package, module, full_import=not info.builtin))
+    return out
+
+
+def how_to_ship(item: PluginModule) -> str:
+    if item.package == "rayalign":
+        return "install rayalign on every node (the image: see deploy/)"
+    top = item.module.split(".")[0]
+    return (f"ship it with the job (ray job submit --runtime-env-json '{{\"py_modules\": [\"<path to {top}>\"]}}', "
+            f"or '{{\"pip\": [\"{item.package}\"]}}') or install it in the image of every node")
+
+
+def check_nodes_import(modules: list[PluginModule], timeout_s: float) -> None:
+    """Raise PluginError, in one line, when some alive node cannot import one of ``modules``."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not modules:
+        return
+    # Defined here, so that cloudpickle ships the function by value: a node without rayalign can
+    # still run it and report that rayalign itself is missing.
+    def probe(wanted: list[tuple[str, bool]]) -> list[tuple[str, str]]:
+        """On one node: (module, error) for each module that does not import there."""
+        import importlib
+        import importlib.util
+
+        failed = []
+        for module, full in wanted:
+            try:
+                if full:
+                    importlib.import_module(module)
+                elif importlib.util.find_spec(module) is None:
+                    raise ModuleNotFoundError(f"No module named {module!r}")
+            except Exception as exc:  # any failure to import is the finding, whatever its kind
+                failed.append((module, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+        return failed
+
+    remote_probe = ray.remote(num_cpus=0, max_retries=0)(probe)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    wanted = [(m.module, m.full_import) for m in modules]
+    refs = [remote_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+                                 name="rayalign-plugin-import-check").remote(wanted) for n in nodes]
+    by_module = {m.module: m for m in modules}
+    for node, ref in zip(nodes, refs):
+        where = f"node {node.get('NodeManagerAddress', '?')} ({node['NodeID'][:8]})"
+        try:
+            failed = ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise PluginError(modules[0].plugin, f"{where} did not answer the plugin import check within "
+                              f"{timeout_s:.0f}s (timeouts.worker_start_s)") from None
+        except ray.exceptions.RayError as exc:  # the task could not even start there
+            detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise PluginError(modules[0].plugin, f"{where} could not run the plugin import check: {detail}") from None
+        if failed:
+            module, error = failed[0]
+            item = by_module[module]
+            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise PluginError(f"{item.plugin} ({item.package})", f"{where} cannot import {module}: {error}{more}; "
+                              f"every node needs the plugins a run uses: {how_to_ship(item)}")
