@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from rayalign.data.jsonl import iter_jsonl
+
 # Curves over optimizer steps: one chart per group and stage, a line per key the history has.
 CURVES: dict[str, tuple[str, ...]] = {
     "loss": ("loss",),
@@ -105,10 +107,8 @@ def read_samples(path: Path, by: str | None = None) -> dict[str, dict[str, dict[
     """The first sample per prompt, keyed by the prompt's text, in file order; grouped by the
     value of field ``by`` (an evaluation's ``model``), or all in group ""."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out.setdefault(str(row.get(by, "")) if by else "", {}).setdefault(prompt_text(row.get("prompt")), row)
+    for row in iter_jsonl(path):
+        out.setdefault(str(row.get(by, "")) if by else "", {}).setdefault(prompt_text(row.get("prompt")), row)
     return out
 
 

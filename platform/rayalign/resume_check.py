@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rayalign.data.file_hash import content_hash, dataset_files
+from rayalign.data.jsonl import write_jsonl
 from rayalign.errors import ConfigError
 
 FINGERPRINT = "fingerprint.json"
@@ -92,8 +93,7 @@ def check_resume(out: Path, cfg, allow: list[str], log) -> None:
                           "original ones, or list the safe changes in resume.allow_changes")
     if changed:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": {k: [before.get(k), now.get(k)] for k in changed}}
-        with (out / CHANGES).open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        write_jsonl(out / CHANGES, [record], append=True)
         log.info("resume: allowed changes recorded in %s: %s", out / CHANGES, ", ".join(changed))
 
 

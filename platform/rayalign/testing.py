@@ -22,6 +22,7 @@ import pytest
 
 from rayalign.config import RunConfig
 from rayalign.plugins import PluginManager
+from rayalign.data.jsonl import read_jsonl
 
 
 def tiny_model(seed: int = 0) -> str:
@@ -109,7 +110,7 @@ def assert_model_dir(path: str | Path) -> None:
 
 def assert_jsonl(path: str | Path, fields: list[str], min_rows: int = 1) -> list[dict]:
     """A JSONL artifact whose every row has ``fields``; returns the rows."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     assert len(rows) >= min_rows, f"{path}: {len(rows)} rows, expected at least {min_rows}"
     for i, row in enumerate(rows):
         missing = [f for f in fields if f not in row]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 from pydantic import BaseModel, ConfigDict
 
 from rayalign.errors import ConfigError
+from rayalign.data.jsonl import iter_jsonl
 
 if TYPE_CHECKING:
     from rayalign.config import RunConfig
@@ -150,13 +152,7 @@ def _cell(value: Any) -> Any:
 
 def read_table(path: Path, limit: int = MAX_TABLE_ROWS) -> list[dict[str, Any]]:
     """The first ``limit`` rows of a JSONL file, nested values as JSON text, every row with every key."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if len(rows) >= limit:
-                break
-            if line.strip():
-                rows.append({k: _cell(v) for k, v in json.loads(line).items()})
+    rows = [{k: _cell(v) for k, v in row.items()} for row in itertools.islice(iter_jsonl(path), limit)]
     keys = list(dict.fromkeys(k for row in rows for k in row))
     return [{k: row.get(k) for k in keys} for row in rows]
 

@@ -21,6 +21,7 @@ from rayalign.data.filters import Example, build_filters
 from rayalign.data.sources import load_now, load_produced
 from rayalign.errors import DataError
 from rayalign.stage import Produces, Stage, StageConfig, StageResult
+from rayalign.data.jsonl import write_jsonl
 
 from rayalign_curate.dedup import Deduplicator
 from rayalign_curate.filters import REFUSAL_PATTERNS
@@ -187,8 +188,7 @@ class CurateStage(Stage):
             if held:
                 datasets[f"{cfg.output}_{split}"] = f"{cfg.output}_{split}{suffix}"
                 _write(ctx.work_dir / datasets[f"{cfg.output}_{split}"], held)
-        with open(ctx.work_dir / "dropped.jsonl", "w") as fh:
-            fh.writelines(json.dumps(row) + "\n" for row in dropped)
+        write_jsonl(ctx.work_dir / "dropped.jsonl", dropped)
 
         stats = conversation_stats(mixed, self._length_fn(ctx), cfg.refusal_patterns)
         warning = refusal_warning(stats["refusal_share"], cfg.refusal_target, cfg.refusal_tolerance)
@@ -269,5 +269,4 @@ def _write(path: Path, examples: list[Example]) -> None:
 
         pq.write_table(pa.Table.from_pylist(list(rows)), path)
         return
-    with open(path, "w") as fh:
-        fh.writelines(json.dumps(row) + "\n" for row in rows)
+    write_jsonl(path, rows)

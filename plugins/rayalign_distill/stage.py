@@ -20,6 +20,7 @@ from rayalign.errors import ConfigError, DataError
 from rayalign.rollout.vllm_engine import Sampling
 from rayalign.sampling import sample_completions
 from rayalign.stage import Produces, Stage, StageConfig, StageResult
+from rayalign.data.jsonl import write_jsonl
 
 from rayalign_distill.prompts import chat_prompt, cut_at_next_question, pick_shots, shots_from_chat, text_prompt
 
@@ -140,8 +141,7 @@ class DistillStage(Stage):
         if not rows:
             raise DataError(f"stages[{ctx.index}].distill", f"the teacher kept no answer ({dropped['truncated']} cut at "
                             f"max_tokens={cfg.max_tokens}, {dropped['too_short']} shorter than min_chars)")
-        with open(ctx.work_dir / f"{cfg.output}.jsonl", "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        write_jsonl(ctx.work_dir / f"{cfg.output}.jsonl", rows)
         provenance = {"teacher": teacher, "format": cfg.format, "system": cfg.system,
                       "template": cfg.text_template if cfg.format == "text" else "teacher chat template",
                       "shots": cfg.shots, "shot_selection": cfg.shot_selection, "examples": cfg.examples,

@@ -26,7 +26,8 @@ from rayalign.data.chat import tokenize_completion
 from rayalign.data.datasets import load_records, split
 from rayalign.data.packing import collate_packed, group_by_tokens
 from rayalign.data.sources import data_keys, dataset_path
-from rayalign.data.validation import within_max_length
+from rayalign.data.readers import jsonl_rows
+from rayalign.data.validation import RecordProblem, within_max_length
 from rayalign.errors import ConfigError, DataError
 from rayalign.stage import Stage, StageResult
 from rayalign.training.labelled_logps import LogitsMode, labelled_sequence_logps, wants_labelled
@@ -130,15 +131,9 @@ def unlikelihood_flags(path: str | None) -> set[int]:
     """Line numbers of the pairs JSONL records marked ``"unlikelihood": true`` (bad lines are not)."""
     if path is None or path.startswith("synthetic:"):
         return set()
-    flagged = set()
-    with open(path, "rb") as fh:  # lines as the loader counts them; bytes that are not UTF-8 are a bad record
-        for lineno, line in enumerate(fh, start=1):
-            try:
-                if json.loads(line).get("unlikelihood", False):
-                    flagged.add(lineno)
-            except (ValueError, AttributeError):
-                pass  # a bad record: the loader named and counted it
-    return flagged
+    # Lines as the loader counts them; a bad record is not flagged (the loader named and counted it).
+    return {lineno for _, lineno, record in jsonl_rows(path)
+            if not isinstance(record, RecordProblem) and record.get("unlikelihood", False)}
 
 
 class DPOStage(Stage):

@@ -34,6 +34,7 @@ from rayalign.evaluation.text import distinct_n, rep_n, words
 from rayalign.rollout.vllm_engine import Sampling
 from rayalign.sampling import sample_completions
 from rayalign.stage import Produces, Stage, StageConfig, StageResult
+from rayalign.data.jsonl import write_jsonl
 
 from rayalign_eval import compare
 from rayalign_eval.benchmarks import QAItem, load_choices, load_qa
@@ -147,8 +148,8 @@ class EvaluateModelStage(Stage):
             choices += choice_rows
             sheet_answers[label] = answers
 
-        _write_jsonl(ctx.work_dir / "generations.jsonl", generations)
-        _write_jsonl(ctx.work_dir / "choices.jsonl", choices)
+        write_jsonl(ctx.work_dir / "generations.jsonl", generations)
+        write_jsonl(ctx.work_dir / "choices.jsonl", choices)
         (ctx.work_dir / "samples.md").write_text(sample_sheet(sheet, sheet_answers))
         all_rows = compare.merge(compare.earlier_rows(ctx.artifacts.lineage, self.name), rows)
         lines = compare.table(all_rows)
@@ -258,8 +259,3 @@ def sample_sheet(prompts: list[list[dict]], answers: dict[str, dict[str, str]]) 
         for label, by_prompt in answers.items():
             lines += [f"**{label}**: {by_prompt.get(_key(prompt), '-')}", ""]
     return "\n".join(lines)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)

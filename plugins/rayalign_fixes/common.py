@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import Field
 
+from rayalign.data.jsonl import read_jsonl, write_jsonl  # noqa: F401  (the fixes stages import them from here)
 from rayalign.errors import ConfigError, DataError
 from rayalign.evaluation.detectors import Sample, build_detectors
 from rayalign.evaluation.references import KnowledgeBase, load_knowledge
@@ -59,20 +59,6 @@ def knowledge_input(ctx: StageContext, value: str | None, where: str) -> Knowled
     if value == "knowledge" and value not in ctx.artifacts.datasets:
         return None  # the mine stage ran without a knowledge base
     return load_knowledge(resolve_input(ctx, value, where), ctx.run.seed)
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    n = 0
-    with open(path, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-            n += 1
-    return n
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def read_samples(path: str) -> list[tuple[Sample, dict]]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import Field
 
 from rayalign.data.chat import tokenize_prompt
 from rayalign.data.datasets import held_out_prompts, load_records, prompts_from_chat, split
+from rayalign.data.jsonl import write_jsonl
 from rayalign.metrics import build_metrics
 from rayalign.rollout.vllm_engine import Sampling
 from rayalign.sampling import sample_completions
@@ -63,9 +63,7 @@ class GenerateStage(Stage):
         rows = [{"prompt": p["prompt"], "completion": c.text, "reference": p.get("reference"),
                  "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids)}
                 for p, cs in zip(self.prompts, answers) for c in cs]
-        with open(ctx.work_dir / "generations.jsonl", "w") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
+        write_jsonl(ctx.work_dir / "generations.jsonl", rows)
         prompts_text = [row["prompt"][-1]["content"] for row in rows]
         completions = [row["completion"] for row in rows]
         references = [row["reference"] for row in rows]

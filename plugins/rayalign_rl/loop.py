@@ -30,7 +30,7 @@ import ray
 from rayalign import telemetry
 from rayalign.cluster.worker_group import Placement, WorkerGroup
 from rayalign.colocated_memory import ColocatedPlan
-from rayalign.rollout.sharding import generate_sharded
+from rayalign.rollout.sharding import generate_sharded, round_robin
 from rayalign.rollout.vllm_engine import Sampling, engine_config
 from rayalign.rollout.weight_sync import WeightSync
 from rayalign.stage import StageContext
@@ -67,8 +67,7 @@ class RewardFn:
     options: dict
 
 
-def _shards(n_items: int, n_ranks: int) -> list[list[int]]:
-    return [list(range(n_items))[r::n_ranks] for r in range(n_ranks)]
+_shards = round_robin  # the rollout engines' sharding, for the reward-model and log-prob passes too
 
 
 class RLLoop:

@@ -48,7 +48,7 @@ def open_dataset(path: str | Path) -> OpenedDataset:
     if p.is_file():
         if p.suffix == ".parquet":
             return _parquet([p])
-        return OpenedDataset(Origin("jsonl", (name,)), "line", lambda: _jsonl_rows(name))
+        return OpenedDataset(Origin("jsonl", (name,)), "line", lambda: jsonl_rows(name))
     if p.is_dir():
         if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
             return _arrow_dataset(_load_from_disk(p), name, "arrow")
@@ -93,7 +93,9 @@ def parse_line(data: bytes, lineno: int) -> dict[str, Any]:
     return record
 
 
-def _jsonl_rows(path: str) -> Iterator[Row]:
+def jsonl_rows(path: str) -> Iterator[Row]:
+    """(path, line number, record or the ``RecordProblem`` that makes it none) for each non-blank
+    line: the one parser of a user's JSONL, which every reader of one goes through."""
     with open(path, "rb") as fh:  # bytes: one undecodable line is a bad record, not a crash of the file
         for lineno, data in enumerate(fh, start=1):
             if not data.strip():

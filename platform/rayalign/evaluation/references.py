@@ -29,12 +29,12 @@ Both files fail on load, before any work, with one line naming the file, line, i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rayalign.data.formats import as_messages, decode_line
+from rayalign.data.formats import as_messages
+from rayalign.data.readers import jsonl_rows
 from rayalign.data.validation import RecordProblem
 from rayalign.errors import DataError
 
@@ -92,20 +92,10 @@ def _read_jsonl(source: str, seed: int) -> list[tuple[str, dict]]:
     if not path.exists():
         raise DataError(source, "file does not exist")
     out = []
-    with path.open("rb") as fh:  # a line that is not UTF-8 fails naming its line, not as a traceback
-        for lineno, data in enumerate(fh, start=1):
-            if not data.strip():
-                continue
-            where = f"{source}:{lineno}"
-            try:
-                record = json.loads(decode_line(data, lineno))
-            except RecordProblem as exc:
-                raise DataError(where, str(exc)) from None
-            except json.JSONDecodeError as exc:
-                raise DataError(where, f"malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(where, "expected a JSON object")
-            out.append((where, record))
+    for _, lineno, record in jsonl_rows(str(path)):  # a bad line fails naming it, not as a traceback
+        if isinstance(record, RecordProblem):
+            raise DataError(f"{source}:{lineno}", str(record))
+        out.append((f"{source}:{lineno}", record))
     if not out:
         raise DataError(source, "no records in the file")
     return out

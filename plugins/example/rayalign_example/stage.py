@@ -7,12 +7,11 @@ metrics and artifacts. The pipeline handles output directories, lineage and resu
 
 from __future__ import annotations
 
-import json
-
 import ray
 from pydantic import Field
 
 from rayalign.data.datasets import load_records, prompts_from_chat, split
+from rayalign.data.jsonl import write_jsonl
 from rayalign.stage import Produces, Stage, StageConfig, StageResult
 
 
@@ -68,9 +67,8 @@ class RewardEvalStage(Stage):
             sum(w * fn(q, c, reference=r) for fn, w in self.rewards.values())
             for q, c, r in zip(questions, completions, references)
         ]
-        with open(ctx.work_dir / "scored.jsonl", "w") as fh:
-            for q, c, r, s in zip(questions, completions, references, scores):
-                fh.write(json.dumps({"prompt": q, "completion": c, "reference": r, "reward": s}) + "\n")
+        write_jsonl(ctx.work_dir / "scored.jsonl", ({"prompt": q, "completion": c, "reference": r, "reward": s}
+                                                    for q, c, r, s in zip(questions, completions, references, scores)))
         metrics = {m.name: m.compute(questions, completions, references) for m in self.metrics}
         metrics["mean_reward"] = sum(scores) / len(scores)
         ctx.log.info("[%s] mean reward %.3f over %d prompts", ctx.name, metrics["mean_reward"], len(scores))
