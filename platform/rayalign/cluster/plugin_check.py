@@ -14,10 +14,13 @@ would load torch and vLLM in every probe.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from rayalign.errors import PluginError
+
+log = logging.getLogger("rayalign")
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,5 @@ def check_nodes_import(modules: list[PluginModule], timeout_s: float) -> None:
             more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
             raise PluginError(f"{item.plugin} ({item.package})", f"{where} cannot import {module}: {error}{more}; "
                               f"every node needs the plugins a run uses: {how_to_ship(item)}")
+    log.info("plugins the run uses import on all %d node(s): %s", len(nodes),
+             ", ".join(f"{m.plugin} ({m.module})" for m in modules))
