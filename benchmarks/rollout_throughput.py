@@ -3,7 +3,7 @@ what each suspected cause of the gap costs.
 
     PYTHONPATH=platform:plugins python benchmarks/rollout_throughput.py --shape 0.5b --out $OUT
     PYTHONPATH=platform:plugins python benchmarks/rollout_throughput.py --shape 0.5b --out $OUT \\
-        --sides raw_vllm_inproc,rayalign_eager,rayalign_4cpu,rayalign_mp --name rollout_causes
+        --sides raw_vllm_inproc,rayalign_eager,rayalign_4cpu,rayalign_inproc --name rollout_causes
     PYTHONPATH=platform:plugins python benchmarks/rollout_throughput.py --dry-run --out /tmp/bench  # CPU
 
 Sides (each in its own process, one after the other, so each has the GPU to itself):
@@ -11,7 +11,8 @@ Sides (each in its own process, one after the other, so each has the GPU to itse
 * ``raw_vllm``: ``vllm.LLM(...)`` in the process, ``llm.generate`` on token-id prompts (vLLM's
   defaults: the engine core in a child process, text detokenized);
 * ``rayalign``: what the RL stages run, with the stages' own defaults: ``RolloutResources()``
-  (one CPU per rollout actor, ``enforce_eager`` null: CUDA graphs on a GPU) in a ``WorkerGroup``,
+  (one CPU per rollout actor, ``enforce_eager`` null: CUDA graphs on a GPU, ``engine_core`` auto:
+  vLLM's engine core in a child process of the actor on a GPU) in a ``WorkerGroup``,
   prompts sharded and regathered by ``rollout.sharding.generate_sharded`` (flat arrays through
   Ray, token ids only: the RL loop decodes text itself). The same actor then times two call
   variants on the same engine, each undoing one change: ``detokenize`` (vLLM detokenizes every
@@ -21,12 +22,12 @@ Sides (each in its own process, one after the other, so each has the GPU to itse
 and one side per remaining suspect, each differing from ``rayalign`` in that one thing:
 
 * ``raw_vllm_inproc``: raw vLLM with the engine core in the calling process
-  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which rayalign's adapter sets so weight updates reach the
-  model directly): scheduling and output processing then share one thread;
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): scheduling and output processing then share one thread
+  with the model's steps;
 * ``rayalign_eager``: ``enforce_eager=True`` (the stages' engine setting before);
 * ``rayalign_4cpu``: 4 CPUs (so ``OMP_NUM_THREADS`` and torch's threads) per rollout actor, not 1;
-* ``rayalign_mp``: the engine core in a child process of the actor, as raw vLLM runs it
-  (generation only: rayalign's weight sync needs the model in the actor's process).
+* ``rayalign_inproc``: ``engine_core: in_process``, the engine core in the actor's own process (the
+  stages' setting before).
 
 Matched: model, prompts (``--prompts`` random-id prompts of ``--prompt-len`` tokens), sampling
 (temperature, top_p, ``--max-tokens``, ``--logprobs``; random weights rarely emit EOS),
@@ -108,7 +109,7 @@ def run_raw(args, in_process: bool = False) -> dict:
             **timed(generate, p["repeats"])}
 
 
-def run_rayalign(args, *, eager: bool | None = None, cpus: int | None = None, child_process: bool = False,
+def run_rayalign(args, *, eager: bool | None = None, cpus: int | None = None, engine_core: str = "auto",
                  variants: tuple[str, ...] = ("default",)) -> dict:
     """The stages' rollout path; keyword arguments each change one stage default."""
     from rayalign.cluster.runtime import Cluster
@@ -123,22 +124,22 @@ def run_rayalign(args, *, eager: bool | None = None, cpus: int | None = None, ch
     common.start_ray(p["engines"] if on_gpu else None)
     rollout = {"num_workers": p["engines"], "num_gpus": 1 if on_gpu else 0,
                "gpu_memory_utilization": p["gpu_memory_utilization"], "max_model_len": p["max_model_len"],
-               "dtype": "bfloat16", "enforce_eager": eager if eager is not None else p["enforce_eager"]}
+               "dtype": "bfloat16", "enforce_eager": eager if eager is not None else p["enforce_eager"],
+               "engine_core": engine_core}
     if cpus is not None:
         rollout["num_cpus"] = cpus
     resources = ResourcesConfig.model_validate({"rollout": rollout})
     engine = engine_config(resources.rollout, model, args.seed)
     threads = int(resources.rollout.num_cpus)
     with Cluster(resources).reserve("bench", ["rollout"]) as placement:
-        if child_process:
-            placement["rollout"].env_vars["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         started = time.perf_counter()
         group = WorkerGroup("bench/rollout", RolloutWorker, placement["rollout"], lambda r: (engine, threads))
         try:
             group.run(lambda a, r: a.ping.remote(), 900)
             load = time.perf_counter() - started
             out = {"engine_load_s": load, "enforce_eager": group.run(lambda a, r: a.enforce_eager.remote(), 60)[0],
-                   "actor_cpus": threads, "engine_in_process": not child_process, "variants": {}}
+                   "actor_cpus": threads, "engine_core": group.run(lambda a, r: a.engine_core.remote(), 60)[0],
+                   "variants": {}}
             for name in variants:
                 flat, detokenize = CALL_VARIANTS[name]
                 sampling = Sampling(n=1, temperature=p["temperature"], top_p=p["top_p"], max_tokens=p["max_tokens"],
@@ -167,7 +168,7 @@ SIDES = {
     "raw_vllm_inproc": lambda a: run_raw(a, in_process=True),
     "rayalign_eager": lambda a: run_rayalign(a, eager=True),
     "rayalign_4cpu": lambda a: run_rayalign(a, cpus=4),
-    "rayalign_mp": lambda a: run_rayalign(a, child_process=True),
+    "rayalign_inproc": lambda a: run_rayalign(a, engine_core="in_process"),
 }
 HEADLINE = "raw_vllm,rayalign"
 

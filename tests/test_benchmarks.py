@@ -150,8 +150,8 @@ def test_rollout_dry_run(tmp_path):
         assert "error" not in side, side.get("stderr_tail")
         # every prompt's answer came back in each timed call (a tiny vocabulary samples EOS now and then)
         assert len(side["output_tokens"]) == 2 and all(0.9 * 16 * 32 <= n <= 16 * 32 for n in side["output_tokens"])
-    # The stages' defaults: one CPU per actor, engine core in the actor, enforce_eager null (eager on CPU).
-    assert ours["actor_cpus"] == 1 and ours["engine_in_process"] and ours["enforce_eager"] is True
+    # The stages' defaults on CPU: one CPU per actor, engine core in the actor, eager.
+    assert ours["actor_cpus"] == 1 and ours["engine_core"] == "in_process" and ours["enforce_eager"] is True
     assert set(ours["variants"]) == {"default", "detokenize", "objects"}
     assert result["summary"]["vs_raw_vllm"] > 0
     assert set(result["summary"]["cause_vs_rayalign"]) == {"rayalign+detokenize", "rayalign+objects"}

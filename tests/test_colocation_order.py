@@ -248,7 +248,9 @@ class FakeLLM:
         self.calls.append(("wake_up", tags))
 
     def collective_rpc(self, fn, args=()):
-        self.calls.append(("load", len(list(args[0]))))
+        (call,) = args  # the adapter sends (function, its arguments) as one object
+        self.calls.append(("load", len(list(call.args[0]))))
+        return [None]
 
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache", None))
@@ -258,7 +260,7 @@ def gpu_engine() -> VLLMEngine:
     """The adapter as on a GPU (its sleep logic only runs there), over a recording LLM."""
     engine = VLLMEngine.__new__(VLLMEngine)
     engine.config = EngineConfig(model="m", enable_sleep_mode=True)
-    engine.cpu, engine.enforce_eager, engine.weights_version = False, False, 0
+    engine.cpu, engine.enforce_eager, engine.weights_version, engine.model_in_process = False, False, 0, True
     engine._asleep, engine._weights_lost, engine._llm = set(), False, FakeLLM()
     return engine
 

@@ -84,13 +84,14 @@ def _training_rows(tokenizer) -> list[dict]:
 class Actors:
     """One trainer and one engine in a placement group, torn down by ``close``."""
 
-    def __init__(self, name: str, model: str, tokenizer, lora: LoraSpec | None, lr: float, resources: dict | None = None):
+    def __init__(self, name: str, model: str, tokenizer, lora: LoraSpec | None, lr: float, resources: dict | None = None,
+                 engine_core: str = "auto"):
         resources = resources or LAYOUTS[0].values[1]
         self.cluster = Cluster(ResourcesConfig.model_validate(resources))
         self.reservation = self.cluster.reserve(name, ["trainer", "rollout"])
         placement = self.reservation.__enter__()
         engine = EngineConfig(model=model, dtype="float32", gpu_memory_utilization=0.15 if GPUS == 0 else 0.3,
-                              max_model_len=512)
+                              max_model_len=512, engine_core=engine_core)
         self.engines = WorkerGroup(f"{name}/rollout", RolloutWorker, placement["rollout"], lambda r: (engine, 1))
         self.trainers = WorkerGroup(f"{name}/trainer", TrainerWorker, placement["trainer"], lambda r: (r, 1, 1))
         master = self.trainers.run(lambda a, r: a.free_address.remote(), 120)[0]
@@ -151,32 +152,50 @@ def test_after_a_sync_vllm_samples_from_the_trained_policy(ray_cluster, tiny_mod
     actors = Actors(f"sync-{'lora' if lora else 'full'}-{transport}", tiny_model_path, tokenizer, lora, lr=5e-3,
                     resources=resources)
     try:
-        before = actors.sample(prompts)
-        assert {e.weights_version for e in before} == {0}
-        actors.train(3)
-        sync = WeightSync(actors.trainers, actors.engines, timeout_s=120, bucket_bytes=1 << 20, transport=transport)
-        stats = sync.sync()
-        assert stats.version == 1 and sync.version == 1 and stats.transport == transport
-        assert stats.buckets > 1  # bucketed: the ~6 MB model in 1 MiB buckets
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_path).parameters())
-        assert stats.bytes == 4 * n_params  # every weight, fp32, LoRA merged into its base shape
-
-        after = actors.sample(prompts)
-        assert {e.weights_version for e in after} == {1}
-        vllm = [e.vllm_logps for e in after]
-        trainer = actors.trainer_logps(after)
-        base = _base_logps(tiny_model_path, after)
-        diff, moved = _max_diff(vllm, trainer), _max_diff(trainer, base)
-        ratio = float(np.mean(np.exp(np.concatenate(trainer) - np.concatenate(vllm))))
-        print(f"{transport} {'lora' if lora else 'full'}: {stats.seconds:.3f}s, max |vLLM - trainer| = {diff:.2e}, max |trainer - base| = {moved:.2e}, "
-              f"mean ratio = {ratio:.6f}")
-        assert diff < TOLERANCE
-        assert abs(ratio - 1) < TOLERANCE
-        # The engine serves the trained policy: the base model would give clearly different numbers.
-        assert moved > 100 * TOLERANCE
-        assert _max_diff(vllm, base) > 100 * TOLERANCE
+        _train_sync_and_compare(actors, tiny_model_path, prompts, transport, "lora" if lora else "full")
     finally:
         actors.close()
+
+
+def test_an_engine_core_in_the_other_process_syncs_the_same_way(ray_cluster, tiny_model_path, tokenizer, prompts):
+    """``engine_core: auto`` keeps vLLM's engine core in the rollout actor on CPU and puts it in a
+    child process on a GPU; this runs the other placement with the same checks: the weights then
+    reach the model through vLLM's RPC into the other process."""
+    transport, resources = LAYOUTS[0].values
+    other = "child" if GPUS == 0 else "in_process"
+    actors = Actors(f"sync-{other}", tiny_model_path, tokenizer, None, lr=5e-3, resources=resources, engine_core=other)
+    try:
+        assert actors.engines.run(lambda a, r: a.engine_core.remote(), 30) == [other]
+        _train_sync_and_compare(actors, tiny_model_path, prompts, transport, other)
+    finally:
+        actors.close()
+
+
+def _train_sync_and_compare(actors: Actors, tiny_model_path: str, prompts, transport: str, label: str) -> None:
+    before = actors.sample(prompts)
+    assert {e.weights_version for e in before} == {0}
+    actors.train(3)
+    sync = WeightSync(actors.trainers, actors.engines, timeout_s=120, bucket_bytes=1 << 20, transport=transport)
+    stats = sync.sync()
+    assert stats.version == 1 and sync.version == 1 and stats.transport == transport
+    assert stats.buckets > 1  # bucketed: the ~6 MB model in 1 MiB buckets
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_path).parameters())
+    assert stats.bytes == 4 * n_params  # every weight, fp32, LoRA merged into its base shape
+
+    after = actors.sample(prompts)
+    assert {e.weights_version for e in after} == {1}
+    vllm = [e.vllm_logps for e in after]
+    trainer = actors.trainer_logps(after)
+    base = _base_logps(tiny_model_path, after)
+    diff, moved = _max_diff(vllm, trainer), _max_diff(trainer, base)
+    ratio = float(np.mean(np.exp(np.concatenate(trainer) - np.concatenate(vllm))))
+    print(f"{transport} {label}: {stats.seconds:.3f}s, max |vLLM - trainer| = {diff:.2e}, max |trainer - base| = {moved:.2e}, "
+          f"mean ratio = {ratio:.6f}")
+    assert diff < TOLERANCE
+    assert abs(ratio - 1) < TOLERANCE
+    # The engine serves the trained policy: the base model would give clearly different numbers.
+    assert moved > 100 * TOLERANCE
+    assert _max_diff(vllm, base) > 100 * TOLERANCE
 
 
 def test_a_hung_engine_fails_the_sync_with_its_name(ray_cluster, tiny_model_path, tokenizer):

@@ -73,6 +73,10 @@ class RolloutResources(RoleResources):
     # two longer to start), eager on CPU. A colocated RL stage turns graphs off only when its memory
     # plan needs the graphs' pool, and says so in the log. true: eager everywhere.
     enforce_eager: bool | None = None
+    # Where vLLM's engine core runs: child (its own process, vLLM's default: scheduling overlaps
+    # the GPU's work), in_process (the rollout actor's: starts faster), auto: child on GPUs,
+    # in_process on CPU (docs/performance.md, row c, has the measurements).
+    engine_core: Literal["auto", "in_process", "child"] = "auto"
 
 
 class ResourcesConfig(Strict):

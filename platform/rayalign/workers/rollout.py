@@ -22,34 +22,25 @@ class RolloutWorker(Worker):
         """Whether the engine runs without CUDA graphs (what ``EngineConfig.enforce_eager`` resolved to)."""
         return self.engine.enforce_eager
 
+    def engine_core(self) -> str:
+        """Where vLLM's engine core runs: ``in_process`` (this actor) or ``child``."""
+        return "in_process" if self.engine.model_in_process else "child"
+
     def update_weights(self, transport: str, payload: list, version: int) -> int:
         """Load the trainer's weights, bucket by bucket, then switch to ``version``. ``payload`` is
         what the transport needs: object-store refs, CUDA IPC handles, or the NCCL layouts.
         Returns the bytes loaded."""
         from rayalign.rollout import weight_sync as ws
 
-        loaded = [0]
-        source = {
-            "object_store": lambda: ws.from_object_store(payload),
-            "cuda_ipc": lambda: ws.from_cuda_ipc(payload),
-            "nccl": lambda: ws.from_nccl(self._sync_comm, payload),
-        }[transport]()
-
-        def counted():
-            for name, tensor in source:
-                loaded[0] += tensor.numel() * tensor.element_size()
-                yield name, tensor
-
-        self.engine.load_weights(counted())
+        transport, payload = ws.resolve_for_worker(transport, payload, self.engine.model_in_process)
+        loaded = self.engine.load_weights_with(ws.load_in_worker, transport, payload)
         self.engine.finish_weight_update(version)
-        return loaded[0]
+        return loaded
 
     def join_sync_group(self, host: str, port: int, rank: int, world_size: int) -> None:
-        import torch
+        from rayalign.rollout.weight_sync import join_in_worker
 
-        from rayalign.rollout.weight_sync import nccl_group
-
-        self._sync_comm = nccl_group(host, port, rank, world_size, torch.device("cuda", 0))
+        self.engine.run_in_worker(join_in_worker, host, port, rank, world_size)
 
     def sleep(self, level: int = 1) -> None:
         self.engine.sleep(level)
