@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from rayalign.config import RunConfig
+from rayalign.plugins import get_plugin_manager
 from rayalign.rollout.vllm_engine import CompletionBatch, EngineConfig, VLLMEngine
 from rayalign.rollout.weight_sync import WeightSync
 from rayalign_rl.colocation import Colocation
@@ -132,7 +133,8 @@ def make_loop(tmp_path, tokenizer, *, colocated: bool, offload: bool, sleep_leve
     log: list = []
     cfg = GRPOConfig(prompts_per_step=2, num_generations=2, max_new_tokens=6, kl_coef=0.04, grad_accum=1)
     loop = RLLoop.__new__(RLLoop)
-    loop.ctx = SimpleNamespace(run=RunConfig(), name="grpo", log=logging.getLogger("rayalign"))
+    loop.ctx = SimpleNamespace(run=RunConfig(), name="grpo", index=0, plugins=get_plugin_manager(),
+                               log=logging.getLogger("rayalign"))
     loop.cfg, loop.timeouts, loop.colocated, loop.plan = cfg, RunConfig().timeouts, colocated, None
     loop.train = [Prompt([{"role": "user", "content": f"{k} + 1?"}], str(k + 1), [5, 6, 7 + k]) for k in range(4)]
     loop.held_out, loop.rewards = [], [RewardFn("exact_match", 1.0, exact_match, {})]
