@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from rayalign.colocated_memory import (CUDA_GRAPHS, PHASES, ColocatedSetup, phases, plan_colocated, refusal)
+from rayalign.colocated_memory import (AWAKE_HEADROOM, CUDA_GRAPHS, PHASES, ColocatedSetup, phases, plan_colocated,
+                                       refusal)
 from rayalign.errors import ConfigError
 from rayalign.memory import GiB, ModelShape, TrainingPlan
 
@@ -31,10 +32,14 @@ def setup(name="0.5b", tokens=16384, gib=H200_GIB, fraction=0.3, logits="full", 
                           engine_fraction=fraction, max_model_len=528, **kw)
 
 
-@pytest.mark.parametrize("name", ["0.5b", "1.5b"])
-def test_the_grpo_benchmark_settings_fit_an_h200_awake(name):
+def test_the_grpo_benchmark_settings_fit_an_h200_awake_at_05b_and_asleep_at_15b():
     # benchmarks/grpo_step.py: 16k-token rows, vLLM's share 0.3, no reference (kl_coef 0), and the
-    # RL passes' chunked output head: room for the engine's whole share in every phase.
+    # RL passes' chunked output head. 1.5B would fit awake, but not with AWAKE_HEADROOM to spare.
+    large = plan_colocated(setup("1.5b", logits="labelled"))
+    assert large.fits and large.sleep_level == 2 and large.cuda_graphs and not large.offload_optimizer
+    awake = plan_colocated(setup("1.5b", logits="labelled"), sleep=False)
+    assert awake.fits and awake.peak * AWAKE_HEADROOM > awake.capacity
+    name = "0.5b"
     plan = plan_colocated(setup(name, logits="labelled"))
     assert plan.fits and plan.cuda_graphs and not plan.offload_optimizer and plan.sleep_level == 0
     for phase in PHASES:
@@ -67,14 +72,19 @@ def test_every_role_on_the_gpu_is_counted_in_every_phase():
 
 
 def test_sleep_then_offload_then_eager_are_pulled_only_when_needed():
-    # 40 GiB, a 0.5B policy, 16k-token rows: awake while the engine's share fits beside training.
-    plan = lambda frac, **kw: plan_colocated(setup(gib=40, fraction=frac, logits="labelled"), **kw)  # noqa: E731
+    # 60 GiB, a 0.5B policy, 16k-token rows: awake while the engine's share fits beside training.
+    plan = lambda frac, **kw: plan_colocated(setup(gib=60, fraction=frac, logits="labelled"), **kw)  # noqa: E731
     assert plan(0.1).fits and plan(0.1).sleep_level == 0
     crowded = next(f / 100 for f in range(10, 100) if not plan(f / 100, sleep=False).fits)
     assert plan(crowded).fits and plan(crowded).sleep_level == 2 and not plan(crowded).offload_optimizer
     assert plan(crowded).total("train") < plan(crowded, sleep=False).total("train")
     # Forced awake where it cannot fit: refused, and the message names the lever.
     assert "resources.colocate_sleep=true" in refusal(plan(crowded, sleep=False), "stages[0].grpo")
+    # Awake is chosen by itself only with AWAKE_HEADROOM to spare; forced, it runs wherever it fits.
+    edge = next(f / 100 for f in range(10, 100)
+                if plan(f / 100, sleep=False).peak * AWAKE_HEADROOM > plan(f / 100, sleep=False).capacity)
+    assert plan(edge, sleep=False).fits and plan(edge).sleep_level == 2
+    assert plan(edge - 0.01).sleep_level == 0
 
     # 24 GiB, a 0.5B policy and a 1k-token row, engines asleep: the generate phase decides.
     fits = lambda frac, **kw: plan_colocated(setup(tokens=1024, gib=24, fraction=frac), sleep=True, **kw)  # noqa: E731

@@ -176,10 +176,11 @@ def test_a_plugin_estimator_gets_its_options_and_the_stage_settings_it_declares(
     out = est.estimate(batch).advantages
     np.testing.assert_allclose([a[0] for a in out], [0.0, 1.0, 3.0, 1.0, 1.0, 4.0])
     assert all(a.shape == (2,) for a in out)
-    # A critic is started only for gae so far; another estimator that needs one is refused up front.
+    # An estimator that reads values gets a critic, whatever its name: the stage, the loop and the
+    # colocated plan ask the config's needs_critic.
     cfg = GRPOConfig.model_validate({"advantage": "needs_values"})
-    with pytest.raises(ConfigError, match=r"stages\[0\]\.grpo\.advantage: advantage 'needs_values' needs a critic"):
-        check_registered(cfg, pm, "stages[0].grpo")
+    check_registered(cfg, pm, "stages[0].grpo")
+    assert cfg.needs_critic
 
 
 def _old_advantages(rewards, kl, kl_penalty, g, kind, values=None, gamma=1.0, lam=0.95, whiten=True, scale=True):

@@ -220,3 +220,21 @@ def test_calls_from_another_thread_work_with_a_preloaded_openmp(tiny_model_path,
     proc = subprocess.run([sys.executable, "-c", THREADED_CALLS, tiny_model_path], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "completions 2" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_where_the_engine_core_runs(monkeypatch):
+    """``auto``: in the caller's process on CPU; on a GPU in a child, unless this process has
+    already initialized CUDA (a fork of it could not use CUDA), where ``child`` is refused."""
+    import rayalign.rollout.vllm_engine as ve
+
+    def placed(core: str, cpu: bool, cuda_up: bool):
+        monkeypatch.setattr(ve, "_cuda_initialized", lambda: cuda_up)
+        return ve.engine_in_child(EngineConfig(model="m", engine_core=core), cpu)
+
+    assert placed("auto", cpu=True, cuda_up=False) is False
+    assert placed("auto", cpu=False, cuda_up=False) is True
+    assert placed("auto", cpu=False, cuda_up=True) is False
+    assert placed("child", cpu=True, cuda_up=False) is True
+    assert placed("in_process", cpu=False, cuda_up=False) is False
+    with pytest.raises(RuntimeError, match="engine_core 'child' needs a process that has not initialized CUDA"):
+        placed("child", cpu=False, cuda_up=True)

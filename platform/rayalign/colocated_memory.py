@@ -15,7 +15,8 @@ hosts every role) is summed from the training planner (``rayalign.memory``):
 * ``sync``: the engine's weights awake (its KV cache still asleep) and the trainer's exported copy
   of the weights (the CUDA IPC transport maps the whole model at once).
 
-When everything fits beside the engine's whole share, the engines stay awake (``sleep_level`` 0):
+When everything fits beside the engine's whole share (with ``AWAKE_HEADROOM`` to spare), the
+engines stay awake (``sleep_level`` 0):
 no phase pays for sleeping, waking or returning cached blocks, and each phase holds the engine's
 share instead of its asleep remainder. Sleeping is for when they do not fit.
 
@@ -46,6 +47,13 @@ ENGINE_ASLEEP = 1.0 * GiB
 # vLLM's CUDA-graph pool: outside the sleep pool (it stays while the engine sleeps) and outside
 # gpu_memory_utilization (captured after the KV cache is sized). Typically 0.3-1 GiB.
 CUDA_GRAPHS = 1.0 * GiB
+# Staying awake is chosen by itself (``resources.colocate_sleep: null``) only with this much room
+# over the plan's peak: on one H200 the awake GRPO benchmark peaked at 94.2 GiB on the device where
+# its plan said 76.0 (benchmarks/results/h200-20261203-grpo_step-0.5b.json), while its trainer
+# alone, measured apart, held what the plan gives it. Until the planner accounts for the rest,
+# an awake plan needs this margin; sleeping frees the engine's share whenever a phase does not
+# need it.
+AWAKE_HEADROOM = 1.3
 # A forward pass without gradients (old log-probs, reference log-probs) keeps the bf16 logits of
 # the whole row; the log-softmax and entropy run over chunks of positions (rayalign_rl.objectives)
 # whose float32 temporaries stay under this.
@@ -196,7 +204,8 @@ def plan_colocated(setup: ColocatedSetup, offload_optimizer: bool | None = None,
                            sleep_level=2 if asleep else 0)
              for cuda_graphs in graphs for asleep in sleeps for offload in offloads
              if asleep or not offload or sleep is False]
-    return next((p for p in plans if p.fits), plans[-1])
+    chosen = (p for p in plans if p.fits and (p.sleep_level or sleep is False or p.peak * AWAKE_HEADROOM <= p.capacity))
+    return next(chosen, plans[-1])
 
 
 def _largest_fitting(values: range, fits) -> int | None:

@@ -75,7 +75,7 @@ class RolloutResources(RoleResources):
     enforce_eager: bool | None = None
     # Where vLLM's engine core runs: child (its own process, vLLM's default: scheduling overlaps
     # the GPU's work), in_process (the rollout actor's: starts faster), auto: child on GPUs,
-    # in_process on CPU (docs/performance.md, row c, has the measurements).
+    # in_process on CPU (docs/performance.md says what is measured of each).
     engine_core: Literal["auto", "in_process", "child"] = "auto"
 
 

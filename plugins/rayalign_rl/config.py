@@ -13,10 +13,6 @@ from rayalign.training.loop import TrainingConfig
 from rayalign_rl.advantages import stage_estimator
 
 REWARD_MODEL_TERM = "reward_model"  # the term scored by the stage's reward model, not a registered reward
-# The stage, the loop and the colocated memory plan decide whether to start a critic by this name,
-# not yet by the estimator's `needs_critic`; until they ask the estimator, one that needs a critic
-# under another name is refused before any work instead of failing once the workers are up.
-CRITIC_STARTED_FOR = ("gae",)
 
 
 class RewardTerm(BaseModel):
@@ -110,14 +106,12 @@ class RLConfig(TrainingConfig):
         if self.num_generations < estimator.min_group_size:
             raise ConfigError(f"{where}.num_generations", f"advantage {self.advantage!r} compares answers to the "
                               f"same prompt: needs at least {estimator.min_group_size}")
-        if estimator.needs_critic and self.advantage not in CRITIC_STARTED_FOR:
-            raise ConfigError(f"{where}.advantage", f"advantage {self.advantage!r} needs a critic, which this "
-                              f"rayalign starts only for {', '.join(CRITIC_STARTED_FOR)}")
         self._needs_critic = estimator.needs_critic
 
     @property
     def needs_critic(self) -> bool:
-        """Whether the advantage estimator reads a critic's values (``gae``)."""
+        """Whether the advantage estimator reads a critic's values (``gae``): the stage then starts a
+        critic, trains it with ``value_loss`` and plans its memory."""
         if self._needs_critic is None:  # a config built outside a run: ask the process's plugins
             from rayalign.plugins import get_plugin_manager
 

@@ -97,8 +97,11 @@ class RLLoop:
         # Answers come back as token ids; their text (for rewards and the rollout log) is decoded
         # here in one batch, as TRL does, instead of token by token inside the engines.
         self.tokenizer = AutoTokenizer.from_pretrained(model)
+        # Without a plan (GPU memory unknown) colocated engines sleep: the safe choice.
+        self.sleep_level = (self.plan.sleep_level if self.plan is not None else 2) if self.colocated else 0
         engine = engine_config(ctx.run.resources.rollout, model, ctx.run.seed, enable_sleep_mode=self.colocated,
-                               enforce_eager=None if self.plan is None else not self.plan.cuda_graphs)
+                               enforce_eager=None if self.plan is None else not self.plan.cuda_graphs,
+                               sleeps=self.sleep_level > 0)
         # Engines first: on a shared GPU vLLM sizes its KV cache from the memory free at start.
         self.engines = self._group("rollout", RolloutWorker, placement, lambda r, t: (engine, t))
         self.engines.run(lambda a, r: a.ping.remote(), self.timeouts.worker_start_s)
@@ -114,7 +117,7 @@ class RLLoop:
                                      self.policy_objective)
         self.groups.append(self.policy)
         self.critic = None
-        if cfg.advantage == "gae":
+        if cfg.needs_critic:
             # The critic starts from the reward model when there is one (it already reads answers
             # for quality), else from the policy with a fresh value head.
             spec = cfg.spec(reward_model or model, opt_steps, ctx.run.seed, head="score")
@@ -137,8 +140,7 @@ class RLLoop:
             self.engines, [g for g in (self.policy, self.critic) if g is not None],
             [g for g in (self.reference, self.reward_model) if g is not None], self.sync, self.timeouts.step_s,
             colocated=self.colocated, offload_optimizer=self.plan is not None and self.plan.offload_optimizer,
-            # without a plan (GPU memory unknown) the engines sleep: the safe choice
-            sleep_level=self.plan.sleep_level if self.plan is not None else 2,
+            sleep_level=self.sleep_level,
             gpu_roles={role: g for role, g in roles.items() if g is not None and placement[role].num_gpus > 0})
 
     def _group(self, role: str, cls, placement: dict[str, Placement], args) -> WorkerGroup:

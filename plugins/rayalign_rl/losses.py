@@ -105,9 +105,8 @@ class ClippedValueLoss(Loss):
 def rl_losses(registry, cfg, where: str) -> tuple[Loss, Loss | None]:
     """The stage's policy loss and, with a critic (an estimator that ``needs_critic``: gae), its
     value loss, resolved by name (``policy_loss``, ``value_loss``) so a plugin's loss can replace
-    either. The stage's clip
-    and KL settings go to a loss that declares them; ``loss_options`` and ``value_loss_options``
-    carry a loss's own."""
+    either. The stage's clip and KL settings go to a loss that declares them; ``loss_options`` and
+    ``value_loss_options`` carry a loss's own."""
     policy = build_loss(registry, cfg.policy_loss, "policy", cfg.loss_options, f"{where}.policy_loss",
                         f"{where}.loss_options", stage_options={
                             "clip_low": cfg.clip_low, "clip_high": cfg.clip_high,

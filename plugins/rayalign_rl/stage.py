@@ -103,7 +103,7 @@ class RLStage(Stage):
         reward_model = self._reward_model_path(ctx)
         plan = self.memory_plan(ctx, reward_model)
         roles = ["trainer", "rollout"]
-        roles += ["critic"] if cfg.advantage == "gae" else []
+        roles += ["critic"] if cfg.needs_critic else []
         roles += ["reference"] if cfg.kl_coef > 0 else []
         roles += ["reward"] if reward_model else []
         with ctx.cluster.reserve(ctx.name, roles) as placement:

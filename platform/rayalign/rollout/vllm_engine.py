@@ -36,19 +36,23 @@ class EngineConfig:
     # Where vLLM's engine core (scheduler + model) runs: "child" (a process of its own, as
     # vllm.LLM runs it by default: scheduling and output processing overlap the GPU's work),
     # "in_process" (the caller's process: starts faster, no inter-process hop), "auto" (child on
-    # a GPU, in_process on CPU; VLLM_ENABLE_V1_MULTIPROCESSING, when set, decides instead).
+    # a GPU when this process has not initialized CUDA, else in_process; see engine_in_child).
     engine_core: Literal["auto", "in_process", "child"] = "auto"
 
 
 def engine_config(resources: RolloutResources, model: str, seed: int, enable_sleep_mode: bool = False,
-                  enforce_eager: bool | None = None) -> EngineConfig:
+                  enforce_eager: bool | None = None, sleeps: bool = False) -> EngineConfig:
     """The engine settings the run's ``resources.rollout`` describe, for ``model`` (``enforce_eager``,
-    when given, overrides the config's: what a memory plan decided)."""
+    when given, overrides the config's: what a memory plan decided). ``sleeps``: the engine will
+    sleep and wake between steps; ``engine_core: auto`` then keeps its engine core in process,
+    the placement whose sleep and wake have run on a GPU here (with the core in a child they have
+    not yet, docs/performance.md)."""
+    core = "in_process" if sleeps and resources.engine_core == "auto" else resources.engine_core
     return EngineConfig(model=model, gpu_memory_utilization=resources.gpu_memory_utilization,
                         max_model_len=resources.max_model_len, seed=seed, dtype=resources.dtype,
                         tensor_parallel_size=resources.tensor_parallel_size,
                         enforce_eager=resources.enforce_eager if enforce_eager is None else enforce_eager,
-                        enable_sleep_mode=enable_sleep_mode, engine_core=resources.engine_core)
+                        enable_sleep_mode=enable_sleep_mode, engine_core=core)
 
 
 @dataclass
@@ -163,15 +167,33 @@ def _call_whole(worker, call: _WholeCall):
     return call.fn(worker, *call.args)
 
 
+def _cuda_initialized() -> bool:
+    import torch
+
+    return torch.cuda.is_initialized()
+
+
 def engine_in_child(config: EngineConfig, cpu: bool) -> bool:
-    """Whether ``config`` puts the engine core in a child process (see ``EngineConfig.engine_core``)."""
-    if config.engine_core != "auto":
-        return config.engine_core == "child"
-    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") in ("0", "1"):
-        return os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
-    # On CPU the child costs ~13 s more at start and re-imports __main__ (an unguarded script
-    # breaks); on a GPU the overlap it gives decoding is worth it (docs/performance.md, row c).
-    return not cpu
+    """Whether ``config`` puts the engine core in a child process (see ``EngineConfig.engine_core``).
+
+    vLLM 0.26 forked that child from a process that had already initialized CUDA, and the fork
+    could not use CUDA ("Cannot re-initialize CUDA in forked subprocess", on an H200; setting
+    VLLM_WORKER_MULTIPROC_METHOD=spawn at that point did not help). A rollout actor never touches
+    CUDA itself, so
+    ``auto`` gives it the child; a process that already did (a script or test that trained
+    first) keeps the engine core in process, and asking for ``child`` there is an error."""
+    if config.engine_core == "in_process":
+        return False
+    initialized = not cpu and _cuda_initialized()
+    if config.engine_core == "child":
+        if initialized:
+            raise RuntimeError("engine_core 'child' needs a process that has not initialized CUDA (vLLM forks "
+                               "its engine core, and a fork cannot use CUDA): build the engine before any CUDA "
+                               "work, in a process of its own (a rollout actor), or use engine_core 'in_process'")
+        return True
+    # auto. On CPU the child costs ~13 s more at start and re-imports __main__ (an unguarded
+    # script breaks); on a GPU the stages' rollout actors run it in a child (docs/performance.md).
+    return not cpu and not initialized
 
 
 class VLLMEngine:

@@ -57,11 +57,6 @@ class BucketLayout:
         return self.numel * torch.empty(0, dtype=getattr(torch, self.dtype)).element_size()
 
 
-def _peft_base(module):
-    """The Hugging Face model inside a PEFT wrapper (with LoRA layers injected), else ``module``."""
-    return module.get_base_model() if hasattr(module, "get_base_model") else module
-
-
 def _units(model) -> Iterator[tuple[str, object, bool]]:
     """(prefix, module, recurse) units whose parameters are exported together: a LoRA layer with
     its adapters (recurse), or any other module's own parameters."""
@@ -98,7 +93,9 @@ def named_inference_tensors(module, zero_stage: int) -> Iterator[tuple[str, "obj
     Under ZeRO-3 the parameters are sharded: every rank must iterate (each unit's parameters are
     gathered collectively) and must be done with a tensor before asking for the next one.
     """
-    model = _peft_base(module)
+    from rayalign.training.scores import hf_model
+
+    model = hf_model(module)  # under a PEFT wrapper: the model with its LoRA layers injected
     for prefix, sub, is_lora in _units(model):
         params = list(sub.parameters(recurse=is_lora))
         gather = contextlib.nullcontext()
