@@ -148,7 +148,7 @@ def make_loop(tmp_path, tokenizer, *, colocated: bool, offload: bool, sleep_leve
     roles = {"rollout": loop.engines, "trainer": loop.policy, "reference": loop.reference}
     loop.gpu = Colocation(loop.engines, [loop.policy], [loop.reference], loop.sync, 60, colocated=colocated,
                           offload_optimizer=offload, sleep_level=sleep_level, gpu_roles=roles if colocated else {})
-    loop.rollouts = open(tmp_path / "rollouts.jsonl", "w")
+    loop.rollouts_path = tmp_path / "rollouts.jsonl"
     return loop, log
 
 

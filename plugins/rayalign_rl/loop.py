@@ -18,7 +18,7 @@ decides who holds the memory in each phase (and reads each phase's peak on CUDA)
 
 from __future__ import annotations
 
-import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ import ray
 from rayalign import telemetry
 from rayalign.cluster.worker_group import Placement, WorkerGroup
 from rayalign.colocated_memory import ColocatedPlan
+from rayalign.data.jsonl import write_jsonl
 from rayalign.rollout.sharding import generate_sharded, round_robin
 from rayalign.rollout.vllm_engine import Sampling, engine_config
 from rayalign.rollout.weight_sync import WeightSync
@@ -82,7 +83,6 @@ class RLLoop:
         # The rollout log sits beside the checkpoints, which survive restarts and resumes (the
         # work dir does not survive a resume); each checkpoint records how much of it is final.
         self.rollouts_path = ctx.checkpoint_dir / "rollouts.jsonl"
-        self.rollouts = None
         try:
             self._start(placement, reward_model)
         except BaseException:
@@ -383,13 +383,11 @@ class RLLoop:
         return m
 
     def _log_rollouts(self, step: int, prompts: list[Prompt], episodes: list[Episode]) -> None:
-        for e in episodes:
-            self.rollouts.write(json.dumps({
-                "step": step, "prompt": prompts[e.prompt_index].text, "completion": e.text,
-                "reference": prompts[e.prompt_index].reference, "reward": e.reward, "rewards": e.reward_terms,
-                "weights_version": e.weights_version, "finish_reason": e.finish_reason,
-            }, ensure_ascii=False) + "\n")
-        self.rollouts.flush()
+        write_jsonl(self.rollouts_path, ({
+            "step": step, "prompt": prompts[e.prompt_index].text, "completion": e.text,
+            "reference": prompts[e.prompt_index].reference, "reward": e.reward, "rewards": e.reward_terms,
+            "weights_version": e.weights_version, "finish_reason": e.finish_reason,
+        } for e in episodes), append=True)
 
     def run(self) -> tuple[list[dict], list[dict]]:
         """Every step from the last checkpoint (or the start); returns (history, evaluations)."""
@@ -418,25 +416,21 @@ class RLLoop:
     # -- checkpoints: the policy and critic (DeepSpeed, every rank) and the loop's position --------
 
     def _open_rollouts(self, keep_bytes: int) -> None:
-        """Open the rollout log cut back to what the steps up to the restored checkpoint wrote: the
-        steps after it are redone and log themselves again."""
+        """Cut the rollout log back to what the steps up to the restored checkpoint wrote: the steps
+        after it are redone and log themselves again."""
         self.rollouts_path.parent.mkdir(parents=True, exist_ok=True)
-        self.rollouts = open(self.rollouts_path, "r+" if self.rollouts_path.exists() else "w", encoding="utf-8")
+        self.rollouts_path.touch()
         size = self.rollouts_path.stat().st_size
         if size < keep_bytes:
             self.ctx.log.warning("[%s] %s holds %d bytes, the checkpoint expected %d: earlier rollouts are "
                                  "missing from it", self.ctx.name, self.rollouts_path, size, keep_bytes)
-        self.rollouts.truncate(min(size, keep_bytes))
-        self.rollouts.seek(0, 2)
+        os.truncate(self.rollouts_path, min(size, keep_bytes))
 
     def finish_rollouts(self, path) -> None:
         """Move the complete rollout log into the stage's output (the checkpoints are removed next)."""
-        self.rollouts.close()
-        self.rollouts = None
         self.rollouts_path.replace(path)
 
     def checkpoint(self, store: CheckpointStore, state: TrainingState) -> None:
-        self.rollouts.flush()
         state.extra["rollouts_bytes"] = self.rollouts_path.stat().st_size
         tmp = store.begin(state.step)
         with self.gpu.states_on_gpu():
@@ -466,8 +460,6 @@ class RLLoop:
         self.policy.run(lambda a, r: a.save.remote(path), self.timeouts.step_s)
 
     def shutdown(self) -> None:
-        if self.rollouts is not None:
-            self.rollouts.close()
         for group in reversed(self.groups):
             group.shutdown()
 

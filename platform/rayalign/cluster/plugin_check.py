@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayalign.errors import PluginError
+from rayalign.plugins import ENTRY_POINT_GROUP
 
 log = logging.getLogger("rayalign")
 
@@ -59,16 +60,20 @@ def check_nodes_import(modules: list[PluginModule], timeout_s: float) -> None:
         return
     # Defined here, so that cloudpickle ships the function by value: a node without rayalign can
     # still run it and report that rayalign itself is missing.
-    def probe(wanted: list[tuple[str, bool]]) -> list[tuple[str, str]]:
-        """On one node: (module, error) for each module that does not import there."""
-        import importlib
+    def probe(wanted: list[tuple[str, str, bool]], group: str) -> list[tuple[str, str]]:
+        """On one node: (module, error) for each plugin module that does not import there. A plugin
+        imports the way the driver loads it, through its installed entry point (never a module
+        named by data); where the node has the module but not its distribution's metadata (shipped
+        as ``py_modules``), finding the module is what unpickling needs."""
+        import importlib.metadata
         import importlib.util
 
+        entry_points = {ep.name: ep for ep in importlib.metadata.entry_points(group=group)}
         failed = []
-        for module, full in wanted:
+        for plugin, module, full in wanted:
             try:
-                if full:
-                    importlib.import_module(module)
+                if full and plugin in entry_points:
+                    entry_points[plugin].load()
                 elif importlib.util.find_spec(module) is None:
                     raise ModuleNotFoundError(f"No module named {module!r}")
             except Exception as exc:  # any failure to import is the finding, whatever its kind
@@ -77,9 +82,9 @@ def check_nodes_import(modules: list[PluginModule], timeout_s: float) -> None:
 
     remote_probe = ray.remote(num_cpus=0, max_retries=0)(probe)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    wanted = [(m.module, m.full_import) for m in modules]
+    wanted = [(m.plugin, m.module, m.full_import) for m in modules]
     refs = [remote_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
-                                 name="rayalign-plugin-import-check").remote(wanted) for n in nodes]
+                                 name="rayalign-plugin-import-check").remote(wanted, ENTRY_POINT_GROUP) for n in nodes]
     by_module = {m.module: m for m in modules}
     for node, ref in zip(nodes, refs):
         where = f"node {node.get('NodeManagerAddress', '?')} ({node['NodeID'][:8]})"

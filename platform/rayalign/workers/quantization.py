@@ -17,7 +17,6 @@ validation, before any work.
 from __future__ import annotations
 
 import os
-import shutil
 
 # The driver-side check lives in the training layer; re-exported here, where it used to be.
 from rayalign.training.qlora_requirements import NEEDS_GPU, require_gpu_for_qlora  # noqa: F401
@@ -60,15 +59,11 @@ def save_qlora(peft_model, spec, path: str) -> None:
     """The adapter under ``path/adapter`` and the adapter merged into the bf16 base under ``path``."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from rayalign.training.saving import save_inference_model
 
     adapter = os.path.join(path, "adapter")
     peft_model.save_pretrained(adapter)
     base = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.bfloat16)  # on CPU: no GPU memory
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    merged.config.use_cache = True
-    merged.save_pretrained(path, safe_serialization=True)
-    AutoTokenizer.from_pretrained(spec.model_path).save_pretrained(path)
-    src = os.path.join(spec.model_path, "generation_config.json")
-    if os.path.exists(src) and not os.path.exists(os.path.join(path, "generation_config.json")):
-        shutil.copy(src, path)
+    save_inference_model(PeftModel.from_pretrained(base, adapter).merge_and_unload(), path, spec.model_path)

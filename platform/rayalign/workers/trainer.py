@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -259,7 +258,7 @@ class TrainerWorker(Worker):
 
     def save(self, path: str) -> None:
         """Write a Hugging Face directory (LoRA merged) that transformers and vLLM load."""
-        from transformers import AutoTokenizer
+        from rayalign.training.saving import save_inference_model
 
         module = self.engine.module
         state = None
@@ -272,13 +271,7 @@ class TrainerWorker(Worker):
         if self.spec.lora is not None:
             module.save_pretrained(os.path.join(path, "adapter"))
             module = module.merge_and_unload()
-        module.config.use_cache = True  # switched off for packed training only
-        module.save_pretrained(path, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.spec.model_path).save_pretrained(path)
-        for extra in ("generation_config.json",):
-            src = os.path.join(self.spec.model_path, extra)
-            if os.path.exists(src) and not os.path.exists(os.path.join(path, extra)):
-                shutil.copy(src, path)
+        save_inference_model(module, path, self.spec.model_path, state_dict=state)
 
     def shutdown(self) -> None:
         import torch.distributed as dist
