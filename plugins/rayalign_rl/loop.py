@@ -396,6 +396,7 @@ class RLLoop:
         self.gpu.wake_all()  # asleep since start-up, while the trainers took their GPU memory
         state = self.restore(store)
         self.gpu.phase_memory("start")  # the peaks of start-up (and of a restore) are no phase's
+        self.gpu.take_seconds()  # nor are its wake and releases: each step reports its own
         if not state.extra:
             state.extra = {"evals": [self.evaluate(0)], "version": 0}
         self._open_rollouts(state.extra.get("rollouts_bytes", 0))

@@ -179,9 +179,8 @@ def engine_in_child(config: EngineConfig, cpu: bool) -> bool:
     vLLM 0.26 forked that child from a process that had already initialized CUDA, and the fork
     could not use CUDA ("Cannot re-initialize CUDA in forked subprocess", on an H200; setting
     VLLM_WORKER_MULTIPROC_METHOD=spawn at that point did not help). A rollout actor never touches
-    CUDA itself, so
-    ``auto`` gives it the child; a process that already did (a script or test that trained
-    first) keeps the engine core in process, and asking for ``child`` there is an error."""
+    CUDA itself, so ``auto`` gives it the child; a process that already did (a script or test that
+    trained first) keeps the engine core in process, and asking for ``child`` there is an error."""
     if config.engine_core == "in_process":
         return False
     initialized = not cpu and _cuda_initialized()
