@@ -126,6 +126,7 @@ def run_rayalign(args) -> dict:
                 [m.get(k, 0.0) for m in history[p["warmup"]:]])["median"]
                 for k in sorted({k for m in history for k in m if k.startswith("colocation/")})},
             "device_peak_gib_by_phase": metrics.get("device_peak_gib"),
+            "reserved_peak_gib_by_phase_and_role": metrics.get("reserved_peak_gib"),
             "memory_plan_gib": metrics.get("memory_plan_gib"), "memory_plan": metrics.get("memory_plan"),
             "response_length": [m["response_length"] for m in history], "stale": metrics.get("stale_rollouts")}
 

@@ -27,6 +27,7 @@ from rayalign_rl.loop import Prompt, RewardFn, RLLoop
 from rayalign_rl.losses import ClippedPolicyLoss
 from rayalign_rl.objectives import PolicyObjective
 from rayalign_rl.rewards import exact_match
+from rayalign_rl.stage import _role_peaks
 
 GiB = 2**30
 
@@ -190,6 +191,13 @@ def test_one_colocated_step_releases_sleeps_and_wakes_in_order(tmp_path, tokeniz
         for role in ("rollout", "trainer", "reference"):
             assert metrics[f"memory/{phase}/{role}_reserved_gib"] == pytest.approx(3.0)
     assert sum(1 for r, m, _ in log if m == "memory_peaks") == 4 * 3
+    # The stage's summary: each phase's highest reading per role, start-up kept as its own phase.
+    start = {"memory/start/device_gib": 12.0, "memory/start/trainer_reserved_gib": 9.0}
+    later = dict(metrics, **{"memory/train/trainer_reserved_gib": 5.0})
+    peaks = _role_peaks([metrics, later], start)
+    assert peaks["start"] == {"device": 12.0, "trainer": 9.0}
+    assert peaks["train"] == {"device": pytest.approx(40.0), "trainer": 5.0, "rollout": pytest.approx(3.0),
+                              "reference": pytest.approx(3.0)}
 
 
 def test_with_room_for_both_the_engine_stays_awake_and_only_the_frozen_models_release(tmp_path, tokenizer,

@@ -52,6 +52,8 @@ def test_colocated_grpo_fits_one_gpu_and_records_each_phase_peak(shape, extra, t
     peaks, plan, capacity = side["device_peak_gib_by_phase"], side["memory_plan_gib"], gpu_memory_gib()
     print(f"{shape} on {result['device']} ({capacity:.1f} GiB): device peak by phase "
           + ", ".join(f"{p} {peaks[p]:.1f} (plan {plan[p]:.1f})" for p in PHASES))
+    for phase, roles in (side.get("reserved_peak_gib_by_phase_and_role") or {}).items():
+        print(f"  {phase}: " + ", ".join(f"{role} {gib:.1f}" for role, gib in sorted(roles.items())))
     assert set(PHASES) <= set(peaks) and set(PHASES) <= set(plan)
     for phase in PHASES:
         assert 0 < peaks[phase] <= capacity

@@ -76,6 +76,7 @@ class RLLoop:
                  train: list[Prompt], held_out: list[Prompt], rewards: list[RewardFn], reward_model: str | None,
                  plan: ColocatedPlan | None = None):
         self.ctx, self.cfg, self.train, self.held_out, self.rewards = ctx, cfg, train, held_out, rewards
+        self.start_memory: dict[str, float] = {}
         self.timeouts = ctx.run.timeouts
         self.colocated = ctx.run.resources.colocated
         self.plan = plan  # the colocated memory plan (None: not colocated, or GPU memory unknown)
@@ -395,7 +396,9 @@ class RLLoop:
         store = CheckpointStore(self.ctx.checkpoint_dir, rel.keep_checkpoints, self.ctx.log)
         self.gpu.wake_all()  # asleep since start-up, while the trainers took their GPU memory
         state = self.restore(store)
-        self.gpu.phase_memory("start")  # the peaks of start-up (and of a restore) are no phase's
+        # The peaks of start-up (and of a restore) are no phase's: kept apart, they show what the
+        # roles hold before the first step (weights, optimizer states, the engines' pools).
+        self.start_memory = self.gpu.phase_memory("start")
         self.gpu.take_seconds()  # nor are its wake and releases: each step reports its own
         if not state.extra:
             state.extra = {"evals": [self.evaluate(0)], "version": 0}

@@ -110,6 +110,7 @@ class RLStage(Stage):
             loop = RLLoop(ctx, cfg, placement, self.train, self.held_out, self.rewards, reward_model, plan)
             try:
                 history, evals = loop.run()
+                start_memory = loop.start_memory
                 loop.save(str(ctx.work_dir / "model"))
                 loop.finish_rollouts(ctx.work_dir / "rollouts.jsonl")
                 transport = loop.sync.transport
@@ -136,6 +137,10 @@ class RLStage(Stage):
                 "history": history,
                 # Per phase, the highest device memory any GPU of the stage used (CUDA only).
                 "device_peak_gib": _phase_peaks(history),
+                # ... and what each GPU role's torch allocator reserved at its peak (largest rank),
+                # start-up included: the device's figure less their sum is memory outside torch's
+                # allocators (vLLM's pool, CUDA contexts, communication buffers).
+                "reserved_peak_gib": _role_peaks(history, start_memory),
                 "memory_plan_gib": {p: plan.total(p) / 2**30 for p in PHASES} if plan else None,
                 "memory_plan": plan.summary() if plan else None,
             },
@@ -149,6 +154,19 @@ def _phase_peaks(history: list[dict]) -> dict[str, float] | None:
             if key.startswith("memory/") and key.endswith("/device_gib"):
                 phase = key.split("/")[1]
                 peaks[phase] = max(peaks.get(phase, 0.0), value)
+    return peaks or None
+
+
+def _role_peaks(history: list[dict], start: dict[str, float]) -> dict[str, dict[str, float]] | None:
+    """{phase: {role: GiB}} from the ``memory/<phase>/<role>_reserved_gib`` metrics, and
+    ``memory/start/device_gib`` as the start phase's ``device``."""
+    peaks: dict[str, dict[str, float]] = {}
+    for m in [start, *history]:
+        for key, value in m.items():
+            if key.startswith("memory/") and key.endswith("_gib"):
+                _, phase, name = key.split("/")
+                role = name[:-len("_reserved_gib")] if name.endswith("_reserved_gib") else name[:-len("_gib")]
+                peaks.setdefault(phase, {})[role] = max(peaks.get(phase, {}).get(role, 0.0), value)
     return peaks or None
 
 
