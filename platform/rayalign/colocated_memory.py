@@ -167,12 +167,21 @@ def phases(setup: ColocatedSetup, offload_optimizer: bool, cuda_graphs: bool,
     awake = {"vLLM": setup.engine_fraction * capacity + graphs}
     resting = {"vLLM asleep": ENGINE_ASLEEP + graphs} if sleep else awake  # the engine outside generation
 
-    generate = {name: resident(est, offload_optimizer) for name, est in trainers.items()}
+    def kept(est: Estimate, offload: bool) -> float:
+        """What a trainer holds outside its own training: with sleeping engines, its resident state
+        (its cached blocks are returned before they wake); with awake engines nothing returns them,
+        so its caching allocator keeps its training peak through every phase."""
+        return resident(est, offload) if sleep else est.training_peak
+
+    generate = {name: kept(est, offload_optimizer) for name, est in trainers.items()}
     generate |= frozen | awake | contexts
 
-    score = {"policy": resident(policy, False) + _forward(setup.policy, tokens, lm_head=True, logits=plan.logits)}
+    def scoring(est: Estimate, forward: float) -> float:
+        return resident(est, False) + forward if sleep else max(est.training_peak, resident(est, False) + forward)
+
+    score = {"policy": scoring(policy, _forward(setup.policy, tokens, lm_head=True, logits=plan.logits))}
     if critic:
-        score["critic"] = resident(critic, False) + _forward(setup.critic, tokens, lm_head=False)
+        score["critic"] = scoring(critic, _forward(setup.critic, tokens, lm_head=False))
     for name, shape in (("reference", setup.reference), ("reward model", setup.reward)):
         if shape is not None:
             score[name] = frozen[name] + _forward(shape, tokens, lm_head=name == "reference", logits=plan.logits)
@@ -181,12 +190,14 @@ def phases(setup: ColocatedSetup, offload_optimizer: bool, cuda_graphs: bool,
     # The policy trains, then the critic; each beside the other's resident state. The frozen
     # models returned their forward blocks after scoring.
     train = {"policy": policy.training_peak, "critic": resident(critic, False)}
-    if critic and critic.training_peak + resident(policy, False) > policy.training_peak + resident(critic, False):
+    if critic and not sleep:
+        train["critic"] = critic.training_peak  # the critic's cache keeps its peak from the step before
+    elif critic and critic.training_peak + resident(policy, False) > policy.training_peak + resident(critic, False):
         train = {"policy": resident(policy, False), "critic": critic.training_peak}
     train = {k: v for k, v in train.items() if k in trainers} | frozen | resting | contexts
 
     export = 2.0 * setup.policy.params if setup.export_whole_model else min(setup.bucket_bytes, 2.0 * setup.policy.params)
-    sync = {name: resident(est, offload_optimizer) for name, est in trainers.items()}
+    sync = {name: kept(est, offload_optimizer) for name, est in trainers.items()}
     engine = {"vLLM weights": 2.0 * setup.policy.params} | resting if sleep else awake  # awake: inside its share
     sync |= {"exported weights": export} | frozen | engine | contexts
     return {"generate": generate, "score": score, "train": train, "sync": sync}

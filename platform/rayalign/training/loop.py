@@ -48,8 +48,8 @@ class TrainingConfig(StageConfig):
     zero_stage: Literal[2, 3] = 2
     bf16: bool = True
     gradient_checkpointing: bool = False
-    attn_implementation: str = Field("auto", description="auto: flex_attention on a GPU (packed rows get a "
-                                     "document mask instead of a dense one), sdpa on CPU; or any transformers "
+    attn_implementation: str = Field("auto", description="auto: rayalign_packed on a GPU (varlen flash attention: packed rows get no "
+                                     "dense mask), sdpa on CPU; or any transformers "
                                      "attn_implementation (training/attention.py)")
     kernels: Literal["none", "liger"] = Field("none", description="liger: Liger's fused RMSNorm, SwiGLU and RoPE "
                                               "Triton kernels in the trainers' model (GPU, liger-kernel installed)")
