@@ -3,7 +3,7 @@ what each suspected cause of the gap costs.
 
     PYTHONPATH=platform:plugins python benchmarks/rollout_throughput.py --shape 0.5b --out $OUT
     PYTHONPATH=platform:plugins python benchmarks/rollout_throughput.py --shape 0.5b --out $OUT \\
-        --sides raw_vllm_inproc,rayalign_eager,rayalign_4cpu,rayalign_inproc --name rollout_causes
+        --sides raw_vllm_inproc,rayalign_eager,rayalign_4cpu,rayalign_child --name rollout_causes
     PYTHONPATH=platform:plugins python benchmarks/rollout_throughput.py --dry-run --out /tmp/bench  # CPU
 
 Sides (each in its own process, one after the other, so each has the GPU to itself):
@@ -12,7 +12,7 @@ Sides (each in its own process, one after the other, so each has the GPU to itse
   defaults: the engine core in a child process, text detokenized);
 * ``rayalign``: what the RL stages run, with the stages' own defaults: ``RolloutResources()``
   (one CPU per rollout actor, ``enforce_eager`` null: CUDA graphs on a GPU, ``engine_core`` auto:
-  vLLM's engine core in a child process of the actor on a GPU) in a ``WorkerGroup``,
+  vLLM's engine core in the actor's own process) in a ``WorkerGroup``,
   prompts sharded and regathered by ``rollout.sharding.generate_sharded`` (flat arrays through
   Ray, token ids only: the RL loop decodes text itself). The same actor then times two call
   variants on the same engine, each undoing one change: ``detokenize`` (vLLM detokenizes every
@@ -26,8 +26,9 @@ and one side per remaining suspect, each differing from ``rayalign`` in that one
   with the model's steps;
 * ``rayalign_eager``: ``enforce_eager=True`` (the stages' engine setting before);
 * ``rayalign_4cpu``: 4 CPUs (so ``OMP_NUM_THREADS`` and torch's threads) per rollout actor, not 1;
-* ``rayalign_inproc``: ``engine_core: in_process``, the engine core in the actor's own process (the
-  stages' setting before).
+* ``rayalign_child``: ``engine_core: child``, the engine core in a child process of the actor (vLLM's
+  own default placement; the stages' default on GPUs from 2026-12-03 until the measurements showed
+  it slower).
 
 Matched: model, prompts (``--prompts`` random-id prompts of ``--prompt-len`` tokens), sampling
 (temperature, top_p, ``--max-tokens``, ``--logprobs``; random weights rarely emit EOS),
@@ -168,7 +169,7 @@ SIDES = {
     "raw_vllm_inproc": lambda a: run_raw(a, in_process=True),
     "rayalign_eager": lambda a: run_rayalign(a, eager=True),
     "rayalign_4cpu": lambda a: run_rayalign(a, cpus=4),
-    "rayalign_inproc": lambda a: run_rayalign(a, engine_core="in_process"),
+    "rayalign_child": lambda a: run_rayalign(a, engine_core="child"),
 }
 HEADLINE = "raw_vllm,rayalign"
 

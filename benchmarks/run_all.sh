@@ -45,7 +45,7 @@ dpo       h100 or h200     3-4           (b) DPO pairs/s: rayalign (reference on
 rollout   h100 or h200     6-8           (c) output tokens/s: the stages' rollout path through Ray vs raw vLLM, 0.5B,
                                          and on the same engine what detokenizing / Completion objects cost
 rollout-causes h100/h200   7-9           (c) a side per other suspect: raw vLLM with its engine core in-process,
-                                         eager, 4 CPUs per rollout actor, engine core in the actor's process
+                                         eager, 4 CPUs per rollout actor, engine core in a child of the actor
 grpo      h100 or h200     6-8           (e) GRPO step time: rayalign grpo stage vs TRL GRPOTrainer, colocated, 0.5B
 rl-memory-0.5b h100/h200   4-6           pytest -m gpu tests/test_gpu_rl_memory.py: the colocated GRPO benchmark
                                          settings, device peak per phase (generate, score, train, sync), 0.5B
@@ -72,7 +72,7 @@ EOF
   rollout)  run benchmarks/rollout_throughput.py --shape 0.5b ;;
   rollout-causes)
             run benchmarks/rollout_throughput.py --shape 0.5b --name rollout_causes \
-              --sides raw_vllm_inproc,rayalign_eager,rayalign_4cpu,rayalign_inproc ;;
+              --sides raw_vllm_inproc,rayalign_eager,rayalign_4cpu,rayalign_child ;;
   grpo)     run benchmarks/grpo_step.py --shape 0.5b ;;
   rl-memory-0.5b|rl-memory-1.5b)
             timeout "$LIMIT" "$PY" -m pytest -q -s -rs -m gpu tests/test_gpu_rl_memory.py -k "${part#rl-memory-}" ;;

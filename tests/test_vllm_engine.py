@@ -223,8 +223,8 @@ def test_calls_from_another_thread_work_with_a_preloaded_openmp(tiny_model_path,
 
 
 def test_where_the_engine_core_runs(monkeypatch):
-    """``auto``: in the caller's process on CPU; on a GPU in a child, unless this process has
-    already initialized CUDA (a fork of it could not use CUDA), where ``child`` is refused."""
+    """``auto``: in the caller's process, on CPU and GPU alike; ``child`` only when asked, and
+    refused where this process has already initialized CUDA (a fork of it could not use CUDA)."""
     import rayalign.rollout.vllm_engine as ve
 
     def placed(core: str, cpu: bool, cuda_up: bool):
@@ -232,9 +232,10 @@ def test_where_the_engine_core_runs(monkeypatch):
         return ve.engine_in_child(EngineConfig(model="m", engine_core=core), cpu)
 
     assert placed("auto", cpu=True, cuda_up=False) is False
-    assert placed("auto", cpu=False, cuda_up=False) is True
+    assert placed("auto", cpu=False, cuda_up=False) is False
     assert placed("auto", cpu=False, cuda_up=True) is False
     assert placed("child", cpu=True, cuda_up=False) is True
+    assert placed("child", cpu=False, cuda_up=False) is True
     assert placed("in_process", cpu=False, cuda_up=False) is False
     with pytest.raises(RuntimeError, match="engine_core 'child' needs a process that has not initialized CUDA"):
         placed("child", cpu=False, cuda_up=True)

@@ -158,11 +158,11 @@ def test_after_a_sync_vllm_samples_from_the_trained_policy(ray_cluster, tiny_mod
 
 
 def test_an_engine_core_in_the_other_process_syncs_the_same_way(ray_cluster, tiny_model_path, tokenizer, prompts):
-    """``engine_core: auto`` keeps vLLM's engine core in the rollout actor on CPU and puts it in a
-    child process on a GPU; this runs the other placement with the same checks: the weights then
-    reach the model through vLLM's RPC into the other process."""
+    """``engine_core: auto`` keeps vLLM's engine core in the rollout actor; this runs the other
+    placement, a child process, with the same checks: the weights then reach the model through
+    vLLM's RPC into the other process."""
     transport, resources = LAYOUTS[0].values
-    other = "child" if GPUS == 0 else "in_process"
+    other = "child"
     actors = Actors(f"sync-{other}", tiny_model_path, tokenizer, None, lr=5e-3, resources=resources, engine_core=other)
     try:
         assert actors.engines.run(lambda a, r: a.engine_core.remote(), 30) == [other]

@@ -73,9 +73,9 @@ class RolloutResources(RoleResources):
     # two longer to start), eager on CPU. A colocated RL stage turns graphs off only when its memory
     # plan needs the graphs' pool, and says so in the log. true: eager everywhere.
     enforce_eager: bool | None = None
-    # Where vLLM's engine core runs: child (its own process, vLLM's default: scheduling overlaps
-    # the GPU's work), in_process (the rollout actor's: starts faster), auto: child on GPUs,
-    # in_process on CPU (docs/performance.md says what is measured of each).
+    # Where vLLM's engine core runs: in_process (the rollout actor's), child (a process of its own,
+    # vllm.LLM's default), auto: in_process, which generated faster and started sooner in a rollout
+    # actor on one H200 (docs/performance.md, row c).
     engine_core: Literal["auto", "in_process", "child"] = "auto"
 
 

