@@ -73,12 +73,18 @@ class RLConfig(TrainingConfig):
     kl_ratio_correction: bool = Field(True, description="loss KL: weight it by the importance ratio (unbiased "
                                       "off-policy; TRL's use_bias_correction_kl)")
     ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
-    clip_low: float = Field(0.2, gt=0, lt=1, description="policy ratio clip below 1")
-    clip_high: float = Field(0.2, gt=0, description="policy ratio clip above 1 (DAPO's clip-higher when larger)")
-    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    clip_low: float | None = Field(None, gt=0, lt=1, description="policy ratio clip below 1 (null: the policy "
+                                   "loss's default: 0.2, gspo 3e-4)")
+    clip_high: float | None = Field(None, gt=0, description="policy ratio clip above 1, DAPO's clip-higher when "
+                                    "larger than clip_low (null: the policy loss's default: 0.2, dapo 0.28, gspo "
+                                    "4e-4, cispo 4)")
+    loss_aggregation: Literal["token_mean", "sequence_mean"] | None = Field(
+        None, description="clipped_policy: mean over the step's answer tokens, or over answers of each answer's "
+        "token mean (null: token_mean)")
     value_clip: float = Field(0.2, gt=0, description="critic: how far a new value may move from the old one")
-    policy_loss: str = Field("clipped_policy", description="registered policy loss (family `policy`); gets the "
-                             "clip and KL settings above that it declares, and `loss_options`")
+    policy_loss: str = Field("clipped_policy", description="registered policy loss (family `policy`): "
+                             "clipped_policy, dapo, gspo, dr_grpo, cispo, or a plugin's; gets the clip, KL and "
+                             "max_new_tokens settings that it declares, and `loss_options`")
     value_loss: str = Field("clipped_value", description="registered value loss of the critic (family `value`)")
     value_loss_options: dict[str, Any] = Field({}, description="options of the value loss beyond `value_clip`")
     critic_lr: float = Field(1e-5, gt=0, description="critic learning rate (ppo)")
