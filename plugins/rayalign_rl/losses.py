@@ -145,7 +145,8 @@ class DAPOLoss(ClippedPolicyLoss):
 
     "Clip-higher" clips at 0.2 below and 0.28 above, which leaves unlikely tokens room to grow; the
     mean is over every answer token of the step, so a long answer weighs by its tokens. TRL's
-    ``loss_type="dapo"``. DAPO as published has no KL term (``kl_coef: 0``)."""
+    ``loss_type="dapo"``. DAPO as published has no KL term (``kl_coef: 0``); its dynamic sampling
+    and overlong filtering are stage options (``dynamic_sampling``, ``overlong_filtering``)."""
 
     name = "dapo"
 
