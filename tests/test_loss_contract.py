@@ -63,13 +63,36 @@ def test_stage_settings_reach_only_a_loss_that_declares_them():
     assert ce.options == {}
 
 
+def test_a_policy_family_keeps_its_own_defaults_unless_the_stage_sets_them():
+    from rayalign_rl.config import GRPOConfig
+    from rayalign_rl.losses import rl_losses
+
+    losses = plugins().losses
+
+    def policy(**stage):
+        return rl_losses(losses, GRPOConfig(**stage), "stages[0].grpo")[0]
+
+    clipped = policy()
+    assert (clipped.name, clipped.clip_low, clipped.clip_high, clipped.aggregation) == (
+        "clipped_policy", 0.2, 0.2, "token_mean")
+    assert policy(loss_aggregation="sequence_mean").aggregation == "sequence_mean"
+    dapo = policy(policy_loss="dapo")
+    assert (dapo.clip_low, dapo.clip_high, dapo.kl_coef, dapo.aggregation) == (0.2, 0.28, 0.04, "token_mean")
+    assert policy(policy_loss="dapo", clip_high=0.3).clip_high == 0.3
+    assert policy(policy_loss="dapo", clip_high=0.3, loss_options={"clip_high": 0.35}).clip_high == 0.35
+    gspo = policy(policy_loss="gspo", kl_in="reward")
+    assert (gspo.clip_low, gspo.clip_high, gspo.kl_coef, gspo.aggregation) == (3e-4, 4e-4, 0.0, "sequence_mean")
+    assert policy(policy_loss="dr_grpo", max_new_tokens=64).max_new_tokens == 64
+    assert policy(policy_loss="cispo").clip_high == 4.0
+
+
 @pytest.mark.parametrize("name, family, options, where, message", [
     ("sft", "preference", {}, "stages[1].dpo.loss",
      "'sft' is a sft loss; this stage takes a preference loss: ipo, sigmoid, simpo_test"),
     ("sigmoid", "reward", {}, "stages[1].dpo.loss",
      "'sigmoid' is a preference loss; this stage takes a reward loss: bradley_terry"),
     ("clipped_value", "policy", {}, "stages[1].dpo.loss",
-     "'clipped_value' is a value loss; this stage takes a policy loss: clipped_policy"),
+     "'clipped_value' is a value loss; this stage takes a policy loss: cispo, clipped_policy, dapo, dr_grpo, gspo"),
     ("sigmoid", "preference", {"gamma": 0.5}, "stages[1].dpo.loss_options.gamma",
      "unknown option of loss 'sigmoid' (its options: beta)"),
     ("simpo_test", "preference", {"gamma": "much"}, "stages[1].dpo.loss_options.gamma",
@@ -101,6 +124,13 @@ def test_a_loss_without_a_family_is_refused_by_every_stage():
     ({"grpo": {"policy_loss": "clipped_value"}}, "stages[0].grpo.policy_loss: 'clipped_value' is a value loss"),
     ({"ppo": {"value_loss_options": {"delta": 1.0}}},
      "stages[0].ppo.value_loss_options.delta: unknown option of loss 'clipped_value' (its options: clip)"),
+    # A stage clip or aggregation set for a policy loss that has no such option is refused, not ignored.
+    ({"grpo": {"policy_loss": "cispo", "clip_low": 0.1}}, "stages[0].grpo.clip_low: policy loss 'cispo' has no "
+     "option clip_low (its options: clip_high, kl_coef, kl_ratio_correction)"),
+    ({"grpo": {"policy_loss": "gspo", "loss_aggregation": "token_mean"}},
+     "stages[0].grpo.loss_aggregation: policy loss 'gspo' has no option aggregation"),
+    ({"grpo": {"policy_loss": "dr_grpo", "loss_options": {"max_new_tokens": "long"}}},
+     "stages[0].grpo.loss_options.max_new_tokens: Input should be a valid integer"),
 ])
 def test_every_stage_refuses_before_any_worker(tmp_path, stage, message):
     from rayalign.config import RunConfig

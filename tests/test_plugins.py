@@ -75,3 +75,6 @@ def test_cli_lists_plugins_with_package_and_version():
     lines = out.stdout.splitlines()
     assert any(line.split()[:3] == ["dpo", "rayalign", "0.1.0"] for line in lines), out.stdout
     assert any(line.startswith("stages:") and "sft (sft)" in line for line in lines)
+    losses = next(line for line in lines if line.startswith("losses:"))
+    for policy_loss in ("clipped_policy", "dapo", "gspo", "dr_grpo", "cispo"):
+        assert f" {policy_loss} (rl)" in losses, losses

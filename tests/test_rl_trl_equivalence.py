@@ -1,4 +1,5 @@
-"""TRL is the oracle for the RL losses: reward model, GRPO and PPO's clipped policy loss.
+"""TRL is the oracle for the RL losses: the reward model's, and every policy loss (PPO/GRPO's clipped
+surrogate, DAPO, GSPO, Dr. GRPO, CISPO).
 
 What TRL 1.16 computes, as read from ``trl/trainer/reward_trainer.py`` and ``grpo_trainer.py``:
 
@@ -12,6 +13,11 @@ What TRL 1.16 computes, as read from ``trl/trainer/reward_trainer.py`` and ``grp
   Advantages may be per sequence [B] (GRPO) or per token [B, T], which is PPO's clipped loss with
   GAE advantages. (TRL 1.16 has no PPOTrainer; its GRPO loss with per-token advantages is the
   same clipped surrogate, so it is the oracle for our PPO policy loss.)
+* The other policy families are other ``loss_type`` values of the same function: ``dapo`` divides
+  by the answer tokens of the whole generation batch (``num_items_in_batch``); ``dr_grpo`` by
+  answers times ``max_completion_length``; ``cispo`` is ``-clamp(ratio, max=epsilon_high).detach() *
+  A * logp``, token-level like ``dapo``; and ``importance_sampling_level="sequence"`` makes the
+  ratio one per answer, ``exp`` of its tokens' mean log-ratio (GSPO, with ``loss_type="grpo"``).
 
 Ours runs on packed rows (``rayalign_rl.objectives``); TRL's on padded batches.
 """
@@ -27,7 +33,9 @@ from trl import GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
 from rayalign.data.chat import Tokenized, tokenize_completion
 from rayalign.data.packing import collate_packed
 from rayalign.training.losses import IGNORE_INDEX
-from rayalign_rl.losses import ClippedPolicyLoss
+from rayalign.plugins import get_plugin_manager
+from rayalign_rl.config import GRPOConfig as StageConfig
+from rayalign_rl.losses import ClippedPolicyLoss, rl_losses
 from rayalign_rl.objectives import PolicyObjective
 from rayalign_rm.loss import BradleyTerryLoss
 from rayalign_rm.stage import RewardObjective
@@ -118,12 +126,12 @@ def test_reward_model_loss_matches_trl(arithmetic_model, tmp_path):
     _assert_same_gradients(_gradients(model), grad_trl)
 
 
-def _grpo_trainer(path, model, tmp_path, loss_type: str, beta: float, temperature: float, group: int,
-                  kl_correction: bool = True) -> GRPOTrainer:
-    args = GRPOConfig(output_dir=str(tmp_path / f"grpo-{loss_type}"), report_to=[], use_cpu=True, bf16=False,
-                      use_bias_correction_kl=kl_correction,
-                      per_device_train_batch_size=group, num_generations=group, beta=beta, loss_type=loss_type,
-                      temperature=temperature, epsilon=0.2, epsilon_high=0.28, max_completion_length=16)
+def _grpo_trainer(path, model, tmp_path, group: int, **loss_args) -> GRPOTrainer:
+    """TRL's GRPO trainer on ``model``; ``loss_args`` are GRPOConfig's loss settings (``loss_type``,
+    ``beta``, ``epsilon``, ...)."""
+    args = GRPOConfig(output_dir=str(tmp_path / "grpo"), report_to=[], use_cpu=True, bf16=False,
+                      per_device_train_batch_size=group, num_generations=group, max_completion_length=16,
+                      **loss_args)
     trainer = GRPOTrainer(model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)], args=args,
                           train_dataset=datasets.Dataset.from_list([{"prompt": "计算 1*2"}] * group),
                           processing_class=AutoTokenizer.from_pretrained(path))
@@ -139,24 +147,21 @@ def _rollouts(tok, group: int):
     return prompt, [tok(t, add_special_tokens=False)["input_ids"] for t in texts[:group]]
 
 
-@pytest.mark.parametrize("loss_type, aggregation, per_token, beta, kl_correction, temperature", [
-    ("grpo", "sequence_mean", False, 0.04, True, 1.0),   # GRPO: sequence advantages, ratio-corrected KL
-    ("grpo", "sequence_mean", False, 0.04, False, 1.0),  # GRPO as published (plain k3 KL)
-    ("bnpo", "token_mean", False, 0.0, True, 0.7),       # token-level mean, tempered sampling
-    ("bnpo", "token_mean", True, 0.0, True, 1.0),        # PPO: per-token (GAE) advantages
-])
-def test_clipped_policy_loss_matches_trl(arithmetic_model, tmp_path, loss_type, aggregation, per_token, beta,
-                                         kl_correction, temperature):
+def _policy_batch(path, tmp_path, *, per_token: bool = False, temperature: float = 1.0, **loss_args):
+    """A perturbed policy, TRL's trainer for it (``loss_args``: its loss settings), TRL's padded
+    inputs for a group of 4 answers, and ``pack(indices)``: those answers as our packed row, the
+    per-token inputs at their label positions."""
     group = 4
-    tok = AutoTokenizer.from_pretrained(arithmetic_model)
-    policy = _perturbed(AutoModelForCausalLM.from_pretrained(arithmetic_model, dtype=torch.float32), 0.02, seed=1)
-    trainer = _grpo_trainer(arithmetic_model, policy, tmp_path, loss_type, beta, temperature, group, kl_correction)
+    tok = AutoTokenizer.from_pretrained(path)
+    policy = _perturbed(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), 0.02, seed=1)
+    trainer = _grpo_trainer(path, policy, tmp_path, group, temperature=temperature, **loss_args)
     prompt, completions = _rollouts(tok, group)
     width = max(map(len, completions))
     completion_ids = torch.tensor([c + [tok.pad_token_id] * (width - len(c)) for c in completions])
     completion_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions])
     prompt_ids = torch.tensor([prompt] * group)
-    g = torch.Generator().manual_seed(0)
+    # Seed 1 and not 0: GSPO clips whole answers, and under seed 0 none of the four is clipped.
+    g = torch.Generator().manual_seed(1)
     # "Old" and reference log-probs: the current ones moved by noise, so ratios differ from 1 and
     # some get clipped on either side.
     with torch.no_grad():
@@ -169,29 +174,85 @@ def test_clipped_policy_loss_matches_trl(arithmetic_model, tmp_path, loss_type, 
               "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": old,
               "ref_per_token_logps": ref, "num_items_in_batch": completion_mask.sum()}
     policy.train()
-    expected = trainer._compute_loss(trainer.model, inputs)
 
-    # Ours: the group's sequences packed in one row, per-token inputs at their label positions.
-    seqs = [Tokenized(prompt + c, [IGNORE_INDEX] * len(prompt) + c) for c in completions]
-    row = collate_packed(seqs)
-    for name, values in (("old_logps", old), ("ref_logps", ref), ("advantages", advantages)):
-        full = torch.zeros(row["input_ids"].shape, dtype=torch.float32)
-        start = 0
-        for k, c in enumerate(completions):
-            begin = start + len(prompt)
-            full[0, begin : begin + len(c)] = values[k, : len(c)] if values.dim() == 2 else values[k]
-            start += len(prompt) + len(c)
-        row[name] = full
+    def pack(indices) -> dict:
+        row = collate_packed([Tokenized(prompt + completions[k], [IGNORE_INDEX] * len(prompt) + completions[k])
+                              for k in indices])
+        for name, values in (("old_logps", old), ("ref_logps", ref), ("advantages", advantages)):
+            full = torch.zeros(row["input_ids"].shape, dtype=torch.float32)
+            start = 0
+            for k in indices:
+                begin, length = start + len(prompt), len(completions[k])
+                full[0, begin : begin + length] = values[k, :length] if values.dim() == 2 else values[k]
+                start += len(prompt) + length
+            row[name] = full
+        return row
+
+    return policy, trainer, inputs, pack
+
+
+def _trl_loss_and_gradients(policy, trainer, inputs):
+    policy.zero_grad()
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    return loss, _gradients(policy)
+
+
+@pytest.mark.parametrize("loss_type, aggregation, per_token, beta, kl_correction, temperature", [
+    ("grpo", "sequence_mean", False, 0.04, True, 1.0),   # GRPO: sequence advantages, ratio-corrected KL
+    ("grpo", "sequence_mean", False, 0.04, False, 1.0),  # GRPO as published (plain k3 KL)
+    ("bnpo", "token_mean", False, 0.0, True, 0.7),       # token-level mean, tempered sampling
+    ("bnpo", "token_mean", True, 0.0, True, 1.0),        # PPO: per-token (GAE) advantages
+])
+def test_clipped_policy_loss_matches_trl(arithmetic_model, tmp_path, loss_type, aggregation, per_token, beta,
+                                         kl_correction, temperature):
+    policy, trainer, inputs, pack = _policy_batch(
+        arithmetic_model, tmp_path, per_token=per_token, temperature=temperature, loss_type=loss_type, beta=beta,
+        epsilon=0.2, epsilon_high=0.28, use_bias_correction_kl=kl_correction)
+    expected, grad_trl = _trl_loss_and_gradients(policy, trainer, inputs)
+
+    # Ours: the group's sequences packed in one row.
     loss = ClippedPolicyLoss(clip_low=0.2, clip_high=0.28, kl_coef=beta, aggregation=aggregation,
                              kl_ratio_correction=kl_correction)
     objective = PolicyObjective(loss, kl_in_loss=beta > 0, temperature=temperature)
-    ours, metrics = objective(policy, row)
+    policy.zero_grad()
+    ours, metrics = objective(policy, pack(range(4)))
+    ours.backward()
     assert abs(ours.item() - expected.item()) < TOL, (ours.item(), expected.item())
     assert 0 < metrics["clip_fraction"] < 1  # the clip was exercised
     # Same gradient too, in every parameter: the loss is the same function of the same parameters.
+    _assert_same_gradients(_gradients(policy), grad_trl)
+
+
+# Each policy family, built from its stage config as a run builds it, against TRL's loss_type for
+# it with the settings its paper uses. TRL 1.16 has all four: GSPO is its `grpo` loss with
+# sequence-level importance sampling, and its `cispo` cap (`epsilon_high`) is our 1 + clip_high.
+@pytest.mark.parametrize("stage, trl", [
+    ({"policy_loss": "dapo", "kl_coef": 0.0}, {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28, "beta": 0.0}),
+    ({"policy_loss": "gspo", "kl_coef": 0.04}, {"loss_type": "grpo", "importance_sampling_level": "sequence",
+                                                "epsilon": 3e-4, "epsilon_high": 4e-4, "beta": 0.04}),
+    ({"policy_loss": "dr_grpo", "kl_coef": 0.0, "max_new_tokens": 16},
+     {"loss_type": "dr_grpo", "epsilon": 0.2, "epsilon_high": 0.2, "beta": 0.0}),  # TRL: max_completion_length=16
+    ({"policy_loss": "cispo", "kl_coef": 0.04, "clip_high": 0.2}, {"loss_type": "cispo", "epsilon_high": 1.2,
+                                                                    "beta": 0.04}),
+], ids=["dapo", "gspo", "dr_grpo", "cispo"])
+def test_policy_loss_families_match_trl(arithmetic_model, tmp_path, stage, trl):
+    cfg = StageConfig(**stage)
+    loss, _ = rl_losses(get_plugin_manager().losses, cfg, "stages[0].grpo")
+    policy, trainer, inputs, pack = _policy_batch(arithmetic_model, tmp_path, **trl)
+    expected, grad_trl = _trl_loss_and_gradients(policy, trainer, inputs)
+
+    # Ours: the group in two micro-batches, each weighed as the trainer weighs them in one optimizer
+    # step (``split_step``: by answer tokens or by answers, the objective's ``weight``), so the
+    # step-level normalisation of each family is checked too, not only its per-row arithmetic.
+    objective = PolicyObjective(loss, kl_in_loss=cfg.kl_coef > 0)
+    rows = [pack([0, 2]), pack([1, 3])]
+    weights = [objective.weight(row) for row in rows]
     policy.zero_grad()
+    parts = [objective(policy, row) for row in rows]
+    ours = sum(w * part for w, (part, _) in zip(weights, parts)) / sum(weights)
     ours.backward()
-    grad_ours = _gradients(policy)
-    policy.zero_grad()
-    trainer._compute_loss(trainer.model, inputs).backward()
-    _assert_same_gradients(grad_ours, _gradients(policy))
+    assert abs(ours.item() - expected.item()) < TOL, (ours.item(), expected.item())
+    clip_fraction = sum(w * m["clip_fraction"] for w, (_, m) in zip(weights, parts)) / sum(weights)
+    assert 0 < clip_fraction < 1  # the clip (or CISPO's cap) was exercised
+    _assert_same_gradients(_gradients(policy), grad_trl)

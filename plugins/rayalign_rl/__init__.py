@@ -3,7 +3,7 @@
 from rayalign.hookspecs import hookimpl
 
 from rayalign_rl.advantages import ESTIMATORS
-from rayalign_rl.losses import ClippedPolicyLoss, ClippedValueLoss
+from rayalign_rl.losses import POLICY_LOSSES, ClippedValueLoss
 from rayalign_rl.rewards import RULE_REWARDS
 from rayalign_rl.stage import GRPOStage, PPOStage
 
@@ -16,7 +16,8 @@ def register_stages(register):
 
 @hookimpl
 def register_losses(register):
-    register(ClippedPolicyLoss)
+    for loss in POLICY_LOSSES:
+        register(loss)
     register(ClippedValueLoss)
 
 

@@ -73,12 +73,25 @@ class RLConfig(TrainingConfig):
     kl_ratio_correction: bool = Field(True, description="loss KL: weight it by the importance ratio (unbiased "
                                       "off-policy; TRL's use_bias_correction_kl)")
     ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
-    clip_low: float = Field(0.2, gt=0, lt=1, description="policy ratio clip below 1")
-    clip_high: float = Field(0.2, gt=0, description="policy ratio clip above 1 (DAPO's clip-higher when larger)")
-    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    clip_low: float | None = Field(None, gt=0, lt=1, description="policy ratio clip below 1 (null: the policy "
+                                   "loss's default: 0.2, gspo 3e-4)")
+    clip_high: float | None = Field(None, gt=0, description="policy ratio clip above 1, DAPO's clip-higher when "
+                                    "larger than clip_low (null: the policy loss's default: 0.2, dapo 0.28, gspo "
+                                    "4e-4, cispo 4)")
+    loss_aggregation: Literal["token_mean", "sequence_mean"] | None = Field(
+        None, description="clipped_policy: mean over the step's answer tokens, or over answers of each answer's "
+        "token mean (null: token_mean)")
     value_clip: float = Field(0.2, gt=0, description="critic: how far a new value may move from the old one")
-    policy_loss: str = Field("clipped_policy", description="registered policy loss (family `policy`); gets the "
-                             "clip and KL settings above that it declares, and `loss_options`")
+    policy_loss: str = Field("clipped_policy", description="registered policy loss (family `policy`): "
+                             "clipped_policy, dapo, gspo, dr_grpo, cispo, or a plugin's; gets the clip, KL and "
+                             "max_new_tokens settings that it declares, and `loss_options`")
+    dynamic_sampling: bool = Field(False, description="DAPO's dynamic sampling: drop each prompt whose answers "
+                                   "all got the same reward (their group advantages are zero) and sample further "
+                                   "prompts in their place, up to `sampling_rounds` rounds a step")
+    sampling_rounds: int = Field(3, ge=1, description="dynamic_sampling: generation rounds a step may take, the "
+                                 "first included")
+    overlong_filtering: bool = Field(False, description="DAPO's overlong filtering: answers cut off at "
+                                     "max_new_tokens count in their group's baseline but are left out of the update")
     value_loss: str = Field("clipped_value", description="registered value loss of the critic (family `value`)")
     value_loss_options: dict[str, Any] = Field({}, description="options of the value loss beyond `value_clip`")
     critic_lr: float = Field(1e-5, gt=0, description="critic learning rate (ppo)")
@@ -101,11 +114,15 @@ class RLConfig(TrainingConfig):
 
     def check_plugins(self, plugins, where: str) -> None:
         """With the rest of the config: the advantage estimator exists, takes its options and fits
-        ``num_generations`` (the reward terms check themselves: ``RewardTerm.check_plugins``)."""
+        ``num_generations``, as dynamic sampling must (the reward terms check themselves:
+        ``RewardTerm.check_plugins``)."""
         estimator = stage_estimator(plugins, self, where)
         if self.num_generations < estimator.min_group_size:
             raise ConfigError(f"{where}.num_generations", f"advantage {self.advantage!r} compares answers to the "
                               f"same prompt: needs at least {estimator.min_group_size}")
+        if self.dynamic_sampling and self.num_generations < 2:
+            raise ConfigError(f"{where}.dynamic_sampling", "compares the rewards of the answers to one prompt: "
+                              "needs num_generations of at least 2")
         self._needs_critic = estimator.needs_critic
 
     @property

@@ -7,6 +7,7 @@ there and ``gather`` reads a model's shifted outputs (position t-1 scores label 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +48,21 @@ def current_episodes(prompts: list[list[int]], grouped: list[list], version: int
                              np.asarray(c.logprobs if c.logprobs is not None else [], dtype=np.float32))
                      for c in completions if c.token_ids]
     return episodes, stale
+
+
+def informative_groups(episodes: list[Episode]) -> tuple[list[Episode], int]:
+    """The episodes of the prompts whose answers did not all get the same reward, and how many
+    prompts were dropped (DAPO's dynamic sampling). Under a group baseline (GRPO, RLOO) an all-equal
+    group's advantages are zero: it would take its share of the step and teach nothing but its KL
+    term. ``episodes`` are prompt-major, as ``current_episodes`` returns them."""
+    kept, dropped = [], 0
+    for _, group in itertools.groupby(episodes, key=lambda e: e.prompt_index):
+        group = list(group)
+        if len({e.reward for e in group}) > 1:
+            kept += group
+        else:
+            dropped += 1
+    return kept, dropped
 
 
 @dataclass

@@ -14,6 +14,11 @@ groups work at once); turn rewards into advantages; run ``ppo_epochs`` passes of
 with a version. Engines stamp completions with the version they sampled under, and any answer
 from an older version is counted as stale and dropped. On shared GPUs, ``colocation.Colocation``
 decides who holds the memory in each phase (and reads each phase's peak on CUDA).
+
+DAPO's two stage options change the step: ``dynamic_sampling`` scores the rewards while
+generating, to replace prompts whose answers all got the same reward (``sample_informative``);
+``overlong_filtering`` leaves answers cut off at ``max_new_tokens`` out of the update
+(``without_truncated``). Each step's metrics count what they dropped.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from rayalign.workers.rollout import RolloutWorker
 from rayalign_rl import advantages as adv
 from rayalign_rl.colocation import STARTUP_SLEEP_LEVEL, Colocation
 from rayalign_rl.config import RLConfig
-from rayalign_rl.episodes import Episode, PackedRow, current_episodes, gather, pack, scatter
+from rayalign_rl.episodes import Episode, PackedRow, current_episodes, gather, informative_groups, pack, scatter
 from rayalign_rl.losses import rl_losses
 from rayalign_rl.objectives import PolicyForward, PolicyObjective, TokenLogps, ValueObjective, token_values
 
@@ -164,6 +169,14 @@ class RLLoop:
             out.append(self.train[order[i]])
         return out
 
+    def sampling(self, step: int) -> Sampling:
+        """How ``step``'s answers are sampled; the seed follows from the step, so a resumed run
+        samples the same answers again."""
+        cfg = self.cfg
+        return Sampling(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
+                        max_tokens=cfg.max_new_tokens, seed=self.ctx.run.seed * 100003 + step, logprobs=True,
+                        detokenize=False)
+
     def sample(self, prompts: list[Prompt], sampling: Sampling) -> tuple[list[Episode], int]:
         """Episodes sampled under the current weights, and how many stale answers were dropped.
         A prompt keeps its answers only if all are current (group baselines need whole groups)."""
@@ -171,6 +184,38 @@ class RLLoop:
         episodes, stale = current_episodes([p.ids for p in prompts], grouped, self.sync.version)
         self.decode(episodes)
         return episodes, stale
+
+    def sample_informative(self, step: int) -> tuple[list[Prompt], list[Episode], int, dict]:
+        """DAPO's dynamic sampling (Yu et al. 2025): sample and score ``step``'s prompts, drop each
+        prompt whose answers all got the same reward (``informative_groups``), and sample further
+        prompts until ``prompts_per_step`` prompts with differing rewards are in, or
+        ``sampling_rounds`` rounds are done; the last round's surplus is left unused.
+
+        Round r draws the prompts and sampling seed of step ``step + r * steps``, a part of the
+        seeded prompt order that no step of the run trains on: a step's prompts still follow from its
+        number, so a resumed run samples the same ones. Returns the prompts, the rewarded episodes of
+        the prompts kept, the stale answers, and the step's ``dynamic_sampling/`` metrics: prompts
+        dropped for equal rewards, and rounds taken."""
+        cfg = self.cfg
+        prompts, episodes, stale, dropped = [], [], 0, 0
+        for rounds in range(1, cfg.sampling_rounds + 1):
+            source = step + (rounds - 1) * cfg.steps
+            batch = self.step_prompts(source)
+            sampled, sampled_stale = self.sample(batch, self.sampling(source))
+            self.score(batch, sampled)
+            kept, equal = informative_groups(sampled)
+            for e in kept:
+                e.prompt_index += len(prompts)  # into this step's whole list of prompts
+            prompts, episodes = prompts + batch, episodes + kept
+            stale, dropped = stale + sampled_stale, dropped + equal
+            if len({e.prompt_index for e in episodes}) >= cfg.prompts_per_step:
+                break
+        if not episodes:
+            raise RuntimeError(f"step {step}: no prompt's answers got different rewards in {rounds} sampling "
+                               "round(s) of dynamic_sampling (or every answer was stale or empty)")
+        keep = set(sorted({e.prompt_index for e in episodes})[: cfg.prompts_per_step])
+        return prompts, [e for e in episodes if e.prompt_index in keep], stale, {
+            "dynamic_sampling/dropped_groups": float(dropped), "dynamic_sampling/rounds": float(rounds)}
 
     def decode(self, episodes: list[Episode]) -> None:
         """Each answer's text without special tokens (what TRL's GRPO scores too), for answers the
@@ -249,13 +294,13 @@ class RLLoop:
                 e.arrays["returns"] = result.returns[i]
 
     def step(self, step: int) -> dict:
-        cfg, t = self.cfg, {}
+        cfg, t, filtered = self.cfg, {}, {}
         clock = time.monotonic()
-        prompts = self.step_prompts(step)
-        sampling = Sampling(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_tokens=cfg.max_new_tokens, seed=self.ctx.run.seed * 100003 + step, logprobs=True,
-                            detokenize=False)
-        episodes, stale = self.sample(prompts, sampling)
+        if cfg.dynamic_sampling:
+            prompts, episodes, stale, filtered = self.sample_informative(step)
+        else:
+            prompts = self.step_prompts(step)
+            episodes, stale = self.sample(prompts, self.sampling(step))
         self.gpu.after_generate()
         t["generate"] = time.monotonic() - clock
         memory = self.gpu.phase_memory("generate")
@@ -265,7 +310,8 @@ class RLLoop:
         # the reference and the critic all work at once while the driver runs the rule rewards.
         clock = time.monotonic()
         self.gpu.before_score()
-        finish_rewards = self.start_rewards(prompts, episodes)
+        # Dynamic sampling has the rewards already: it scored each round to filter it.
+        finish_rewards = (lambda: None) if cfg.dynamic_sampling else self.start_rewards(prompts, episodes)
         rows = pack(episodes, cfg.max_tokens_per_micro_batch, self.ctx.run.seed + step)
         data = ray.put([to_numpy(r.batch) for r in rows])
         self.policy.run(lambda a, r: a.load_batches.remote(data), self.timeouts.step_s)
@@ -289,7 +335,12 @@ class RLLoop:
         memory |= self.gpu.phase_memory("score")
 
         clock = time.monotonic()
-        policy_metrics, critic_metrics = self.update(step, rows, episodes)
+        if cfg.overlong_filtering:
+            rows, trained = self.without_truncated(step, episodes)
+            filtered["overlong_filtered"] = float(len(episodes) - len(trained))
+        else:
+            trained = episodes
+        policy_metrics, critic_metrics = self.update(step, rows, trained)
         t["train"] = time.monotonic() - clock
         memory |= self.gpu.phase_memory("train")
         clock = time.monotonic()
@@ -297,7 +348,20 @@ class RLLoop:
         t["sync"] = time.monotonic() - clock
         memory |= self.gpu.phase_memory("sync")
         self._log_rollouts(step, prompts, episodes)
-        return self.metrics(episodes, stale, t, sync, policy_metrics, critic_metrics) | memory | self.gpu.take_seconds()
+        return (self.metrics(episodes, stale, t, sync, policy_metrics, critic_metrics) | filtered | memory
+                | self.gpu.take_seconds())
+
+    def without_truncated(self, step: int, episodes: list[Episode]) -> tuple[list[PackedRow], list[Episode]]:
+        """DAPO's overlong filtering: the episodes whose answers ended before ``max_new_tokens``, and
+        their rows for the update. A cut-off answer is scored, counts in its group's baseline and in
+        the step's metrics, but is left out of the update: its tokens are in no mean, nor is it among
+        the answers a per-answer loss averages over (TRL's ``mask_truncated_completions`` still
+        counts it as an answer of loss 0 there)."""
+        trained = [e for e in episodes if e.finish_reason != "length"]
+        if not trained:
+            self.ctx.log.warning("[%s] step %d: every answer reached max_new_tokens; overlong_filtering leaves "
+                                 "nothing to train on", self.ctx.name, step)
+        return pack(trained, self.cfg.max_tokens_per_micro_batch, self.ctx.run.seed + step), trained
 
     def update(self, step: int, rows: list[PackedRow], episodes: list[Episode]) -> tuple[dict, dict]:
         """``ppo_epochs`` passes of clipped updates over the rows, for the policy (and critic)."""

@@ -123,9 +123,10 @@ class PolicyObjective:
     logits: str = "auto"
 
     def count(self, batch) -> torch.Tensor:
-        """Answer tokens (token_mean) or answers (sequence_mean): the micro-batch's share of a step,
-        as a 0-d tensor where the batch lies (on a GPU, reading it would wait for the device)."""
-        if getattr(self.loss, "aggregation", "token_mean") == "sequence_mean":
+        """Answer tokens (a loss whose ``aggregation`` is token_mean) or answers (any other: GRPO's
+        sequence_mean, Dr. GRPO's sequence_sum): the micro-batch's share of a step, as a 0-d tensor
+        where the batch lies (on a GPU, reading it would wait for the device)."""
+        if getattr(self.loss, "aggregation", "token_mean") != "token_mean":
             return (batch["sequence_ids"].max() + 1).float()
         return answer_mask(batch).sum().float()
 

@@ -45,6 +45,11 @@ class RLStage(Stage):
                 self.rewards.append(RewardFn(term.name, term.weight, fn, term.options))
         if not self.rewards:
             raise ConfigError(f"{where}.rewards", "no reward: name at least one")
+        if cfg.dynamic_sampling and cfg.reward_model is not None and run.resources.colocated:
+            # Dynamic sampling scores each round before the next is generated: the reward model would
+            # run while the engines hold the shared GPU, which the colocated memory plan does not count.
+            raise ConfigError(f"{where}.dynamic_sampling", "not with a reward model on GPUs the engines share "
+                              "(resources.colocate): give the reward model GPUs of its own, or use rule rewards only")
         rl_losses(plugins.losses, cfg, where)  # a wrong name, family or option stops here, before any worker
         path = dataset_path(run, cfg.prompts, where=f"{where}.prompts")
         records, self.source = load_records(path, "prompt", plugins.formats, run.seed)
