@@ -1,8 +1,11 @@
-"""Built-in direct preference optimisation stage with sigmoid (DPO) and IPO losses, and unlikelihood."""
+"""Built-in preference optimisation: the dpo stage with the sigmoid (DPO), IPO, SimPO and ORPO losses
+and unlikelihood."""
 
 from rayalign.hookspecs import hookimpl
 
 from rayalign_dpo.losses import IPOLoss, SigmoidDPOLoss, UnlikelihoodLoss
+from rayalign_dpo.orpo import ORPOLoss
+from rayalign_dpo.simpo import SimPOLoss
 from rayalign_dpo.stage import DPOStage
 
 
@@ -15,4 +18,6 @@ def register_stages(register):
 def register_losses(register):
     register(SigmoidDPOLoss)
     register(IPOLoss)
+    register(SimPOLoss)
+    register(ORPOLoss)
     register(UnlikelihoodLoss)
