@@ -67,6 +67,10 @@ def test_stage_settings_reach_only_a_loss_that_declares_them():
 @pytest.mark.parametrize("name, family, options, where, message", [
     ("sft", "preference", {}, "stages[1].dpo.loss",
      "'sft' is a sft loss; this stage takes a preference loss: hinge_test, ipo, orpo, sigmoid, simpo"),
+    ("kto", "preference", {}, "stages[1].dpo.loss",
+     "'kto' is an unpaired loss; this stage takes a preference loss: hinge_test, ipo, orpo, sigmoid, simpo"),
+    ("simpo", "unpaired", {}, "stages[1].dpo.loss",
+     "'simpo' is a preference loss; this stage takes an unpaired loss: kto"),
     ("sigmoid", "reward", {}, "stages[1].dpo.loss",
      "'sigmoid' is a preference loss; this stage takes a reward loss: bradley_terry"),
     ("clipped_value", "policy", {}, "stages[1].dpo.loss",
@@ -82,6 +86,8 @@ def test_stage_settings_reach_only_a_loss_that_declares_them():
      "Input should be greater than 0 of loss 'orpo' (its options: beta, prompt_nll)"),
     ("orpo", "preference", {"prompt_nll": "sometimes"}, "stages[1].dpo.loss_options.prompt_nll",
      "Input should be a valid boolean"),
+    ("kto", "unpaired", {"undesirable_weight": -1}, "stages[1].dpo.loss_options.undesirable_weight",
+     "of loss 'kto' (its options: beta, desirable_weight, undesirable_weight)"),
 ])
 def test_a_wrong_family_or_option_is_one_line_naming_the_key(name, family, options, where, message):
     with pytest.raises(ConfigError) as exc:
@@ -107,6 +113,10 @@ def test_a_loss_without_a_family_is_refused_by_every_stage():
     ({"reward_model": {"loss": "sigmoid"}}, "stages[0].reward_model.loss: 'sigmoid' is a preference loss"),
     ({"dpo": {"loss_options": {"gamma": 0.5}}}, "stages[0].dpo.loss_options.gamma: unknown option of loss 'sigmoid'"),
     ({"grpo": {"policy_loss": "clipped_value"}}, "stages[0].grpo.policy_loss: 'clipped_value' is a value loss"),
+    ({"kto": {"loss": "sigmoid"}}, "stages[0].kto.loss: 'sigmoid' is a preference loss; this stage takes an "
+     "unpaired loss: kto"),
+    ({"kto": {"loss_options": {"desirable_weight": 0}}}, "stages[0].kto.loss_options.desirable_weight: Input "
+     "should be greater than 0 of loss 'kto'"),
     ({"ppo": {"value_loss_options": {"delta": 1.0}}},
      "stages[0].ppo.value_loss_options.delta: unknown option of loss 'clipped_value' (its options: clip)"),
 ])

@@ -1,8 +1,8 @@
-"""TRL is the oracle for the preference losses beyond DPO: ORPO and SimPO equal TRL 1.16's
+"""TRL is the oracle for the preference losses beyond DPO: ORPO, SimPO and KTO equal TRL 1.16's
 on the same tiny model and batch, loss and every parameter's gradient, within 1e-5 in fp32 on CPU.
 
 What TRL 1.16 computes, as read from ``trl/experimental/orpo/orpo_trainer.py``,
-and ``trl/experimental/cpo/cpo_trainer.py``:
+``trl/experimental/cpo/cpo_trainer.py`` and ``trl/trainer/kto_trainer.py``:
 
 * ORPO (``ORPOTrainer.get_batch_loss_metrics``): per-answer *mean* log-probs ``pc``, ``pr`` over the
   completion tokens; ``log_odds = (pc - pr) - (log(1 - e^pc) - log(1 - e^pr))``;
@@ -13,18 +13,25 @@ and ``trl/experimental/cpo/cpo_trainer.py``:
   - simpo_gamma)`` (its ``label_smoothing`` 0), mean over pairs, plus ``cpo_alpha * nll`` with ``nll``
   one cross-entropy mean over the chosen answers' tokens (SimPO as published has none: 0; our
   ``sft_weight`` is that term). No reference model.
+* KTO (``KTOTrainer._compute_loss``): per-example *summed* completion log-probs of policy and
+  reference; the KL estimate is ``mean(policy - reference)`` on the batch's mismatched sequences
+  (prompt i with completion i-1, cyclically), detached and clamped at 0; desirable examples lose
+  ``1 - sigmoid(beta * (ratio - kl))``, undesirable ones ``1 - sigmoid(beta * (kl - ratio))``, each
+  times its weight, and the loss is their mean over the batch.
 
 ORPO and SimPO take TRL's own padded batch built from our tokenization (they need string prompts
 to tokenize themselves) and run TRL's methods on a trainer object holding only the attributes
-those methods read.
+those methods read; KTO builds the real ``KTOTrainer``, whose tokenization is checked against ours.
 """
 
 from __future__ import annotations
 
+import datasets
 import pytest
 import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer
+from trl import KTOConfig, KTOTrainer
 from trl.experimental.cpo import CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
@@ -32,6 +39,8 @@ from rayalign.data.chat import tokenize_completion
 from rayalign.data.packing import collate_packed
 from rayalign.embedded import embedded_model_path
 from rayalign.training.losses import IGNORE_INDEX
+from rayalign_dpo.kto import KTOLoss
+from rayalign_dpo.kto_stage import KTOObjective, mismatched
 from rayalign_dpo.orpo import ORPOLoss
 from rayalign_dpo.simpo import SimPOLoss
 from rayalign_dpo.stage import DPOObjective, with_chosen_prompts
@@ -155,3 +164,50 @@ def test_simpo_matches_trl_cpo(model_path, pairs, cpo_alpha):
     # gamma matters: without it the loss is another number.
     no_margin, _ = DPOObjective(SimPOLoss(beta=beta, gamma=0.0), logits="full")(policy, row)
     assert abs(no_margin.item() - expected.item()) > 1e-2
+
+
+def unpaired_examples(pairs) -> list[dict]:
+    """Each pair as a desirable and an undesirable example, interleaved so both labels share a batch."""
+    return [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+            for p in pairs for side in ("chosen", "rejected")]
+
+
+def test_kto_matches_trl(model_path, pairs, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    examples = unpaired_examples(pairs)[:5]  # 3 desirable, 2 undesirable: the weights do not cancel
+    beta, desirable_weight, undesirable_weight = 0.5, 1.3, 0.7
+    # The reference perturbed (seed 3): its mismatched log-probs fall below the policy's on average,
+    # so the KL estimate is positive (0.34 here) and the clamp leaves it; the ratios take both signs.
+    policy, ref = load_model(model_path), load_model(model_path, noise=0.02, seed=3)
+
+    # Ours first: the trainer patches the models' forward (its fused LM head) when it is built.
+    seqs = [tokenize_completion(tokenizer, e["prompt"], e["completion"], MAX_LENGTH) for e in examples]
+    # TRL's rotation: example i is scored beside its prompt with completion i-1 (cyclically).
+    row = collate_packed([s for i, seq in enumerate(seqs) for s in (seq, mismatched(seq, seqs[i - 1]))])
+    row["num_sequences"] = 2 * len(seqs)
+    row["desirable"] = torch.tensor([e["label"] for e in examples])
+    loss_fn = KTOLoss(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    objective = KTOObjective(loss_fn, logits="full")
+    with torch.no_grad():
+        row["ref_logps"], row["ref_kl_logps"] = objective.logps(ref, row)
+    loss, grad_ours, metrics = ours_with_gradients(policy, objective, row)
+
+    args = KTOConfig(output_dir=str(tmp_path / "kto"), report_to=[], use_cpu=True, bf16=False, beta=beta,
+                     desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                     max_length=MAX_LENGTH, per_device_train_batch_size=len(examples))
+    trainer = KTOTrainer(model=policy, ref_model=ref, args=args, processing_class=tokenizer,
+                         train_dataset=datasets.Dataset.from_list(examples))
+    ds = trainer.train_dataset
+    features = [{k: ds[i][k] for k in ("prompt_ids", "completion_ids", "KL_completion_ids", "label")}
+                for i in range(len(ds))]
+    for seq, f, g in zip(seqs, features, features[-1:] + features[:-1]):  # same tokens, same rotation
+        assert seq.input_ids == f["prompt_ids"] + f["completion_ids"]
+        assert seq.labels == [IGNORE_INDEX] * len(f["prompt_ids"]) + f["completion_ids"]
+        assert f["KL_completion_ids"] == g["completion_ids"]
+    batch = trainer.data_collator(features)
+    expected, grad_trl = loss_and_gradients(policy, lambda: trainer._compute_loss(policy, dict(batch), False))
+
+    assert abs(loss.item() - expected.item()) < TOL, (loss.item(), expected.item())
+    _assert_same_gradients(grad_ours, grad_trl)
+    assert abs(metrics["kl"].item() - trainer._metrics["eval"]["kl"][-1]) < TOL
+    assert metrics["kl"] > 0  # the reference point is exercised, not clamped away

@@ -6,7 +6,8 @@ of them (rayalign_dpo/reference.py), and are shut down before the trainers start
 travel inside the micro-batches and are saved with the stage's outputs. A reference-free loss
 (``needs_reference = False``: SimPO, ORPO) starts no reference worker. A loss that takes the chosen
 sequences' NLL over their prompts too (ORPO) gets rows that label those tokens as well, summed
-apart in the same forward pass (``with_chosen_prompts``).
+apart in the same forward pass (``with_chosen_prompts``). The kto stage (kto_stage.py) is this
+stage on unpaired examples.
 
 ``dataset`` is a key under ``data:`` or the name of a dataset an earlier stage produces (``pairs``
 from ``negatives``): that one exists only once the earlier stage ran, so it is loaded in ``run``.
