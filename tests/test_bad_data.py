@@ -19,6 +19,7 @@ from rayalign.plugins import get_plugin_manager
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 PAIR = {"prompt": "hi", "chosen": "hello", "rejected": "go away"}
+EXAMPLE = {"prompt": "hi", "completion": "hello", "label": True}  # unpaired (KTO)
 LONG = {"messages": [{"role": "user", "content": "tell me " * 100}, {"role": "assistant", "content": "no"}]}
 BAD_BYTES_PAIR = b'{"prompt": "hi", "chosen": "hello", "rejected": "caf\xe9"}'  # Latin-1, not UTF-8
 
@@ -52,6 +53,13 @@ BAD = {
     "chosen_equals_rejected/forms": ("preference", {"prompt": "q", "chosen": "same",
                                                     "rejected": [{"role": "assistant", "content": "same "}]},
                                      r"chosen equals rejected"),
+    "missing_field/unpaired": ("unpaired", {"prompt": "q", "completion": "a"}, r"missing fields .*label"),
+    "wrong_type/label": ("unpaired", {"prompt": "q", "completion": "a", "label": "yes"},
+                         r"field 'label': expected true \(desirable\) or false, got 'yes'"),
+    "wrong_type/label_number": ("unpaired", {"prompt": "q", "completion": "a", "label": 1},
+                                r"field 'label': expected true \(desirable\) or false, got 1"),
+    "empty_field/completion": ("unpaired", {"prompt": "q", "completion": " ", "label": False},
+                               r"field 'completion': empty"),
 }
 
 
@@ -66,7 +74,7 @@ def write(path, lines):
 
 def dataset_with(tmp_path, kind, bad_line, good=20, at=11):
     """``good`` valid records (ids a1, a2, ...) with ``bad_line`` at line ``at``."""
-    good_record = GOOD if kind == "chat" else PAIR
+    good_record = {"chat": GOOD, "preference": PAIR, "unpaired": EXAMPLE}[kind]
     lines = [{**good_record, "id": f"a{i + 1}"} for i in range(good)]
     lines.insert(at - 1, bad_line)
     return write(tmp_path / "d.jsonl", lines)

@@ -13,7 +13,8 @@ from rayalign.data.synthetic import SyntheticWorld
 from rayalign.training.labelled_logps import labelled_sequence_logps, labelled_token_logps, token_logps_of
 from rayalign.training.losses import IGNORE_INDEX, sequence_logps, shifted_token_logps
 from rayalign_dpo.losses import SigmoidDPOLoss
-from rayalign_dpo.stage import DPOObjective
+from rayalign_dpo.orpo import ORPOLoss
+from rayalign_dpo.stage import DPOObjective, with_chosen_prompts
 from rayalign_sft.loss import CrossEntropyLoss
 from rayalign_sft.stage import SFTObjective
 
@@ -33,14 +34,19 @@ def sft_batch(tokenizer) -> dict:
 
 
 @pytest.fixture(scope="module")
-def dpo_batch(tokenizer) -> dict:
+def dpo_sequences(tokenizer) -> list:
     pairs = SyntheticWorld(0).preference_pairs()[:3]
     seqs = []
     for p in pairs:
         prompt = [{"role": "user", "content": p["prompt"]}]
         for answer in (p["chosen"], p["rejected"]):
             seqs.append(tokenize_completion(tokenizer, prompt, [{"role": "assistant", "content": answer}], None))
-    return collate_packed(seqs)
+    return seqs
+
+
+@pytest.fixture(scope="module")
+def dpo_batch(dpo_sequences) -> dict:
+    return collate_packed(dpo_sequences)
 
 
 def _head_positions(m, inp, out) -> int:
@@ -154,6 +160,21 @@ def test_dpo_loss_gradients_and_reference_logps_match_the_full_logits(model, dpo
         loss, metrics = DPOObjective(SigmoidDPOLoss(beta=0.1), sft_weight=0.5, labelled=labelled)(model, batch)
         loss.backward()
         results.append((loss.item(), metrics["chosen_nll"], _grads(model)))
+    (loss_f, nll_f, g_f), (loss_l, nll_l, g_l) = results
+    assert abs(loss_f - loss_l) < 1e-6 and abs(nll_f - nll_l) < 1e-6
+    _same_grads(g_l, g_f, 1e-6)
+
+
+def test_orpo_with_the_chosen_prompts_nll_matches_the_full_logits(model, dpo_sequences):
+    # ORPO's rows also label the chosen prompts (with_chosen_prompts): the labelled path scores them too.
+    zeros = torch.zeros(len(dpo_sequences) // 2)
+    row = {**collate_packed(dpo_sequences), **with_chosen_prompts(dpo_sequences), "ref_chosen": zeros,
+           "ref_rejected": zeros}
+    results = []
+    for labelled in (False, True):
+        loss, metrics = DPOObjective(ORPOLoss(beta=0.1), labelled=labelled)(model, row)
+        loss.backward()
+        results.append((loss.item(), metrics["orpo_nll"].item(), _grads(model)))
     (loss_f, nll_f, g_f), (loss_l, nll_l, g_l) = results
     assert abs(loss_f - loss_l) < 1e-6 and abs(nll_f - nll_l) < 1e-6
     _same_grads(g_l, g_f, 1e-6)

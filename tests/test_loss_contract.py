@@ -21,27 +21,28 @@ from rayalign.training.losses import Loss, build_loss
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
 
 
-class SimPOLoss(Loss):
-    """Reference-free (Meng et al. 2024): ``-log sigmoid(beta * (mean_c - mean_r) - gamma)``."""
+class ReferenceFreeHingeLoss(Loss):
+    """A plugin's own reference-free loss: SLiC's hinge (Zhao et al. 2023) on the policy's mean
+    log-probs alone, ``max(0, delta - beta * (mean_c - mean_r))``; no built-in computes it."""
 
-    name = "simpo_test"
+    name = "hinge_test"
     family = "preference"
     needs_reference = False
     uses_mean_logps = True
 
-    def __init__(self, beta: float = 2.0, gamma: float = 0.5):
-        super().__init__(beta=beta, gamma=gamma)
-        self.beta, self.gamma = beta, gamma
+    def __init__(self, beta: float = 1.0, delta: float = 1.0):
+        super().__init__(beta=beta, delta=delta)
+        self.beta, self.delta = beta, delta
 
     def forward(self, pc, pr, rc, rr):
         assert not rc.any() and not rr.any(), "a reference-free loss gets zeros as the reference"
-        loss = -F.logsigmoid(self.beta * (pc - pr) - self.gamma).mean()
+        loss = torch.relu(self.delta - self.beta * (pc - pr)).mean()
         return loss, {"loss": loss.detach()}
 
 
 def plugins() -> PluginManager:
-    module = types.ModuleType("simpo_plugin")
-    module.register_losses = hookimpl(lambda register: register(SimPOLoss))
+    module = types.ModuleType("hinge_plugin")
+    module.register_losses = hookimpl(lambda register: register(ReferenceFreeHingeLoss))
     return PluginManager(extra_plugins=(module,))
 
 
@@ -51,14 +52,14 @@ def test_options_come_from_the_typed_init():
     fields = ClippedPolicyLoss.Options.model_fields
     assert list(fields) == ["clip_low", "clip_high", "kl_coef", "aggregation", "kl_ratio_correction"]
     assert fields["clip_low"].default == 0.2
-    assert list(SimPOLoss.Options.model_fields) == ["beta", "gamma"]
+    assert list(ReferenceFreeHingeLoss.Options.model_fields) == ["beta", "delta"]
 
 
 def test_stage_settings_reach_only_a_loss_that_declares_them():
     pm = plugins()
-    loss = build_loss(pm.losses, "simpo_test", "preference", {"gamma": 1.0}, "w", "w_options",
+    loss = build_loss(pm.losses, "hinge_test", "preference", {"delta": 2.0}, "w", "w_options",
                       stage_options={"beta": 3.0, "not_an_option_of_it": 1})
-    assert (loss.beta, loss.gamma) == (3.0, 1.0)
+    assert (loss.beta, loss.delta) == (3.0, 2.0)
     ce = build_loss(pm.losses, "sft", "sft", {}, "w", "w_options", stage_options={"beta": 3.0})
     assert ce.options == {}
 
@@ -88,15 +89,28 @@ def test_a_policy_family_keeps_its_own_defaults_unless_the_stage_sets_them():
 
 @pytest.mark.parametrize("name, family, options, where, message", [
     ("sft", "preference", {}, "stages[1].dpo.loss",
-     "'sft' is a sft loss; this stage takes a preference loss: ipo, sigmoid, simpo_test"),
+     "'sft' is a sft loss; this stage takes a preference loss: hinge_test, ipo, orpo, sigmoid, simpo"),
+    ("kto", "preference", {}, "stages[1].dpo.loss",
+     "'kto' is an unpaired loss; this stage takes a preference loss: hinge_test, ipo, orpo, sigmoid, simpo"),
+    ("simpo", "unpaired", {}, "stages[1].dpo.loss",
+     "'simpo' is a preference loss; this stage takes an unpaired loss: kto"),
     ("sigmoid", "reward", {}, "stages[1].dpo.loss",
      "'sigmoid' is a preference loss; this stage takes a reward loss: bradley_terry"),
     ("clipped_value", "policy", {}, "stages[1].dpo.loss",
      "'clipped_value' is a value loss; this stage takes a policy loss: cispo, clipped_policy, dapo, dr_grpo, gspo"),
     ("sigmoid", "preference", {"gamma": 0.5}, "stages[1].dpo.loss_options.gamma",
      "unknown option of loss 'sigmoid' (its options: beta)"),
-    ("simpo_test", "preference", {"gamma": "much"}, "stages[1].dpo.loss_options.gamma",
-     "of loss 'simpo_test' (its options: beta, gamma)"),
+    ("hinge_test", "preference", {"delta": "much"}, "stages[1].dpo.loss_options.delta",
+     "of loss 'hinge_test' (its options: beta, delta)"),
+    # Bounds declared with Annotated in the built-ins' typed __init__ are checked too.
+    ("simpo", "preference", {"gamma": -0.5}, "stages[1].dpo.loss_options.gamma",
+     "Input should be greater than or equal to 0 of loss 'simpo' (its options: beta, gamma)"),
+    ("orpo", "preference", {"beta": 0}, "stages[1].dpo.loss_options.beta",
+     "Input should be greater than 0 of loss 'orpo' (its options: beta, prompt_nll)"),
+    ("orpo", "preference", {"prompt_nll": "sometimes"}, "stages[1].dpo.loss_options.prompt_nll",
+     "Input should be a valid boolean"),
+    ("kto", "unpaired", {"undesirable_weight": -1}, "stages[1].dpo.loss_options.undesirable_weight",
+     "of loss 'kto' (its options: beta, desirable_weight, undesirable_weight)"),
 ])
 def test_a_wrong_family_or_option_is_one_line_naming_the_key(name, family, options, where, message):
     with pytest.raises(ConfigError) as exc:
@@ -122,6 +136,10 @@ def test_a_loss_without_a_family_is_refused_by_every_stage():
     ({"reward_model": {"loss": "sigmoid"}}, "stages[0].reward_model.loss: 'sigmoid' is a preference loss"),
     ({"dpo": {"loss_options": {"gamma": 0.5}}}, "stages[0].dpo.loss_options.gamma: unknown option of loss 'sigmoid'"),
     ({"grpo": {"policy_loss": "clipped_value"}}, "stages[0].grpo.policy_loss: 'clipped_value' is a value loss"),
+    ({"kto": {"loss": "sigmoid"}}, "stages[0].kto.loss: 'sigmoid' is a preference loss; this stage takes an "
+     "unpaired loss: kto"),
+    ({"kto": {"loss_options": {"desirable_weight": 0}}}, "stages[0].kto.loss_options.desirable_weight: Input "
+     "should be greater than 0 of loss 'kto'"),
     ({"ppo": {"value_loss_options": {"delta": 1.0}}},
      "stages[0].ppo.value_loss_options.delta: unknown option of loss 'clipped_value' (its options: clip)"),
     # A stage clip or aggregation set for a policy loss that has no such option is refused, not ignored.
@@ -152,7 +170,7 @@ def test_the_command_refuses_in_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.splitlines()
     assert lines == ["rayalign: config error: stages[0].dpo.loss: 'sft' is a sft loss; this stage takes a "
-                     "preference loss: ipo, sigmoid"], proc.stderr
+                     "preference loss: ipo, orpo, sigmoid, simpo"], proc.stderr
     assert not out.exists()
 
 
@@ -168,8 +186,8 @@ def test_a_reference_free_loss_trains_dpo_without_reference_workers(tmp_path, mo
         raise AssertionError("a reference-free loss started the reference pass")
 
     monkeypatch.setattr(rayalign_dpo.stage, "reference_logps", no_reference)
-    cfg = RunConfig(output_dir=str(tmp_path / "simpo"), stages=[{"dpo": {
-        "loss": "simpo_test", "loss_options": {"gamma": 0.3}, "beta": 2.5, "lr": 1e-4, "epochs": 1,
+    cfg = RunConfig(output_dir=str(tmp_path / "hinge"), stages=[{"dpo": {
+        "loss": "hinge_test", "loss_options": {"delta": 0.3}, "beta": 2.5, "lr": 1e-4, "epochs": 1,
         "max_tokens_per_micro_batch": 256}}])
     ray.init(num_cpus=2, include_dashboard=False, namespace="rayalign-loss-contract", log_to_driver=False)
     try:

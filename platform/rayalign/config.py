@@ -131,6 +131,7 @@ class DataConfig(Strict):
 
     sft: str | None = None
     preference: str | None = None
+    unpaired: str | None = None  # {prompt, completion, label} examples (the kto stage); null: synthetic pairs unpaired
     prompts: str | None = None
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     # What a bad record (malformed JSON, missing/empty field, unknown role, no final assistant

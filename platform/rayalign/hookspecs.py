@@ -57,11 +57,12 @@ def register_losses(register: Callable[[type["Loss"]], None]) -> None:
 
     Call ``register(LossClass)``, a subclass of ``rayalign.training.losses.Loss``;
     ``LossClass.name`` is what a stage's loss key names (``sft``, ``sigmoid``, ``ipo``...).
-    ``family`` (``sft``, ``preference``, ``reward``, ``policy``, ``value``, ``token_penalty``) says
-    which stages take it and what ``forward`` receives; the typed keyword arguments of
-    ``__init__`` are its options, checked before any work; ``needs_reference = False`` marks a
-    reference-free preference loss. ``forward`` returns the scalar loss and a dict of 0-d tensor
-    metrics, left on the device.
+    ``family`` (``sft``, ``preference``, ``unpaired``, ``reward``, ``policy``, ``value``,
+    ``token_penalty``) says which stages take it and what ``forward`` receives; the typed keyword
+    arguments of ``__init__`` are its options, checked before any work; ``needs_reference = False``
+    marks a reference-free preference loss, ``chosen_nll_tokens`` one that also takes the chosen
+    answers' NLL. ``forward`` returns the scalar loss and a dict of 0-d tensor metrics, left on the
+    device.
     """
 
 

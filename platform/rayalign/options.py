@@ -40,7 +40,7 @@ def signature_schema(fn: Callable, model_name: str, skip: Iterable[str] = ()) ->
     """
     skip = set(skip) | {"self"}
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # Annotated[float, Field(gt=0)] keeps its bound
     except Exception:  # an annotation that does not resolve: the parameter takes any value
         hints = {}
     fields = {}

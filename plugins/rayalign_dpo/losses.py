@@ -1,18 +1,31 @@
-"""Preference losses on per-sequence log-probs of the policy and the frozen reference."""
+"""Preference losses on per-sequence log-probs of the policy and the frozen reference.
+
+``PreferenceLoss`` is what a pairwise loss shares: a margin of the pair's log-probs, a penalty on
+it, and the implicit-reward metrics. DPO and IPO live here; SimPO (simpo.py) and ORPO (orpo.py)
+are reference-free ones of the same shape, KTO (kto.py) is the unpaired family's.
+"""
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from rayalign.training.losses import Loss, shifted_token_logps
 
+Beta = Annotated[float, Field(gt=0)]
 
-class _PreferenceLoss(Loss):
+
+class PreferenceLoss(Loss):
+    """``penalty(margin(...))`` averaged over pairs; a subclass defines ``penalty`` (and may
+    redefine ``margin``). Its ``__init__``'s typed keywords are its options, as for every loss."""
+
     family = "preference"
 
-    def __init__(self, beta: float = 0.1):
-        super().__init__(beta=beta)
+    def __init__(self, beta: Beta = 0.1, **options: Any):
+        super().__init__(beta=beta, **options)
         self.beta = beta
 
     def margin(self, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
@@ -41,7 +54,7 @@ class _PreferenceLoss(Loss):
         }
 
 
-class SigmoidDPOLoss(_PreferenceLoss):
+class SigmoidDPOLoss(PreferenceLoss):
     """DPO (Rafailov et al. 2023, eq. 7): ``-log sigmoid(beta * margin)`` on summed log-probs."""
 
     name = "sigmoid"
@@ -50,7 +63,7 @@ class SigmoidDPOLoss(_PreferenceLoss):
         return -F.logsigmoid(self.beta * margin)
 
 
-class IPOLoss(_PreferenceLoss):
+class IPOLoss(PreferenceLoss):
     """IPO (Azar et al. 2023, eq. 17): ``(margin - 1/(2 beta))^2``.
 
     The paper's log-ratios are per-token averages, so the stage feeds mean, not summed, log-probs

@@ -1,8 +1,9 @@
-"""Built-in dataset formats: OpenAI messages, prompt/completion, and preference pairs."""
+"""Built-in dataset formats: OpenAI messages, prompt/completion, preference pairs and unpaired (KTO) examples."""
 
 from __future__ import annotations
 
 from rayalign.data.formats import DataFormat, as_messages
+from rayalign.data.validation import RecordProblem
 from rayalign.hookspecs import hookimpl
 
 
@@ -26,6 +27,17 @@ def _preference(record: dict) -> dict:
     }
 
 
+def _unpaired(record: dict) -> dict:
+    label = record["label"]
+    if not isinstance(label, bool):  # 1, "yes" or "good" would each mean something else to someone
+        raise RecordProblem("wrong_type", f"field 'label': expected true (desirable) or false, got {label!r}")
+    return {
+        "prompt": as_messages(record["prompt"], "prompt", "user"),
+        "completion": as_messages(record["completion"], "completion", "assistant"),
+        "label": label,
+    }
+
+
 def _prompt(record: dict) -> dict:
     out = {"prompt": as_messages(record["prompt"], "prompt", "user")}
     if "reference" in record:
@@ -38,4 +50,5 @@ def register_data_formats(register):
     register(DataFormat("messages", "chat", ("messages",), _messages))
     register(DataFormat("prompt_completion", "chat", ("prompt", "completion"), _prompt_completion))
     register(DataFormat("preference", "preference", ("prompt", "chosen", "rejected"), _preference))
+    register(DataFormat("unpaired", "unpaired", ("prompt", "completion", "label"), _unpaired))
     register(DataFormat("prompt", "prompt", ("prompt",), _prompt))

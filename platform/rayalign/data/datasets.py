@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from typing import Any
@@ -40,8 +41,19 @@ def _synthetic(kind: Kind, formats: list, seed: int) -> tuple[list[dict[str, Any
     if kind == "preference":
         convert = next(f for f in formats if f.name == "preference").convert
         return [convert(p) for p in world.preference_pairs()], "synthetic:preference"
+    if kind == "unpaired":
+        convert = next(f for f in formats if f.name == "unpaired").convert
+        return [convert(e) for e in unpair(world.preference_pairs())], "synthetic:unpaired"
     convert = next(f for f in formats if f.name == "prompt").convert
     return [convert({"prompt": f.question(), "reference": f.answer()}) for f in world.facts], "synthetic:prompts"
+
+
+def unpair(pairs: list[dict]) -> list[dict]:
+    """Preference pairs as unpaired examples: the chosen answer desirable, the rejected one not;
+    an example repeated (one chosen answer in several pairs) is kept once."""
+    examples = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+                for p in pairs for side in ("chosen", "rejected")]
+    return list({json.dumps(e, sort_keys=True): e for e in examples}.values())
 
 
 def split(records: list, eval_fraction: float, seed: int, key: Callable[[Any], Any] | None = None) -> tuple[list, list]:

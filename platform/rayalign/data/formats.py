@@ -3,6 +3,8 @@
 Every format converts one record into a canonical form:
 - ``chat``: ``{"messages": [{"role", "content"}, ...]}``
 - ``preference``: ``{"prompt": [...messages], "chosen": [...messages], "rejected": [...messages]}``
+- ``unpaired``: ``{"prompt": [...messages], "completion": [...messages], "label": bool}`` (KTO: is the
+  completion desirable)
 Formats are registered by plugins (``register_data_formats``); the built-ins live in
 ``plugins/rayalign_formats``.
 """
@@ -18,7 +20,7 @@ from typing import Any, Callable, Literal
 from rayalign.data.readers import Row, decode_line, open_dataset  # noqa: F401  (decode_line: its old home)
 from rayalign.data.validation import Origin, Policy, Record, RecordProblem, Records, new_ledger
 
-Kind = Literal["chat", "preference", "prompt"]
+Kind = Literal["chat", "preference", "unpaired", "prompt"]
 ROLES = ("system", "user", "assistant")
 # One string object per role: a million records would otherwise hold three million copies of them.
 _ROLE = {role: role for role in ROLES}

@@ -27,12 +27,16 @@ from rayalign.options import signature_schema, validate_options
 # What a family's losses get in ``forward`` (the stage that uses them calls it so):
 #   sft         (logits, labels) -> mean token loss; see ``needs_logits`` for the labelled path
 #   preference  (policy_chosen, policy_rejected, ref_chosen, ref_rejected): per-pair log-prob sums,
-#               or per-token means with ``uses_mean_logps``; the ref_* are zeros without ``needs_reference``
+#               or per-token means with ``uses_mean_logps``; the ref_* are zeros without ``needs_reference``;
+#               plus the keyword ``chosen_nll`` for a loss that sets ``chosen_nll_tokens`` (ORPO)
+#   unpaired    (policy_logps, ref_logps, desirable, policy_kl_logps, ref_kl_logps): per-example log-prob
+#               sums of a completion, whether it is desirable (bool), and the sums of the mismatched
+#               (prompt, another example's completion) sequences that estimate the KL (KTO)
 #   reward      (chosen_scores, rejected_scores): one score per answer of a pair
 #   policy      (logps, old_logps, advantages, mask, ref_logps, sequence_ids): per-token, [1, T-1]
 #   value       (values, old_values, returns, mask): per-token, [1, T-1]
 #   token_penalty (logits, labels, mask): an extra term on marked tokens (DPO's unlikelihood)
-LossFamily = Literal["sft", "preference", "reward", "policy", "value", "token_penalty"]
+LossFamily = Literal["sft", "preference", "unpaired", "reward", "policy", "value", "token_penalty"]
 
 
 class Loss(torch.nn.Module):
@@ -47,6 +51,11 @@ class Loss(torch.nn.Module):
     needs_reference: ClassVar[bool] = True
     # Preference losses: True to get per-token mean log-probs instead of sums (IPO, SimPO).
     uses_mean_logps: ClassVar[bool] = False
+    # Preference losses: the tokens over which ``forward`` also gets the chosen answers' mean NLL, as
+    # the keyword ``chosen_nll`` (one token-level mean over the micro-batch's chosen sequences): None,
+    # not passed; "answer", the answers' tokens; "sequence", prompt and answer (every token of a chosen
+    # sequence but its first), ORPO's SFT term as TRL computes it. May be set per instance from an option.
+    chosen_nll_tokens: Literal["answer", "sequence"] | None = None
     Options: ClassVar[type[BaseModel]]
     # False for a token loss that also implements ``from_token_logps(logps, mask)``: it can then run
     # on the labelled tokens' log-probs alone (a stage's ``logits: labelled``), never seeing logits.
@@ -86,13 +95,17 @@ def build_loss(registry, name: str, family: LossFamily, options: dict[str, Any],
     got = getattr(cls, "family", None)
     if got != family:
         takes = ", ".join(n for n, c in registry.items() if getattr(c, "family", None) == family)
-        what = f"a {got} loss" if got else "a loss that declares no family"
-        raise ConfigError(where, f"{name!r} is {what}; this stage takes a {family} loss: {takes}")
+        what = f"{_a(got)} {got} loss" if got else "a loss that declares no family"
+        raise ConfigError(where, f"{name!r} is {what}; this stage takes {_a(family)} {family} loss: {takes}")
     schema = cls.Options
     given = {k: v for k, v in (stage_options or {}).items() if k in schema.model_fields}
     given.update(options)
     validated = validate_options(schema, given, options_key, "loss", name)
     return cls(**{k: getattr(validated, k) for k in schema.model_fields})
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def shifted_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
