@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -225,7 +226,8 @@ def test_a_second_load_takes_tokens_from_the_cache(tmp_path, formats, tokenizer,
     again, _ = load_records(path, "chat", formats, seed=0)
     kept2, second = chat_tokens.tokenize_chats(again, tokenizer, max_length=128)
     assert len(counted) == 12  # nothing tokenized again
-    assert [(t.input_ids, t.labels) for t in second] == [(t.input_ids, t.labels) for t in first]
+    assert second == first  # ids and labels, element by element
+    assert all(t.input_ids.dtype == t.labels.dtype == np.int32 for t in second)  # arrays, not lists
     assert again.ledger.counts() == {"too_long": 1} and [r.where for r in kept2] == [r.where for r in kept]
 
 
@@ -239,9 +241,9 @@ def test_the_cache_is_redone_when_the_file_or_max_length_changes(tmp_path, forma
     _, tokenized = chat_tokens.tokenize_chats(load_records(str(path), "chat", formats, seed=0)[0], tokenizer,
                                               max_length=128)
     assert len(counted) == 8
-    assert tokenized[1].input_ids == chat_tokens.tokenize_conversation(tokenizer, [
+    assert tokenized[1] == chat_tokens.tokenize_conversation(tokenizer, [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1 plus one?"},
-        {"role": "assistant", "content": "It is two."}], None).input_ids
+        {"role": "assistant", "content": "It is two."}], None)
     chat_tokens.tokenize_chats(load_records(str(path), "chat", formats, seed=0)[0], tokenizer, max_length=64)
     assert len(counted) == 13  # another max_length is another entry (the 13th: the check just above)
 
@@ -258,6 +260,21 @@ def test_workers_tokenize_as_this_process_does(tokenizer, monkeypatch):
     items = [(f"f:{i}", r["messages"]) for i, r in enumerate(chat_rows(7))]
     assert chat_tokens.tokenize_all(items, tokenizer, 40, workers=2) == chat_tokens.tokenize_all(
         items, tokenizer, 40, workers=1)
+
+
+def test_an_entry_reads_back_as_views_of_flat_arrays(tmp_path, monkeypatch):
+    from rayalign.data.chat import Tokenized
+
+    monkeypatch.setenv("RAYALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(chat_tokens.token_cache, "BATCH_ROWS", 3)  # several record batches
+    entry = [Tokenized([i, i + 1, 7][: 1 + i % 3], [-100, i + 1, 7][: 1 + i % 3]) for i in range(8)]
+    entry[4] = chat_tokens.TooLong(5000)
+    chat_tokens.token_cache.store("k", entry)
+    loaded = chat_tokens.token_cache.load("k", len(entry))
+    assert loaded == entry and chat_tokens.token_cache.load("k", len(entry) + 1) is None
+    held = [t for t in loaded if isinstance(t, Tokenized)]
+    assert all(isinstance(t.input_ids, np.ndarray) and t.input_ids.base is not None for t in held)  # views
+    assert not held[0].labels.flags.writeable  # shared: a stage copies before it changes any
 
 
 # -- curate: Parquet in, Parquet out --------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 
 from rayalign.data import token_cache
 from rayalign.data.chat import Tokenized, tokenize_conversation
+from rayalign.data.token_cache import TooLong
 from rayalign.data.validation import Records, within_max_length
 from rayalign.errors import DataError
 
@@ -23,16 +24,6 @@ SCHEME = "chat-v1"  # what tokenize_conversation returns; change it when that ch
 PARALLEL_MIN_RECORDS = 4096  # below this, starting worker processes costs more than it saves
 CHUNK_RECORDS = 512
 MAX_WORKERS = 8
-
-
-class TooLong:
-    """A record over ``max_length``: the cache keeps its length only, all the length check needs."""
-
-    def __init__(self, length: int):
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
 
 
 def tokenize_chats(records: Records, tokenizer, max_length: int, *, workers: int | None = None,
@@ -50,13 +41,13 @@ def tokenize_chats(records: Records, tokenizer, max_length: int, *, workers: int
         entry = tokenize_all([(r.where, r["messages"]) for r in records], tokenizer, max_length, workers)
         if key is not None:
             token_cache.store(key, entry)
-    by_record = {id(r): _tokenized(e) for r, e in zip(records, entry)}
+    by_record = {id(r): row for r, row in zip(records, entry)}
     return within_max_length(records, lambda r: by_record[id(r)], max_length)
 
 
 def tokenize_all(items: Sequence[tuple[str, list[dict]]], tokenizer, max_length: int,
                  workers: int | None = None) -> token_cache.Entry:
-    """``(length, ids, labels)`` per ``(where, messages)``; ids and labels None above ``max_length``.
+    """``Tokenized`` per ``(where, messages)``, or ``TooLong`` above ``max_length``.
 
     In ``workers`` processes (default: the CPUs this process may use, at most ``MAX_WORKERS``) when
     there are ``PARALLEL_MIN_RECORDS`` or more, else here.
@@ -95,8 +86,7 @@ def _tokenize_items(tokenizer, items: Sequence[tuple[str, list[dict]]], max_leng
     out: token_cache.Entry = []
     for where, messages in items:
         t = tokenize_conversation(tokenizer, messages, None, where=where)
-        fits = len(t) <= max_length
-        out.append((len(t), t.input_ids if fits else None, t.labels if fits else None))
+        out.append(t if len(t) <= max_length else TooLong(len(t)))
     return out
 
 
@@ -106,7 +96,3 @@ def _worker_chunk(items: Sequence[tuple[str, list[dict]]], max_length: int) -> t
     except DataError as exc:
         return _Failure(exc.where, str(exc).removeprefix(f"data error: {exc.where}: "))
 
-
-def _tokenized(entry: tuple[int, list[int] | None, list[int] | None]) -> Tokenized | TooLong:
-    length, ids, labels = entry
-    return TooLong(length) if ids is None else Tokenized(ids, labels)
