@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
-from rayalign.data.chat import tokenize_completion
+from rayalign.data.chat_tokens import tokenize_pairs
 from rayalign.data.datasets import load_records, split
 from rayalign.data.packing import collate_packed, group_by_tokens
 from rayalign.data.sources import data_keys, dataset_path
 from rayalign.data.readers import jsonl_rows
-from rayalign.data.validation import RecordProblem, within_max_length
+from rayalign.data.validation import RecordProblem
 from rayalign.errors import ConfigError, DataError
 from rayalign.stage import Stage, StageResult
 from rayalign.training.labelled_logps import LogitsMode, labelled_sequence_logps, wants_labelled
@@ -169,12 +169,7 @@ class DPOStage(Stage):
 
         records, self.source = load_records(path, "preference", self.formats, run.seed)
         tok = AutoTokenizer.from_pretrained(model or resolve_model(run))
-
-        def tokenize(r):
-            return (tokenize_completion(tok, r["prompt"], r["chosen"], None, r.where),
-                    tokenize_completion(tok, r["prompt"], r["rejected"], None, r.where))
-
-        records, tokenized = within_max_length(records, tokenize, self.config.max_length)
+        records, tokenized = tokenize_pairs(records, tok, self.config.max_length)  # cached, as SFT's chats are
         flagged = unlikelihood_flags(path)
         for record, (chosen, rejected) in zip(records, tokenized):
             record["unlikelihood"] = record.line in flagged
