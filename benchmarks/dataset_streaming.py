@@ -8,7 +8,9 @@ own. Reports per format: wall seconds, peak resident MiB and the resident MiB be
 imports), records kept, bytes on disk. With ``--tokenize`` each process then tokenizes the records
 with the embedded model's tokenizer and chat template (``rayalign.data.chat_tokens``, worker
 processes on every CPU, into an empty token cache) and loads them once more from that cache, as a
-restarted run does; the peak then covers loading and tokenizing together. Runs on CPU; no Ray.
+restarted run does; the peak then covers loading and tokenizing together, and the resident memory
+just before tokenizing (records and tokenizer loaded) and just after (the tokens held) tells what the
+held tokens themselves take. Runs on CPU; no Ray.
 
     PYTHONPATH=platform:plugins python benchmarks/dataset_streaming.py                  # 1M records
     PYTHONPATH=platform:plugins python benchmarks/dataset_streaming.py --records 100000 # a smaller run
@@ -98,12 +100,14 @@ def load_one(path: str, tokenize: bool, max_length: int) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_path(0)))
         with tempfile.TemporaryDirectory(prefix="rayalign-token-cache-") as cache:
             os.environ["RAYALIGN_CACHE_DIR"] = cache
+            out["rss_mib_before_tokenizing"] = memory_mib("VmRSS")  # records and tokenizer loaded
             started = time.perf_counter()
             kept, tokenized = tokenize_chats(loaded, tokenizer, max_length)
             out["tokenize_seconds"] = [time.perf_counter() - started]
             out["tokens"] = sum(len(t) for t in tokenized)
             out["records_tokenized"] = len(kept)
             out["peak_rss_mib_with_tokens"] = memory_mib("VmHWM")
+            out["rss_mib_holding_tokens"] = memory_mib("VmRSS")  # after tokenizing, the tokens still held
             del kept, tokenized
             started = time.perf_counter()
             tokenize_chats(loaded, tokenizer, max_length)  # a restarted run: every record from the cache

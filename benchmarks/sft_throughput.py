@@ -191,7 +191,7 @@ def run_trl(args, padding_free: bool, tuned: bool = False) -> dict:
         batch = p["trl_batch"]
         grad_accum = max(1, round(tokens_per_step / (batch * mean)))
         attn, tuned_options = "sdpa", {}
-    dataset = Dataset.from_list([{"input_ids": t.input_ids, "labels": t.labels} for t in tokenized])
+    dataset = Dataset.from_list([{"input_ids": t.input_ids.tolist(), "labels": t.labels.tolist()} for t in tokenized])
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn)
     timer = common.trl_step_timer(p["warmup"])
     counts: list[tuple[float, float]] = []

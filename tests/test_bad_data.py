@@ -213,6 +213,40 @@ def test_dpo_skips_bad_pairs_and_keeps_unlikelihood_flags_on_their_own_lines(tmp
     assert checks.metrics()["bad_record_kinds"] == {"malformed_json": 1, "too_long": 1, "invalid_utf8": 1}
 
 
+def test_dpo_and_reward_model_read_their_pairs_from_one_cache_entry(tmp_path, tiny_model_path, monkeypatch):
+    """A restarted preference stage tokenizes nothing and skips the same over-long pair (named file:line)."""
+    from rayalign.config import RunConfig
+    from rayalign.data import chat_tokens
+    from rayalign.stage import Artifacts
+    from rayalign_dpo.stage import DPOConfig, DPOStage
+    from rayalign_rm.stage import RewardModelConfig, RewardModelStage
+
+    monkeypatch.setenv("RAYALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    path = write(tmp_path / "p.jsonl", [PAIR] * 4 + [{"prompt": "tell me " * 100, "chosen": "a", "rejected": "b"}]
+                 + [PAIR] * 5)
+    run = RunConfig(data={"preference": str(path), "eval_fraction": 0, "max_bad_fraction": 0.2})
+
+    def prepare(stage):
+        checks = DataChecks(Policy.of(run.data))
+        with data_checks(checks):
+            stage.prepare(run, get_plugin_manager(), Artifacts(model=tiny_model_path), 0)
+        return checks.metrics()["bad_record_kinds"], checks.ledgers[(str(path), "preference")].problems[0].where
+
+    first = DPOStage(DPOConfig(max_length=64))
+    assert prepare(first) == ({"too_long": 1}, f"{path}:5")
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again: the cache missed")
+
+    monkeypatch.setattr(chat_tokens, "tokenize_completion", no_tokenizing)
+    again = DPOStage(DPOConfig(max_length=64))
+    assert prepare(again) == ({"too_long": 1}, f"{path}:5")
+    assert [r.tokens for r in again.train] == [r.tokens for r in first.train] and len(again.train) == 9
+    rm = RewardModelStage(RewardModelConfig(max_length=64))  # the same pairs, tokenizer and max_length
+    assert prepare(rm) == ({"too_long": 1}, f"{path}:5")
+    assert rm.train == [r.tokens for r in first.train]
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     from rayalign.testing import start_local_ray

@@ -2,10 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from rayalign.data.chat import tokenize_completion, tokenize_conversation
+from rayalign.data.chat import Tokenized, tokenize_completion, tokenize_conversation
 from rayalign.data.datasets import load_records
 from rayalign.data.packing import collate_packed, group_by_tokens
 from rayalign.data.validation import Policy
@@ -79,7 +80,7 @@ def test_assistant_mask_token_by_token(tokenizer):
     for tok, label, ids in zip(tokens, t.labels, t.input_ids):
         assert label in (IGNORE_INDEX, ids)
     # The token right after each "<|assistant|>\n" header is the first trained one.
-    first = t.labels.index(next(label for label in t.labels if label != IGNORE_INDEX))
+    first = t.labels.tolist().index(next(label for label in t.labels if label != IGNORE_INDEX))
     assert tokens[first - 2 : first] == ["<|assistant|>", "Ċ"]
 
 
@@ -102,6 +103,33 @@ def test_packing_groups_respect_budget_and_cover_everything():
     groups = group_by_tokens(lengths, max_tokens=12, seed=3)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in g) <= 12 for g in groups)
+
+
+def test_tokens_are_held_as_int32_arrays_and_pack_as_lists_did(tokenizer):
+    seqs = [tokenize_conversation(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 64)
+            for q, a in (("a", "b"), ("c d", "e f g"), ("h", "i"))]
+    assert all(t.input_ids.dtype == t.labels.dtype == np.int32 for t in seqs)
+    row = collate_packed(seqs)
+    # The row the list version built: ids, positions restarting at 0, IGNORE_INDEX on each first label.
+    ids, positions, labels, sequence_ids = [], [], [], []
+    for k, t in enumerate(seqs):
+        ids += t.input_ids.tolist()
+        positions += range(len(t))
+        labels += [IGNORE_INDEX] + t.labels.tolist()[1:]
+        sequence_ids += [k] * len(t)
+    expected = {"input_ids": ids, "position_ids": positions, "labels": labels, "sequence_ids": sequence_ids}
+    assert set(row) == set(expected)
+    for key, values in expected.items():
+        assert row[key].dtype == torch.long and torch.equal(row[key], torch.tensor([values], dtype=torch.long)), key
+    # Built from lists, from int32 arrays or from views of one flat buffer (the token cache's): the same batch.
+    flat_ids, flat_labels = np.concatenate([t.input_ids for t in seqs]), np.concatenate([t.labels for t in seqs])
+    flat_ids.flags.writeable = flat_labels.flags.writeable = False  # as the cache's are: collation must copy
+    ends = np.cumsum([len(t) for t in seqs]).tolist()
+    views = [Tokenized(flat_ids[s:e], flat_labels[s:e]) for s, e in zip([0] + ends[:-1], ends)]
+    from_lists = [Tokenized(t.input_ids.tolist(), t.labels.tolist()) for t in seqs]
+    for other in (collate_packed(views), collate_packed(from_lists)):
+        assert all(torch.equal(row[key], other[key]) for key in row)
+    assert views == seqs == from_lists
 
 
 def test_packed_row_layout_and_per_sequence_logps(tokenizer):

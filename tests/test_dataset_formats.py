@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -225,7 +226,8 @@ def test_a_second_load_takes_tokens_from_the_cache(tmp_path, formats, tokenizer,
     again, _ = load_records(path, "chat", formats, seed=0)
     kept2, second = chat_tokens.tokenize_chats(again, tokenizer, max_length=128)
     assert len(counted) == 12  # nothing tokenized again
-    assert [(t.input_ids, t.labels) for t in second] == [(t.input_ids, t.labels) for t in first]
+    assert second == first  # ids and labels, element by element
+    assert all(t.input_ids.dtype == t.labels.dtype == np.int32 for t in second)  # arrays, not lists
     assert again.ledger.counts() == {"too_long": 1} and [r.where for r in kept2] == [r.where for r in kept]
 
 
@@ -239,9 +241,9 @@ def test_the_cache_is_redone_when_the_file_or_max_length_changes(tmp_path, forma
     _, tokenized = chat_tokens.tokenize_chats(load_records(str(path), "chat", formats, seed=0)[0], tokenizer,
                                               max_length=128)
     assert len(counted) == 8
-    assert tokenized[1].input_ids == chat_tokens.tokenize_conversation(tokenizer, [
+    assert tokenized[1] == chat_tokens.tokenize_conversation(tokenizer, [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1 plus one?"},
-        {"role": "assistant", "content": "It is two."}], None).input_ids
+        {"role": "assistant", "content": "It is two."}], None)
     chat_tokens.tokenize_chats(load_records(str(path), "chat", formats, seed=0)[0], tokenizer, max_length=64)
     assert len(counted) == 13  # another max_length is another entry (the 13th: the check just above)
 
@@ -252,12 +254,107 @@ def test_embedded_data_is_not_cached(tmp_path, formats, tokenizer, counted):
     assert not (tmp_path / "cache").exists()
 
 
-def test_workers_tokenize_as_this_process_does(tokenizer, monkeypatch):
+@pytest.mark.parametrize("scheme", [chat_tokens.SCHEME, chat_tokens.PAIR_SCHEME])
+def test_workers_tokenize_as_this_process_does(tokenizer, monkeypatch, formats, tmp_path, scheme):
     monkeypatch.setattr(chat_tokens, "PARALLEL_MIN_RECORDS", 1)
     monkeypatch.setattr(chat_tokens, "CHUNK_RECORDS", 3)
-    items = [(f"f:{i}", r["messages"]) for i, r in enumerate(chat_rows(7))]
-    assert chat_tokens.tokenize_all(items, tokenizer, 40, workers=2) == chat_tokens.tokenize_all(
-        items, tokenizer, 40, workers=1)
+    if scheme == chat_tokens.SCHEME:
+        items = [(f"f:{i}", r["messages"]) for i, r in enumerate(chat_rows(7))]
+    else:
+        records, _ = load_records(write_jsonl(tmp_path / "p.jsonl", preference_rows(7)), "preference", formats, 0)
+        items = [(r.where, (r["prompt"], r["chosen"], r["rejected"])) for r in records]
+    here = chat_tokens.tokenize_all(items, tokenizer, 40, workers=1, scheme=scheme)
+    assert chat_tokens.tokenize_all(items, tokenizer, 40, workers=2, scheme=scheme) == here
+    assert len(here) == len(items) * (1 if scheme == chat_tokens.SCHEME else 2)
+
+
+def test_an_entry_reads_back_as_views_of_flat_arrays(tmp_path, monkeypatch):
+    from rayalign.data.chat import Tokenized
+
+    monkeypatch.setenv("RAYALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(chat_tokens.token_cache, "BATCH_ROWS", 3)  # several record batches
+    entry = [Tokenized([i, i + 1, 7][: 1 + i % 3], [-100, i + 1, 7][: 1 + i % 3]) for i in range(8)]
+    entry[4] = chat_tokens.TooLong(5000)
+    chat_tokens.token_cache.store("k", entry)
+    loaded = chat_tokens.token_cache.load("k", len(entry))
+    assert loaded == entry and chat_tokens.token_cache.load("k", len(entry) + 1) is None
+    held = [t for t in loaded if isinstance(t, Tokenized)]
+    assert all(isinstance(t.input_ids, np.ndarray) and t.input_ids.base is not None for t in held)  # views
+    assert not held[0].labels.flags.writeable  # shared: a stage copies before it changes any
+
+
+# -- preference pairs in the token cache ----------------------------------------------------------
+
+@pytest.fixture
+def pair_calls(monkeypatch, tmp_path):
+    """``tokenize_completion`` calls of ``tokenize_pairs``, counted, with the cache under tmp_path."""
+    monkeypatch.setenv("RAYALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    real = chat_tokens.tokenize_completion
+
+    def counting(tok, prompt, completion, max_length, where="pair"):
+        calls.append(where)
+        return real(tok, prompt, completion, max_length, where)
+
+    monkeypatch.setattr(chat_tokens, "tokenize_completion", counting)
+    return calls
+
+
+def pairs_with_a_long_one(n: int) -> list[dict]:
+    rows = preference_rows(n)
+    rows[3]["rejected"] = [{"role": "assistant", "content": "word " * 200}]  # only one side too long: bad pair
+    return rows
+
+
+def test_a_second_load_takes_pairs_from_the_cache(tmp_path, formats, tokenizer, pair_calls):
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs_with_a_long_one(10))
+    first_records, _ = load_records(path, "preference", formats, seed=0)
+    kept, first = chat_tokens.tokenize_pairs(first_records, tokenizer, max_length=64)
+    assert len(pair_calls) == 20 and len(kept) == 9 and len(list((tmp_path / "cache").glob("*.arrow"))) == 1
+    assert [(p.where, p.kind) for p in first_records.ledger.problems] == [(f"{path}:4", "too_long")]
+    r = kept[0]  # the same tokens as the stages' former closure made, uncached
+    assert first[0] == (chat_tokens.tokenize_completion(tokenizer, r["prompt"], r["chosen"], None, r.where),
+                        chat_tokens.tokenize_completion(tokenizer, r["prompt"], r["rejected"], None, r.where))
+    del pair_calls[:]
+
+    again, _ = load_records(path, "preference", formats, seed=0)
+    kept2, second = chat_tokens.tokenize_pairs(again, tokenizer, max_length=64)
+    assert pair_calls == []  # nothing tokenized again
+    assert second == first and all(c.input_ids.dtype == np.int32 for c, _ in second)
+    assert [(p.where, p.kind, p.reason) for p in again.ledger.problems] == [
+        (p.where, p.kind, p.reason) for p in first_records.ledger.problems]  # the long pair, counted alike
+    assert [r.where for r in kept2] == [r.where for r in kept]
+    with pytest.raises(DataError, match=rf"{re.escape(path)}:4: \d+ tokens after the chat template, above "
+                       r"max_length=64 \(data\.bad_records=fail\)"):
+        chat_tokens.tokenize_pairs(load_records(path, "preference", formats, 0, policy=Policy("fail"))[0], tokenizer,
+                                   max_length=64)
+    assert pair_calls == []  # the fail policy stops on the cached length too
+
+
+def test_the_pair_cache_is_redone_when_data_tokenizer_or_max_length_change(tmp_path, formats, tokenizer,
+                                                                           pair_calls, monkeypatch):
+    rows = preference_rows(4)
+    path = Path(write_jsonl(tmp_path / "pairs.jsonl", rows))
+
+    def tokenize(max_length=64):
+        records = load_records(str(path), "preference", formats, seed=0)[0]
+        before = len(pair_calls)
+        chat_tokens.tokenize_pairs(records, tokenizer, max_length)
+        return len(pair_calls) - before
+
+    assert tokenize() == 8 and tokenize() == 0
+    rows[2]["chosen"] = [{"role": "assistant", "content": "Four."}]
+    write_jsonl(path, rows)
+    assert tokenize() == 8 and tokenize() == 0  # the data changed
+    assert tokenize(max_length=128) == 8  # another max_length
+    # Another tokenizer: here only its chat template differs (a Jinja comment: the same tokens, another hash).
+    monkeypatch.setattr(tokenizer, "chat_template", tokenizer.chat_template + "{# another template #}")
+    assert tokenize() == 8 and tokenize() == 0
+    # Chats and pairs of the same file never share an entry (schemes differ).
+    records = load_records(str(path), "preference", formats, seed=0)[0]
+    key = lambda scheme: chat_tokens.token_cache.cache_key(records.origin.files, [r.where for r in records],  # noqa
+                                                           tokenizer, 64, scheme)
+    assert key(chat_tokens.PAIR_SCHEME) != key(chat_tokens.SCHEME)
 
 
 # -- curate: Parquet in, Parquet out --------------------------------------------------------------

@@ -141,6 +141,6 @@ def test_evaluate_model_across_two_stages(tmp_path, caplog):
     seq = tokenize_completion(tok, [{"role": "user", "content": "Where does Bavoren live?"}],
                               [{"role": "assistant", "content": "Dunvale"}], 2048)
     with torch.no_grad():
-        logits = model(torch.tensor([seq.input_ids])).logits[0, :-1].log_softmax(-1)
+        logits = model(torch.tensor([seq.input_ids.tolist()])).logits[0, :-1].log_softmax(-1)
     expected = sum(logits[t - 1, seq.labels[t]].item() for t in range(1, len(seq)) if seq.labels[t] != -100)
     assert choice["logprobs"][1] == pytest.approx(expected, abs=1e-3)

@@ -97,7 +97,7 @@ def test_rows_with_different_labels_share_positions_and_mask_the_rest(model, tok
 
     def row(t):  # right-padded rows: a plain (not packed) batch of two
         pad = width - len(t)
-        return list(t.input_ids) + [0] * pad, list(t.labels) + [IGNORE_INDEX] * pad
+        return t.input_ids.tolist() + [0] * pad, t.labels.tolist() + [IGNORE_INDEX] * pad
 
     ids, labels = zip(*(row(t) for t in (a, b)))
     batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),

@@ -140,7 +140,7 @@ def test_the_kto_stage_packs_each_example_with_a_mismatched_sequence_and_trains(
             record, donor = by_tokens[tuple(example)], by_tokens[tuple(examples[j - 1])]
             assert b["desirable"][j].item() == record["label"]
             p, q = prompt_length(record.tokens), prompt_length(donor.tokens)
-            assert mixed == example[:p] + donor.tokens.input_ids[q:]  # its prompt, the previous one's completion
+            assert mixed == example[:p] + donor.tokens.input_ids[q:].tolist()  # its prompt, the previous one's completion
 
     stage.train, stage.eval = stage.train[:12], stage.eval[:4]  # enough to run on, in a few seconds
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)

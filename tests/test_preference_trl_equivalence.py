@@ -64,7 +64,7 @@ def pairs():
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(map(len, rows))
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows])
 
 
 def trl_pair_batch(tokenizer, pairs) -> dict[str, torch.Tensor]:
@@ -201,8 +201,8 @@ def test_kto_matches_trl(model_path, pairs, tmp_path):
     features = [{k: ds[i][k] for k in ("prompt_ids", "completion_ids", "KL_completion_ids", "label")}
                 for i in range(len(ds))]
     for seq, f, g in zip(seqs, features, features[-1:] + features[:-1]):  # same tokens, same rotation
-        assert seq.input_ids == f["prompt_ids"] + f["completion_ids"]
-        assert seq.labels == [IGNORE_INDEX] * len(f["prompt_ids"]) + f["completion_ids"]
+        assert seq.input_ids.tolist() == f["prompt_ids"] + f["completion_ids"]
+        assert seq.labels.tolist() == [IGNORE_INDEX] * len(f["prompt_ids"]) + f["completion_ids"]
         assert f["KL_completion_ids"] == g["completion_ids"]
     batch = trainer.data_collator(features)
     expected, grad_trl = loss_and_gradients(policy, lambda: trainer._compute_loss(policy, dict(batch), False))

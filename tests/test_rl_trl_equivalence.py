@@ -99,7 +99,7 @@ def test_reward_model_loss_matches_trl(arithmetic_model, tmp_path):
     pairs = _pairs()
     seqs = [(tokenize_completion(tok, p["prompt"], p["chosen"], None), tokenize_completion(tok, p["prompt"], p["rejected"], None))
             for p in pairs]
-    features = [{"chosen_ids": c.input_ids, "rejected_ids": r.input_ids} for c, r in seqs]
+    features = [{"chosen_ids": c.input_ids.tolist(), "rejected_ids": r.input_ids.tolist()} for c, r in seqs]
     args = RewardConfig(output_dir=str(tmp_path / "rm"), report_to=[], use_cpu=True, bf16=False,
                         per_device_train_batch_size=len(pairs))
     trainer = RewardTrainer(model=model, args=args, processing_class=tok,

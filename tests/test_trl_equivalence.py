@@ -205,8 +205,8 @@ def test_trl_trains_on_exactly_our_assistant_tokens(model_path, tokenizer, world
     assert len(features) == len(examples)
     for example, theirs in zip(examples, features):
         ours = tokenize_conversation(tokenizer, example["messages"], MAX_LENGTH)
-        assert theirs["input_ids"] == ours.input_ids
-        assert theirs["labels"] == ours.labels  # token by token, -100 on everything but assistant turns
+        assert theirs["input_ids"] == ours.input_ids.tolist()
+        assert theirs["labels"] == ours.labels.tolist()  # token by token, -100 on everything but assistant turns
 
 
 def test_sft_loss_matches_trl_padded_and_packed(model_path, tokenizer, world, tmp_path):
@@ -279,7 +279,7 @@ def test_packed_row_computes_each_sequence_alone(model_path, tokenizer, world, a
     start = 0
     for seq in seqs:
         with torch.no_grad():
-            alone = model(input_ids=torch.tensor([seq.input_ids]), use_cache=False).logits[0]
+            alone = model(input_ids=torch.tensor([seq.input_ids.tolist()]), use_cache=False).logits[0]
         assert (packed[start : start + len(seq)] - alone).abs().max().item() < TOL
         start += len(seq)
 
@@ -326,8 +326,8 @@ def test_dpo_loss_matches_trl(model_path, tokenizer, world, tmp_path, loss_type,
     for pair, f in zip(pairs, features):
         for side in ("chosen", "rejected"):
             ours = tokenize_completion(tokenizer, pair["prompt"], pair[side], MAX_LENGTH)
-            assert ours.input_ids == f["prompt_ids"] + f[f"{side}_ids"]
-            assert ours.labels == [IGNORE_INDEX] * len(f["prompt_ids"]) + f[f"{side}_ids"]
+            assert ours.input_ids.tolist() == f["prompt_ids"] + f[f"{side}_ids"]
+            assert ours.labels.tolist() == [IGNORE_INDEX] * len(f["prompt_ids"]) + f[f"{side}_ids"]
 
     # Ours: each pair packed into one row, per-sequence sums, policy and frozen reference.
     policy_sums, counts, ref_sums = [], [], []

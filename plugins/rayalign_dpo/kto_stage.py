@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from pydantic import Field
 
 from rayalign.data.chat import Tokenized, tokenize_completion
 from rayalign.data.packing import collate_packed, group_by_tokens
+from rayalign.data.validation import within_max_length
 from rayalign.errors import DataError
 from rayalign.training.losses import IGNORE_INDEX
 from rayalign_dpo.stage import DPOStage, PairedSequences, PreferenceConfig
@@ -39,7 +41,8 @@ def prompt_length(seq: Tokenized) -> int:
 def mismatched(example: Tokenized, other: Tokenized) -> Tokenized:
     """``example``'s prompt followed by ``other``'s completion, labelled as in ``other``."""
     p, q = prompt_length(example), prompt_length(other)
-    return Tokenized(example.input_ids[:p] + other.input_ids[q:], [IGNORE_INDEX] * p + other.labels[q:])
+    labels = np.concatenate([np.full(p, IGNORE_INDEX, dtype=other.labels.dtype), other.labels[q:]])
+    return Tokenized(np.concatenate([example.input_ids[:p], other.input_ids[q:]]), labels)
 
 
 @dataclass
@@ -68,8 +71,10 @@ class KTOStage(DPOStage):
     def _prepare_terms(self, plugins, key: str) -> None:
         pass  # DPO's extra terms (unlikelihood, chosen NLL) have no meaning here
 
-    def _tokenize(self, tok, r) -> Tokenized:
-        return tokenize_completion(tok, r["prompt"], r["completion"], None, r.where)
+    def _tokenize_records(self, tok, records):
+        """The examples within ``max_length`` and their tokens (an over-long one is a bad record)."""
+        return within_max_length(records, lambda r: tokenize_completion(tok, r["prompt"], r["completion"], None, r.where),
+                                 self.config.max_length)
 
     def _annotate(self, records, path: str | None) -> None:
         pass  # no marks to read beside the records

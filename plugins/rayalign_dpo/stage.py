@@ -26,12 +26,13 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
-from rayalign.data.chat import Tokenized, tokenize_completion
+from rayalign.data.chat import Tokenized
+from rayalign.data.chat_tokens import tokenize_pairs
 from rayalign.data.datasets import load_records, split
 from rayalign.data.packing import collate_packed, group_by_tokens
 from rayalign.data.sources import data_keys, dataset_path
 from rayalign.data.readers import jsonl_rows
-from rayalign.data.validation import RecordProblem, within_max_length
+from rayalign.data.validation import RecordProblem
 from rayalign.errors import ConfigError, DataError
 from rayalign.stage import Stage, StageResult
 from rayalign.training.labelled_logps import LogitsMode, labelled_sequence_logps, wants_labelled
@@ -175,7 +176,7 @@ def with_chosen_prompts(sequences: list[Tokenized]) -> dict[str, torch.Tensor]:
     n, labels, ids = len(sequences), [], []
     for k, seq in enumerate(sequences):
         chosen = k % 2 == 0
-        labels += [IGNORE_INDEX] + (seq.input_ids[1:] if chosen else seq.labels[1:])
+        labels += [IGNORE_INDEX] + (seq.input_ids[1:] if chosen else seq.labels[1:]).tolist()
         ids += [n + k if chosen and label == IGNORE_INDEX else k for label in seq.labels]
     return {"nll_labels": torch.tensor([labels]), "nll_sequence_ids": torch.tensor([ids])}
 
@@ -248,7 +249,7 @@ class DPOStage(Stage):
 
         records, self.source = load_records(path, self.data_kind, self.formats, run.seed)
         tok = AutoTokenizer.from_pretrained(model or resolve_model(run))
-        records, tokenized = within_max_length(records, lambda r: self._tokenize(tok, r), self.config.max_length)
+        records, tokenized = self._tokenize_records(tok, records)
         for record, tokens in zip(records, tokenized):
             record.tokens = tokens
         self._annotate(records, path)
@@ -256,9 +257,10 @@ class DPOStage(Stage):
         fraction = run.data.eval_fraction if self.config.eval_fraction is None else self.config.eval_fraction
         self.train, self.eval = split(records, fraction, run.seed, key=lambda r: json.dumps(r["prompt"]))
 
-    def _tokenize(self, tok, r) -> tuple[Tokenized, Tokenized]:
-        return (tokenize_completion(tok, r["prompt"], r["chosen"], None, r.where),
-                tokenize_completion(tok, r["prompt"], r["rejected"], None, r.where))
+    def _tokenize_records(self, tok, records):
+        """The records within ``max_length`` and their (chosen, rejected) tokens, from the token cache
+        when this data was tokenized before (as SFT's chats are); an over-long pair is a bad record."""
+        return tokenize_pairs(records, tok, self.config.max_length)
 
     def _annotate(self, records, path: str | None) -> None:
         flagged = unlikelihood_flags(path)

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from rayalign.data.chat import tokenize_completion
+from rayalign.data.chat_tokens import tokenize_pairs
 from rayalign.data.datasets import load_records, split
 from rayalign.data.packing import collate_packed, group_by_tokens
 from rayalign.data.sources import dataset_path
-from rayalign.data.validation import within_max_length
 from rayalign.errors import DataError
 from rayalign.stage import Produces, Stage, StageResult
 from rayalign.training.loop import TrainerSession, TrainingConfig
@@ -80,12 +79,8 @@ class RewardModelStage(Stage):
         path = dataset_path(run, cfg.dataset, where=f"stages[{index}].reward_model.dataset")
         records, self.source = load_records(path, "preference", plugins.formats, run.seed)
         tok = AutoTokenizer.from_pretrained(artifacts.model)
-
-        def tokenize(r):
-            return (tokenize_completion(tok, r["prompt"], r["chosen"], None, r.where),
-                    tokenize_completion(tok, r["prompt"], r["rejected"], None, r.where))
-
-        records, pairs = within_max_length(records, tokenize, cfg.max_length)
+        # From the token cache when these pairs and this tokenizer were seen before (a restarted run).
+        records, pairs = tokenize_pairs(records, tok, cfg.max_length)
         self.train, self.eval = split(pairs, run.data.eval_fraction, run.seed)
 
     def produces(self) -> Produces:

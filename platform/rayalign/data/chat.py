@@ -11,21 +11,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from rayalign.data.labels import IGNORE_INDEX
 from rayalign.errors import DataError
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class Tokenized:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX where no loss is taken
+    """One sequence's ids and labels as int32 arrays: 4 bytes a token each, not a list's pointer and int.
+
+    Lists given are converted; int32 arrays are kept as they are, so the token cache hands out views
+    of one flat buffer (``token_cache.load``). Compare with ``==`` on two ``Tokenized`` (element-wise
+    equality of both arrays), and with ``.tolist()`` against a list.
+    """
+
+    input_ids: np.ndarray
+    labels: np.ndarray  # IGNORE_INDEX where no loss is taken
+
+    def __post_init__(self) -> None:
+        self.input_ids = np.asarray(self.input_ids, dtype=np.int32)
+        self.labels = np.asarray(self.labels, dtype=np.int32)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tokenized):
+            return NotImplemented
+        return bool(np.array_equal(self.input_ids, other.input_ids) and np.array_equal(self.labels, other.labels))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the list version was
+
     @property
     def num_trained(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        return int(np.count_nonzero(self.labels != IGNORE_INDEX))
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
@@ -66,5 +86,6 @@ def tokenize_completion(
     tokenized = tokenize_conversation(tokenizer, prompt + completion, max_length=max_length, where=where)
     prompt_len = len(tokenize_prompt(tokenizer, prompt))
     # Assistant turns inside the prompt (few-shot history) are context, not what is preferred.
-    labels = [IGNORE_INDEX] * min(prompt_len, len(tokenized)) + tokenized.labels[prompt_len:]
+    labels = tokenized.labels.copy()
+    labels[:prompt_len] = IGNORE_INDEX
     return Tokenized(tokenized.input_ids, labels)

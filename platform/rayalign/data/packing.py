@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from rayalign.data.chat import Tokenized
@@ -40,15 +41,17 @@ def group_by_tokens(lengths: Sequence[int], max_tokens: int, seed: int) -> list[
 
 
 def collate_packed(sequences: Sequence[Tokenized]) -> dict[str, torch.Tensor]:
-    """One packed row: ``input_ids``, ``position_ids``, ``labels``, ``sequence_ids`` of shape [1, T]."""
-    input_ids, position_ids, labels, sequence_ids = [], [], [], []
-    for k, seq in enumerate(sequences):
-        input_ids += seq.input_ids
-        position_ids += range(len(seq))
-        # The first token of a sequence must not be scored by the last token of the previous one.
-        labels += [IGNORE_INDEX] + seq.labels[1:]
-        sequence_ids += [k] * len(seq)
-    as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
+    """One packed row: ``input_ids``, ``position_ids``, ``labels``, ``sequence_ids`` of shape [1, T] (int64)."""
+    lengths = np.array([len(seq) for seq in sequences], dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    empty = np.zeros(0, dtype=np.int32)
+    input_ids = np.concatenate([empty, *(seq.input_ids for seq in sequences)])
+    labels = np.concatenate([empty, *(seq.labels for seq in sequences)])  # a copy: the sequences stay as they are
+    # The first token of a sequence must not be scored by the last token of the previous one.
+    labels[starts[lengths > 0]] = IGNORE_INDEX
+    position_ids = np.arange(len(input_ids)) - np.repeat(starts, lengths)
+    sequence_ids = np.repeat(np.arange(len(sequences)), lengths)
+    as_row = lambda xs: torch.from_numpy(xs.astype(np.int64)).unsqueeze(0)  # noqa: E731
     return {
         "input_ids": as_row(input_ids),
         "position_ids": as_row(position_ids),
