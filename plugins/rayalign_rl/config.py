@@ -11,6 +11,7 @@ from rayalign.rewards import reward_options
 from rayalign.training.labelled_logps import LogitsMode
 from rayalign.training.loop import TrainingConfig
 from rayalign_rl.advantages import stage_estimator
+from rayalign_rl.async_rollout import AsyncRollout
 
 REWARD_MODEL_TERM = "reward_model"  # the term scored by the stage's reward model, not a registered reward
 
@@ -109,6 +110,9 @@ class RLConfig(TrainingConfig):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     grad_accum: int = Field(4, ge=1, description="packed micro-batches per optimizer step per rank")
     max_tokens_per_micro_batch: int = Field(4096, ge=8, description="packing budget of one row")
+    async_rollout: AsyncRollout | None = Field(None, description="asynchronous RL: the engines generate the next "
+                                               "step's answers while the trainers train (needs the engines on "
+                                               "GPUs of their own, not resources.colocate)")
 
     _needs_critic: bool | None = PrivateAttr(None)
 

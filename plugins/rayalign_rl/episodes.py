@@ -35,13 +35,15 @@ class Episode:
         return len(self.prompt_ids) + len(self.completion_ids)
 
 
-def current_episodes(prompts: list[list[int]], grouped: list[list], version: int) -> tuple[list[Episode], int]:
-    """Episodes from completions sampled under weights ``version``, and how many answers were
-    stale (sampled under another version) and dropped. A prompt keeps its answers only if all are
-    current: group baselines (GRPO, RLOO) need whole groups."""
+def current_episodes(prompts: list[list[int]], grouped: list[list], version: int,
+                     max_staleness: int = 0) -> tuple[list[Episode], int]:
+    """Episodes from completions sampled under weights ``version`` (or, asynchronous RL, up to
+    ``max_staleness`` versions before it), and how many answers were stale (sampled under any
+    other version) and dropped. A prompt keeps its answers only if all are current: group
+    baselines (GRPO, RLOO) need whole groups."""
     episodes, stale = [], 0
     for i, completions in enumerate(grouped):
-        if any(c.weights_version != version for c in completions):
+        if any(not version - max_staleness <= c.weights_version <= version for c in completions):
             stale += len(completions)
             continue
         episodes += [Episode(i, prompts[i], c.token_ids, c.text, c.finish_reason, c.weights_version,

@@ -47,6 +47,7 @@ from rayalign.workers.reference import ReferenceWorker
 from rayalign.workers.reward import RewardWorker
 from rayalign.workers.rollout import RolloutWorker
 from rayalign_rl import advantages as adv
+from rayalign_rl.async_rollout import Prefetch, prefetch_for
 from rayalign_rl.colocation import STARTUP_SLEEP_LEVEL, Colocation
 from rayalign_rl.config import RLConfig
 from rayalign_rl.episodes import Episode, PackedRow, current_episodes, gather, informative_groups, pack, scatter
@@ -77,6 +78,8 @@ _shards = round_robin  # the rollout engines' sharding, for the reward-model and
 
 
 class RLLoop:
+    prefetch: Prefetch | None = None  # async_rollout: the batches generated a step ahead
+
     def __init__(self, ctx: StageContext, cfg: RLConfig, placement: dict[str, Placement],
                  train: list[Prompt], held_out: list[Prompt], rewards: list[RewardFn], reward_model: str | None,
                  plan: ColocatedPlan | None = None):
@@ -141,6 +144,7 @@ class RLLoop:
                                ctx.run.resources.weight_sync_transport)
         roles = {"rollout": self.engines, "trainer": self.policy, "critic": self.critic,
                  "reference": self.reference, "reward": self.reward_model}
+        self.prefetch = prefetch_for(self)
         self.gpu = Colocation(
             self.engines, [g for g in (self.policy, self.critic) if g is not None],
             [g for g in (self.reference, self.reward_model) if g is not None], self.sync, self.timeouts.step_s,
@@ -296,7 +300,9 @@ class RLLoop:
     def step(self, step: int) -> dict:
         cfg, t, filtered = self.cfg, {}, {}
         clock = time.monotonic()
-        if cfg.dynamic_sampling:
+        if self.prefetch is not None:
+            prompts, episodes, stale, filtered = self.prefetch.take(step)
+        elif cfg.dynamic_sampling:
             prompts, episodes, stale, filtered = self.sample_informative(step)
         else:
             prompts = self.step_prompts(step)
@@ -331,6 +337,8 @@ class RLLoop:
             collect(episodes)
         self.gpu.after_score()
         self.advantages(prompts, episodes)
+        if self.prefetch is not None:
+            filtered |= self.prefetch.correct(episodes)
         t["score"] = time.monotonic() - clock
         memory |= self.gpu.phase_memory("score")
 
@@ -343,6 +351,8 @@ class RLLoop:
         policy_metrics, critic_metrics = self.update(step, rows, trained)
         t["train"] = time.monotonic() - clock
         memory |= self.gpu.phase_memory("train")
+        if self.prefetch is not None:  # the next batch's generation ends before the sync
+            t["generate"] += self.prefetch.finish_generation()
         clock = time.monotonic()
         sync = self.gpu.sync_weights()
         t["sync"] = time.monotonic() - clock

@@ -15,6 +15,7 @@ from rayalign.data.datasets import load_records, split
 from rayalign.data.sources import dataset_path
 from rayalign.errors import ConfigError, DataError
 from rayalign.stage import Produces, Stage, StageResult
+from rayalign_rl.async_rollout import check_async
 from rayalign_rl.config import GRPOConfig, PPOConfig, RLConfig
 from rayalign_rl.loop import Prompt, RewardFn, RLLoop
 from rayalign_rl.losses import rl_losses
@@ -50,6 +51,7 @@ class RLStage(Stage):
             # run while the engines hold the shared GPU, which the colocated memory plan does not count.
             raise ConfigError(f"{where}.dynamic_sampling", "not with a reward model on GPUs the engines share "
                               "(resources.colocate): give the reward model GPUs of its own, or use rule rewards only")
+        check_async(cfg, run, where)
         rl_losses(plugins.losses, cfg, where)  # a wrong name, family or option stops here, before any worker
         path = dataset_path(run, cfg.prompts, where=f"{where}.prompts")
         records, self.source = load_records(path, "prompt", plugins.formats, run.seed)
