@@ -204,3 +204,36 @@ def test_the_hook_registers_calculator_and_the_cli_lists_it(capsys):
         EnvironmentSettings(name="calculator", options={"cal_reward": 1}).check_plugins(pm, "stages[0].grpo.environment")
     with pytest.raises(ConfigError, match="no plugin provides environment 'calc'"):
         EnvironmentSettings(name="calc").check_plugins(pm, "stages[0].grpo.environment")
+
+
+def test_one_rl_step_trains_the_episodes_of_an_environment(tmp_path, tokenizer):
+    """A real ``RLLoop.step`` with the fake actors of test_colocation_order: sample goes through the
+    environment, the trainer gets the observations unlabelled, the step reports ``env/`` metrics."""
+    import json
+
+    from rayalign.rollout.vllm_engine import CompletionBatch
+    from rayalign.testing import start_local_ray
+    from test_colocation_order import FakeEngine, make_loop
+
+    start_local_ray(num_cpus=1)
+    loop, _ = make_loop(tmp_path, tokenizer, colocated=False, offload=False)
+    loop.cfg.environment = settings(max_turns=3)
+    call, answer = (tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                    for t in ("<calc>6*7</calc>", "最终结果是42"))
+
+    class ToolEngine(FakeEngine):
+        def generate_batch(self, prompts, sampling):
+            turns = [call if len(p) <= 3 else answer for p in prompts for _ in range(sampling.n)]  # prompts: 3 ids
+            offsets = np.cumsum([0] + [len(t) for t in turns])
+            return CompletionBatch(np.repeat(np.arange(len(prompts), dtype=np.int32), sampling.n), offsets,
+                                   np.concatenate(turns).astype(np.int32), np.full(offsets[-1], -0.5, np.float32),
+                                   ["stop"] * len(turns), None, weights_version=self.version)
+
+    loop.engines.obj = ToolEngine()
+    metrics = loop.step(0)
+    assert metrics["env/end/done"] == 4.0 and metrics["env/errors"] == 0.0 and metrics["env/info/tool_calls"] == 1.0
+    assert metrics["env/turns"] == 2.0 and metrics["episodes"] == 4.0
+    labels = np.concatenate([np.asarray(b["labels"])[0] for b in loop.policy.obj.batches])
+    assert np.count_nonzero(labels != IGNORE_INDEX) == 4 * (len(call) + len(answer))  # the model's tokens only
+    logged = [json.loads(line) for line in loop.rollouts_path.read_text().splitlines()]
+    assert {r["environment"]["end_reason"] for r in logged} == {"done"} and logged[0]["completion"] == "最终结果是42"
