@@ -175,13 +175,16 @@ def test_truncated_importance_weights_match_the_formula():
     assert metrics["async/tis_weight_mean"] == pytest.approx(np.mean(hand))
 
 
-def test_async_is_refused_with_colocated_engines_and_with_dynamic_sampling():
+def test_async_is_refused_with_colocated_engines_dynamic_sampling_and_environments():
     run = RunConfig(resources={"colocate": True, "trainer": {"num_gpus": 1}})
     stage = GRPOStage(GRPOConfig(async_rollout={"max_staleness": 1}))
     with pytest.raises(ConfigError, match=r"stages\[0\]\.grpo\.async_rollout: not with resources\.colocate"):
         stage.prepare(run, get_plugin_manager(), None, 0)
     stage = GRPOStage(GRPOConfig(async_rollout={"max_staleness": 1}, dynamic_sampling=True))
     with pytest.raises(ConfigError, match=r"stages\[0\]\.grpo\.async_rollout: not with dynamic_sampling"):
+        stage.prepare(RunConfig(), get_plugin_manager(), None, 0)
+    stage = GRPOStage(GRPOConfig(async_rollout={"max_staleness": 1}, environment={"name": "calculator"}))
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.grpo\.async_rollout: not with environment"):
         stage.prepare(RunConfig(), get_plugin_manager(), None, 0)
     with pytest.raises(ValueError, match="max_staleness"):
         PPOConfig(async_rollout={"max_staleness": -1})

@@ -52,7 +52,7 @@ def test_every_example_in_the_reference_registers_what_it_says():
     pm = PluginManager(extra_plugins=tuple(modules))
     assert "count" in pm.stages and "hinge" in pm.losses and "short_answer" in pm.rewards
     assert "question_rate" in pm.metrics and "alpaca" in pm.formats and "jsonl" in pm.trackers
-    assert "explains" in pm.rewards and "median" in pm.advantage_estimators
+    assert "explains" in pm.rewards and "median" in pm.advantage_estimators and "echo" in pm.environments
     loss, _ = pm.losses.get("hinge", where="doc")(beta=0.1)(*[__import__("torch").zeros(2)] * 4)
     assert loss.item() == 1.0
     alpaca = pm.formats.get("alpaca", where="doc").convert({"instruction": "Add", "input": "1+1", "output": "2"})

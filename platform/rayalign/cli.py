@@ -66,7 +66,7 @@ def cmd_plugins(args) -> None:
         status = f"BROKEN: {info.error}" if info.broken else f"hooks: {', '.join(info.hooks)}"
         print(f"{info.name:<24} {info.package} {info.version}  {status}")
     for kind in ("stages", "losses", "metrics", "rewards", "advantage_estimators", "formats", "detectors", "filters",
-                 "trackers"):
+                 "trackers", "environments"):
         registry = getattr(pm, kind)
         print(f"{kind}: {', '.join(f'{n} ({registry.owner[n]})' for n in registry) or '-'}")
 
@@ -84,7 +84,8 @@ def describe(pm, name: str) -> str:
     for kind, registry in (("loss", pm.losses), ("metric", pm.metrics), ("reward", pm.rewards),
                            ("data format", pm.formats), ("detector", pm.detectors),
                            ("filter", pm.filters), ("tracker", pm.trackers),
-                           ("advantage estimator", pm.advantage_estimators)):
+                           ("advantage estimator", pm.advantage_estimators),
+                           ("environment", pm.environments)):
         if name in registry:
             item = registry.get(name, where=name)
             text = f"{kind} {name} (plugin {registry.owner[name]}): {first_line(item.__doc__)}"
@@ -94,6 +95,8 @@ def describe(pm, name: str) -> str:
                             if getattr(item, "family", None) == "preference" else ""))
             if kind == "advantage estimator":
                 text += f"\n  needs_critic: {item.needs_critic}, min_group_size: {item.min_group_size}"
+            if kind == "environment":
+                text += f"\n  stateful: {item.stateful}"
             # losses: Options; a reward without a declared Config: its keyword parameters
             schema = reward_schema(item) if kind == "reward" else (getattr(item, "Config", None)
                                                                    or getattr(item, "Options", None))

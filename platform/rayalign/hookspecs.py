@@ -19,6 +19,7 @@ import pluggy
 if TYPE_CHECKING:
     from rayalign.data.filters import Filter
     from rayalign.data.formats import DataFormat
+    from rayalign.environments import Environment
     from rayalign.evaluation.detectors import Detector
     from rayalign.metrics import Metric
     from rayalign.stage import Stage
@@ -27,9 +28,9 @@ if TYPE_CHECKING:
     from rayalign.training.losses import Loss
 
 PROJECT = "rayalign"
-HOOKSPEC_VERSION = "1.5"  # 1.1: register_detectors; 1.2: register_filters; 1.3: register_trackers;
+HOOKSPEC_VERSION = "1.6"  # 1.1: register_detectors; 1.2: register_filters; 1.3: register_trackers;
 # 1.4: a loss declares its family and typed options; 1.5: rewards and metrics declare their options
-# (checked before any work), register_advantage_estimators
+# (checked before any work), register_advantage_estimators; 1.6: register_environments (multi-turn RL)
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -155,4 +156,19 @@ def register_advantage_estimators(register: Callable[[type["AdvantageEstimator"]
     ``estimate(batch)`` turns an ``AdvantageBatch`` (rewards, per-token KL, group size, values)
     into ``Advantages`` (one value per token of each answer). The name and options are checked
     before any work.
+    """
+
+
+@hookspec
+def register_environments(register: Callable[[type["Environment"]], None]) -> None:
+    """Register multi-turn environments for the RL stages (``ppo``, ``grpo``).
+
+    Call ``register(EnvironmentClass)``, a subclass of ``rayalign.environments.Environment``.
+    ``name`` is what a stage's ``environment.name`` names; ``Config`` is its pydantic options schema
+    (``environment.options``, checked before any work). One instance serves one episode:
+    ``reset(prompt)`` once, then ``step(conversation, last_turn_text, last_turn_token_ids)`` after
+    every model turn, returning an ``Observation`` (the next message as text or token ids, a reward
+    contribution, ``done``, ``info``). ``stateful = True`` runs each instance in a Ray actor of its
+    own (``actor_options``). An environment that raises or times out ends only its episode, with
+    the reason recorded.
     """

@@ -144,6 +144,7 @@ _REGISTRIES = {  # property -> (hook, kind)
     "filters": ("register_filters", "filter"),
     "trackers": ("register_trackers", "tracker"),
     "advantage_estimators": ("register_advantage_estimators", "advantage estimator"),
+    "environments": ("register_environments", "environment"),
 }
 
 
@@ -337,6 +338,10 @@ class PluginManager:
     @property
     def advantage_estimators(self) -> Registry:
         return self._registry("advantage_estimators")
+
+    @property
+    def environments(self) -> Registry:
+        return self._registry("environments")
 
 
 class _SetAside(Exception):

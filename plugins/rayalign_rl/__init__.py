@@ -1,8 +1,10 @@
-"""Built-in online RL: the PPO and GRPO/RLOO stages, their losses, advantage estimators and rule-based rewards."""
+"""Built-in online RL: the PPO and GRPO/RLOO stages, their losses, advantage estimators, rule-based rewards
+and the ``calculator`` multi-turn environment."""
 
 from rayalign.hookspecs import hookimpl
 
 from rayalign_rl.advantages import ESTIMATORS
+from rayalign_rl.calculator import CalculatorEnvironment
 from rayalign_rl.losses import POLICY_LOSSES, ClippedValueLoss
 from rayalign_rl.rewards import RULE_REWARDS
 from rayalign_rl.stage import GRPOStage, PPOStage
@@ -31,3 +33,8 @@ def register_rewards(register):
 def register_advantage_estimators(register):
     for estimator in ESTIMATORS:
         register(estimator)
+
+
+@hookimpl
+def register_environments(register):
+    register(CalculatorEnvironment)

@@ -63,6 +63,9 @@ def check_async(cfg, run, where: str) -> None:
     if cfg.dynamic_sampling:
         raise ConfigError(f"{where}.async_rollout", "not with dynamic_sampling: its rounds score each batch "
                           "before sampling the next, so no batch can be generated ahead")
+    if cfg.environment is not None:
+        raise ConfigError(f"{where}.async_rollout", "not with environment: a multi-turn episode waits on its "
+                          "environment between turns, and the batch generated ahead is single-turn")
 
 
 def tis_weights(trainer_logps: np.ndarray, sampler_logps: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray]:

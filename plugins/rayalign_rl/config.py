@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from rayalign.errors import ConfigError
+from rayalign.options import validate_options
 from rayalign.rewards import reward_options
 from rayalign.training.labelled_logps import LogitsMode
 from rayalign.training.loop import TrainingConfig
@@ -31,6 +32,27 @@ class RewardTerm(BaseModel):
                 raise ConfigError(f"{where}.options", "the reward model term takes no options")
             return
         self.options = reward_options(plugins, self.name, self.options, where)
+
+
+class EnvironmentSettings(BaseModel):
+    """A multi-turn environment for the RL stage's episodes (``rayalign_rl.multiturn``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="a registered environment (`rayalign plugins` lists them), e.g. `calculator`")
+    max_turns: int = Field(4, ge=1, description="model turns per episode (end reason `max_turns`)")
+    max_total_tokens: int = Field(1024, ge=1, description="tokens after the prompt per episode, the model's and "
+                                  "the observations' (end reason `max_tokens`); each turn is also capped at "
+                                  "max_new_tokens")
+    max_episode_s: float = Field(300.0, gt=0, description="wall time of one episode (end reason `timeout`)")
+    timeout_s: float = Field(30.0, gt=0, description="one environment call, reset or step (end reason "
+                             "`env_timeout`)")
+    options: dict[str, Any] = Field({}, description="the environment's options (`rayalign plugins show <name>`)")
+
+    def check_plugins(self, plugins, where: str) -> None:
+        """With the rest of the config: the environment exists and its options are its own."""
+        cls = plugins.environments.get(self.name, where=f"{where}.name")
+        self.options = validate_options(cls.Config, self.options, f"{where}.options", "environment",
+                                        self.name).model_dump()
 
 
 class RLConfig(TrainingConfig):
@@ -99,6 +121,8 @@ class RLConfig(TrainingConfig):
     rewards: list[RewardTerm] = Field([RewardTerm(name="exact_match")], description="rewards summed with weights")
     reward_model: str | None = Field(None, description="a model named by an earlier stage (`reward_model`) or a "
                                      "path; scores answers as the reward term named `reward_model`")
+    environment: EnvironmentSettings | None = Field(None, description="a multi-turn environment: episodes "
+                                                    "alternate model turns and its observations (docs/rl.md)")
     eval_every: int = Field(5, ge=1, description="steps between held-out evaluations (greedy)")
     eval_prompts: int = Field(64, ge=1, description="held-out prompts evaluated (at most)")
     eval_fraction: float | None = Field(None, ge=0, lt=1, description="share of the prompts held out for the "

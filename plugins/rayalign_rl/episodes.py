@@ -3,6 +3,10 @@
 Per-token quantities (log-probs, values, advantages) live per episode as arrays over the answer's
 tokens. In a packed row they sit at the answer tokens' label positions: ``scatter`` puts them
 there and ``gather`` reads a model's shifted outputs (position t-1 scores label t) back out.
+
+A multi-turn episode (``rayalign_rl.multiturn``) has a ``loss_mask`` over ``completion_ids``: True
+on the tokens the model sampled, False on the environment's observations. Only the masked tokens
+are labelled, and its per-token arrays hold one value per model token.
 """
 
 from __future__ import annotations
@@ -30,9 +34,28 @@ class Episode:
     reward: float = 0.0
     reward_terms: dict[str, float] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # old_logps, ref_logps, values, ...
+    loss_mask: np.ndarray | None = None  # multi-turn: True on the model's tokens of completion_ids
+    info: dict = field(default_factory=dict)  # multi-turn: end_reason, turns, the transcript, ...
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
+
+    @property
+    def num_trained(self) -> int:
+        """The answer tokens the model sampled: what the per-token arrays cover."""
+        return len(self.completion_ids) if self.loss_mask is None else int(np.count_nonzero(self.loss_mask))
+
+    def labels(self) -> list[int]:
+        """``completion_ids`` where the loss is taken, IGNORE_INDEX on observations."""
+        if self.loss_mask is None:
+            return list(self.completion_ids)
+        return np.where(self.loss_mask, np.asarray(self.completion_ids), IGNORE_INDEX).tolist()
+
+    def trained_offsets(self) -> np.ndarray:
+        """Offsets in ``completion_ids`` of the tokens the loss covers."""
+        if self.loss_mask is None:
+            return np.arange(len(self.completion_ids))
+        return np.flatnonzero(self.loss_mask)
 
 
 def current_episodes(prompts: list[list[int]], grouped: list[list], version: int,
@@ -78,12 +101,11 @@ def pack(episodes: list[Episode], max_tokens: int, seed: int) -> list[PackedRow]
     rows = []
     for group in group_by_tokens([len(e) for e in episodes], max_tokens, seed):
         seqs = [Tokenized(episodes[i].prompt_ids + episodes[i].completion_ids,
-                          [IGNORE_INDEX] * len(episodes[i].prompt_ids) + episodes[i].completion_ids) for i in group]
+                          [IGNORE_INDEX] * len(episodes[i].prompt_ids) + episodes[i].labels()) for i in group]
         batch = collate_packed(seqs)
         positions, start = [], 0
         for i in group:
-            begin = start + len(episodes[i].prompt_ids)
-            positions.append(np.arange(begin, begin + len(episodes[i].completion_ids)))
+            positions.append(start + len(episodes[i].prompt_ids) + episodes[i].trained_offsets())
             start += len(episodes[i])
         rows.append(PackedRow(batch, list(group), positions))
     return rows

@@ -47,6 +47,7 @@ from rayalign.workers.reference import ReferenceWorker
 from rayalign.workers.reward import RewardWorker
 from rayalign.workers.rollout import RolloutWorker
 from rayalign_rl import advantages as adv
+from rayalign_rl import multiturn
 from rayalign_rl.async_rollout import Prefetch, prefetch_for
 from rayalign_rl.colocation import STARTUP_SLEEP_LEVEL, Colocation
 from rayalign_rl.config import RLConfig
@@ -183,7 +184,10 @@ class RLLoop:
 
     def sample(self, prompts: list[Prompt], sampling: Sampling) -> tuple[list[Episode], int]:
         """Episodes sampled under the current weights, and how many stale answers were dropped.
-        A prompt keeps its answers only if all are current (group baselines need whole groups)."""
+        A prompt keeps its answers only if all are current (group baselines need whole groups).
+        With an ``environment``, each episode is a multi-turn exchange (``multiturn``)."""
+        if self.cfg.environment is not None:
+            return multiturn.runner(self).run(prompts, sampling, self.sync.version)
         grouped = generate_sharded(self.engines, [p.ids for p in prompts], sampling, self.timeouts.step_s)
         episodes, stale = current_episodes([p.ids for p in prompts], grouped, self.sync.version)
         self.decode(episodes)
@@ -257,8 +261,9 @@ class RLLoop:
                     for i, value in zip(shard, scores):
                         for name in model_terms:
                             episodes[i].reward_terms[name] = value
-            for e in episodes:
-                e.reward = sum(t.weight * e.reward_terms[t.name] for t in self.rewards)
+            for e in episodes:  # plus a multi-turn environment's rewards, when there is one
+                e.reward = sum(t.weight * e.reward_terms[t.name] for t in self.rewards) \
+                    + e.reward_terms.get(multiturn.ENV_REWARD, 0.0)
 
         return finish
 
@@ -284,7 +289,7 @@ class RLLoop:
         cfg = self.cfg
         for e in episodes:
             e.arrays["kl"] = (e.arrays["old_logps"] - e.arrays["ref_logps"]) if "ref_logps" in e.arrays \
-                else np.zeros(len(e.completion_ids), dtype=np.float32)
+                else np.zeros(e.num_trained, dtype=np.float32)
         if getattr(self, "estimator", None) is None:  # resolved here, like the losses, through the registry
             self.estimator = adv.stage_estimator(self.ctx.plugins, cfg, f"stages[{self.ctx.index}].{self.ctx.name}")
         batch = adv.AdvantageBatch(
@@ -359,7 +364,7 @@ class RLLoop:
         memory |= self.gpu.phase_memory("sync")
         self._log_rollouts(step, prompts, episodes)
         return (self.metrics(episodes, stale, t, sync, policy_metrics, critic_metrics) | filtered | memory
-                | self.gpu.take_seconds())
+                | self.gpu.take_seconds() | multiturn.take_metrics(self))
 
     def without_truncated(self, step: int, episodes: list[Episode]) -> tuple[list[PackedRow], list[Episode]]:
         """DAPO's overlong filtering: the episodes whose answers ended before ``max_new_tokens``, and
@@ -411,9 +416,12 @@ class RLLoop:
         if not prompts:
             return {"step": step}
         greedy = Sampling(n=1, temperature=0.0, max_tokens=self.cfg.max_new_tokens, detokenize=False)
-        grouped = generate_sharded(self.engines, [p.ids for p in prompts], greedy, self.timeouts.step_s)
-        episodes = [Episode(i, p.ids, c.token_ids, c.text, c.finish_reason, c.weights_version, np.zeros(0))
-                    for i, (p, cs) in enumerate(zip(prompts, grouped)) for c in cs]
+        if self.cfg.environment is not None:
+            episodes, _ = multiturn.runner(self).run(prompts, greedy, record=False)
+        else:
+            grouped = generate_sharded(self.engines, [p.ids for p in prompts], greedy, self.timeouts.step_s)
+            episodes = [Episode(i, p.ids, c.token_ids, c.text, c.finish_reason, c.weights_version, np.zeros(0))
+                        for i, (p, cs) in enumerate(zip(prompts, grouped)) for c in cs]
         self.decode(episodes)
         self.score(prompts, episodes)
         out = {"step": step, "reward": float(np.mean([e.reward for e in episodes]))}
@@ -461,6 +469,7 @@ class RLLoop:
             "step": step, "prompt": prompts[e.prompt_index].text, "completion": e.text,
             "reference": prompts[e.prompt_index].reference, "reward": e.reward, "rewards": e.reward_terms,
             "weights_version": e.weights_version, "finish_reason": e.finish_reason,
+            **({"environment": e.info} if e.info else {}),
         } for e in episodes), append=True)
 
     def run(self) -> tuple[list[dict], list[dict]]:
