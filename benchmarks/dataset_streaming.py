@@ -130,6 +130,8 @@ def main() -> None:
                         help="directory for the result JSON")
     parser.add_argument("--tokenize", action="store_true", help="also tokenize, then read the tokens from the cache")
     parser.add_argument("--max-length", type=int, default=1024, help="tokens per record when tokenizing")
+    parser.add_argument("--name", default="dataset_streaming", help="result file's name (a run at another size "
+                        "can sit beside the default's)")
     parser.add_argument("--load", help=argparse.SUPPRESS)  # in a format's own process: the path to load
     args = parser.parse_args()
     if args.load:
@@ -153,7 +155,7 @@ def main() -> None:
                 continue
             sides[fmt] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "disk_bytes": disk_bytes(paths[fmt])}
             print(fmt, json.dumps(sides[fmt]), flush=True)
-    common.write_result(args.out, "dataset_streaming" + ("-tokenize" if args.tokenize else ""), {
+    common.write_result(args.out, args.name + ("-tokenize" if args.tokenize else ""), {
         "dry_run": False,
         "settings": {"records": args.records, "words": args.words, "shard_rows": args.shard_rows, "seed": args.seed,
                      "cpus": len(os.sched_getaffinity(0)), "tokenize": args.tokenize, "max_length": args.max_length},
