@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rayalign.data.chat import _render
+from rayalign.data.chat import render_chat
 from rayalign.environments import Environment, Observation
 from rayalign.rollout.sharding import generate_sharded
 from rayalign.rollout.vllm_engine import Completion, Sampling
@@ -49,13 +49,13 @@ class ObservationTokens:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.before = _render(tokenizer, self._BASE, add_generation_prompt=False)
-        opened = _render(tokenizer, self._BASE[:1], add_generation_prompt=True) + \
+        self.before = render_chat(tokenizer, self._BASE, add_generation_prompt=False)
+        opened = render_chat(tokenizer, self._BASE[:1], add_generation_prompt=True) + \
             tokenizer("A", add_special_tokens=False)["input_ids"]
         self.close = self.before[len(opened):] if self.before[: len(opened)] == opened else []
 
     def __call__(self, message: dict) -> list[int]:
-        after = _render(self.tokenizer, self._BASE + [message], add_generation_prompt=True)
+        after = render_chat(self.tokenizer, self._BASE + [message], add_generation_prompt=True)
         if after[: len(self.before)] != self.before:
             raise ValueError(f"the chat template does not render a {message['role']!r} message after an assistant "
                              "turn as tokens appended to it: return Observation(token_ids=...) instead")

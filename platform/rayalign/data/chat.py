@@ -48,7 +48,9 @@ class Tokenized:
         return int(np.count_nonzero(self.labels != IGNORE_INDEX))
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template (rendered as text, then
+    tokenized without adding special tokens: the template places its own)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -59,13 +61,13 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | Non
     ``max_length`` truncates; stages pass None and treat a longer example as a bad record
     (``validation.within_max_length``), so nothing is cut silently.
     """
-    input_ids = _render(tokenizer, messages, add_generation_prompt=False)
+    input_ids = render_chat(tokenizer, messages, add_generation_prompt=False)
     labels = [IGNORE_INDEX] * len(input_ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if input_ids[: len(before)] != before or input_ids[: len(through)] != through:
             raise DataError(where, "the chat template does not render a prefix of the conversation as a token prefix")
         labels[len(before) : len(through)] = through[len(before) :]
@@ -76,7 +78,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | Non
 
 def tokenize_prompt(tokenizer, prompt: list[dict]) -> list[int]:
     """The prompt rendered with the generation prompt, ready for the model to answer."""
-    return _render(tokenizer, prompt, add_generation_prompt=True)
+    return render_chat(tokenizer, prompt, add_generation_prompt=True)
 
 
 def tokenize_completion(
