@@ -19,6 +19,20 @@ os.environ.setdefault("RAYALIGN_STRICT_OUTPUTS", "1")
 os.environ.setdefault("RAY_ADDRESS", "local")
 
 
+def run_recipe(script: str, out: Path, timeout: float) -> tuple[Path, dict[str, dict], str]:
+    """``recipes/<script>`` as the README runs it (its default config) into ``out``: the output
+    directory, each stage's summary record by stage name, and the recipe's stdout."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "recipes" / script), f"output_dir={out}"],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "RAY_ADDRESS": "local"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    return out, {s["stage"]: s for s in summary["stages"]}, proc.stdout
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     from rayalign.embedded import embedded_model_path

@@ -38,7 +38,7 @@ BAD = {
     "wrong_type": ("chat", {"messages": [{"role": "user", "content": 3}, GOOD["messages"][1]]},
                    r"field 'messages\[0\]\.content': expected string"),
     "unknown_role": ("chat", {"messages": [{"role": "bot", "content": "x"}, GOOD["messages"][1]]},
-                     r"field 'messages\[0\]\.role': expected one of system, user, assistant, got 'bot'"),
+                     r"field 'messages\[0\]\.role': expected one of system, user, assistant, tool, got 'bot'"),
     "no_final_assistant": ("chat", {"messages": GOOD["messages"] + [{"role": "user", "content": "and?"}]},
                            r"does not end with an assistant message \(last role: user\)"),
     "duplicate_id": ("chat", {**GOOD, "id": "a3"}, r"duplicate id 'a3' \(first on line 3\)"),

@@ -54,7 +54,7 @@ CASES = {
     "unknown role, fail": (
         lambda t: [f"data.sft={write_lines(t / 'sft.jsonl', [GOOD_CHAT] * 5 + [BOT_CHAT] + [GOOD_CHAT] * 5)}",
                    "data.bad_records=fail"],
-        r"sft\.jsonl:6: field 'messages\[0\]\.role': expected one of system, user, assistant, got 'bot'",
+        r"sft\.jsonl:6: field 'messages\[0\]\.role': expected one of system, user, assistant, tool, got 'bot'",
     ),
     "too long, fail": (
         lambda t: [f"data.sft={write_lines(t / 'sft.jsonl', [GOOD_CHAT] * 3 + [LONG_CHAT] + [GOOD_CHAT] * 30)}",

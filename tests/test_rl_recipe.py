@@ -8,14 +8,12 @@ import logging
 import math
 import os
 import signal
-import subprocess
-import sys
 import types
 from collections import Counter
 
 import pytest
 
-from conftest import REPO
+from conftest import run_recipe
 from rayalign.config import RunConfig
 from rayalign.errors import ConfigError
 from rayalign.pipeline import run_pipeline
@@ -27,12 +25,7 @@ ARITHMETIC = {"prompts": "synthetic:arithmetic/prompts"}
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     """The recipe exactly as the README runs it (its default config), once for the module."""
-    out = tmp_path_factory.mktemp("rl") / "run"
-    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "sft_then_grpo.py"), f"output_dir={out}"],
-                          capture_output=True, text=True, timeout=2400, env={**os.environ, "RAY_ADDRESS": "local"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    return out, {s["stage"]: s for s in summary["stages"]}, proc.stdout
+    return run_recipe("sft_then_grpo.py", tmp_path_factory.mktemp("rl") / "run", timeout=2400)
 
 
 @pytest.mark.slow

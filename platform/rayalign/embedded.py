@@ -74,11 +74,15 @@ def build_tokenizer(texts: list[str], vocab_size: int = 600, split_digits: bool 
 
 
 def task_corpus(task: str, seed: int) -> list[str]:
-    """The text an embedded tokenizer learns: the synthetic world's, or the arithmetic task's."""
+    """The text an embedded tokenizer learns: the synthetic world's, the arithmetic task's or the tool task's."""
     if task == "arithmetic":
         from rayalign.data.arithmetic import ArithmeticTask
 
         return ArithmeticTask(seed).corpus()
+    if task == "tools":
+        from rayalign.data.tools import ToolTask
+
+        return ToolTask(seed).corpus()
     if task != "knowledge":
         raise ValueError(f"unknown embedded task {task!r} (known: {', '.join(EMBEDDED_TASKS)})")
     from rayalign.data.synthetic import SyntheticWorld
@@ -86,7 +90,7 @@ def task_corpus(task: str, seed: int) -> list[str]:
     return SyntheticWorld(seed).corpus()
 
 
-EMBEDDED_TASKS = ("knowledge", "arithmetic")
+EMBEDDED_TASKS = ("knowledge", "arithmetic", "tools")
 
 
 def build_tiny_model(dest: Path, seed: int = 0, texts: list[str] | None = None, task: str = "knowledge") -> Path:
@@ -96,7 +100,7 @@ def build_tiny_model(dest: Path, seed: int = 0, texts: list[str] | None = None, 
 
     dest = Path(dest)
     tokenizer = build_tokenizer(texts if texts is not None else task_corpus(task, seed),
-                                split_digits=task == "arithmetic")
+                                split_digits=task in ("arithmetic", "tools"))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,

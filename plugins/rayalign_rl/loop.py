@@ -411,7 +411,8 @@ class RLLoop:
     # -- evaluation, metrics, output ---------------------------------------------------------------
 
     def evaluate(self, step: int) -> dict:
-        """Greedy answers to the held-out prompts: mean reward and each term's mean."""
+        """Greedy answers to the held-out prompts: mean reward and each term's mean (with an
+        environment, also its ``env/`` metrics of these episodes)."""
         prompts = self.held_out[: self.cfg.eval_prompts]
         if not prompts:
             return {"step": step}
@@ -428,6 +429,8 @@ class RLLoop:
         for term in self.rewards:
             out[term.name] = float(np.mean([e.reward_terms[term.name] for e in episodes]))
         out["response_length"] = float(np.mean([len(e.completion_ids) for e in episodes]))
+        if self.cfg.environment is not None:  # e.g. env/multi_turn_rate: the episodes that called a tool
+            out.update(multiturn.summarize([e.info for e in episodes]))
         self.ctx.log.info("[%s] held-out after %d step(s): %s", self.ctx.name, step,
                           " ".join(f"{k}={v:.3f}" for k, v in out.items() if k != "step"))
         return out

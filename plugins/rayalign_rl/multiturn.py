@@ -292,21 +292,27 @@ class EpisodeRunner:
     def take_metrics(self) -> dict[str, float]:
         """The ``env/`` metrics of the episodes run since the last call."""
         records, self.records = self.records, []
-        if not records:
-            return {}
-        reasons = [r["end_reason"].split(":")[0] for r in records]
-        m = {"env/episodes": float(len(records)),
-             "env/turns": float(np.mean([r["turns"] for r in records])),
-             "env/multi_turn_rate": float(np.mean([r["turns"] > 1 for r in records])),
-             "env/reward": float(np.mean([r["env_reward"] for r in records])),
-             "env/observation_tokens": float(np.mean([r["observation_tokens"] for r in records])),
-             "env/errors": float(reasons.count("env_error")),
-             "env/timeouts": float(reasons.count("env_timeout"))}
-        for reason in END_REASONS:
-            m[f"env/end/{reason}"] = float(reasons.count(reason))
-        for key in sorted({k for r in records for k in r["info"]}):
-            m[f"env/info/{key}"] = float(np.mean([r["info"].get(key, 0.0) for r in records]))
-        return m
+        return summarize(records)
+
+
+def summarize(records: list[dict]) -> dict[str, float]:
+    """``env/`` metrics of finished episodes (their ``Episode.info``): turns, multi-turn rate, end
+    reasons, each ``info`` key's mean; none for no episodes."""
+    if not records:
+        return {}
+    reasons = [r["end_reason"].split(":")[0] for r in records]
+    m = {"env/episodes": float(len(records)),
+         "env/turns": float(np.mean([r["turns"] for r in records])),
+         "env/multi_turn_rate": float(np.mean([r["turns"] > 1 for r in records])),
+         "env/reward": float(np.mean([r["env_reward"] for r in records])),
+         "env/observation_tokens": float(np.mean([r["observation_tokens"] for r in records])),
+         "env/errors": float(reasons.count("env_error")),
+         "env/timeouts": float(reasons.count("env_timeout"))}
+    for reason in END_REASONS:
+        m[f"env/end/{reason}"] = float(reasons.count(reason))
+    for key in sorted({k for r in records for k in r["info"]}):
+        m[f"env/info/{key}"] = float(np.mean([r["info"].get(key, 0.0) for r in records]))
+    return m
 
 
 def runner(loop) -> EpisodeRunner:

@@ -21,7 +21,7 @@ from rayalign.data.readers import Row, decode_line, open_dataset  # noqa: F401  
 from rayalign.data.validation import Origin, Policy, Record, RecordProblem, Records, new_ledger
 
 Kind = Literal["chat", "preference", "unpaired", "prompt"]
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's answer to the assistant's call
 # One string object per role: a million records would otherwise hold three million copies of them.
 _ROLE = {role: role for role in ROLES}
 

@@ -235,6 +235,10 @@ def load_synthetic(spec: str, kind: str, formats: list, seed: int = 0) -> list[d
         from rayalign.data import declining
 
         records = declining.synthetic_records(spec, seed)
+    elif spec.startswith("synthetic:tools/"):
+        from rayalign.data import tools
+
+        records = tools.synthetic_records(spec, seed)
     else:
         records = synthetic_records(spec, seed)
     candidates = [f for f in formats if f.kind == kind]
