@@ -54,6 +54,11 @@ def print_results(out: Path) -> None:
     print(f"outputs: {out}")
 
 
+
+# What `rayalign plugins` lists after the plugins themselves, in this order.
+LISTED_KINDS = ("stages", "losses", "metrics", "rewards", "advantage_estimators", "formats", "detectors", "filters",
+                "trackers", "environments")
+
 def cmd_plugins(args) -> None:
     from rayalign.plugins import get_plugin_manager
 
@@ -65,8 +70,7 @@ def cmd_plugins(args) -> None:
     for info in sorted(pm.info.values(), key=lambda i: i.name):
         status = f"BROKEN: {info.error}" if info.broken else f"hooks: {', '.join(info.hooks)}"
         print(f"{info.name:<24} {info.package} {info.version}  {status}")
-    for kind in ("stages", "losses", "metrics", "rewards", "advantage_estimators", "formats", "detectors", "filters",
-                 "trackers", "environments"):
+    for kind in LISTED_KINDS:
         registry = getattr(pm, kind)
         print(f"{kind}: {', '.join(f'{n} ({registry.owner[n]})' for n in registry) or '-'}")
 
