@@ -59,6 +59,7 @@ def print_results(out: Path) -> None:
 LISTED_KINDS = ("stages", "losses", "metrics", "rewards", "advantage_estimators", "formats", "detectors", "filters",
                 "trackers", "environments")
 
+
 def cmd_plugins(args) -> None:
     from rayalign.plugins import get_plugin_manager
 
