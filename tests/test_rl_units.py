@@ -185,6 +185,21 @@ def test_stale_answers_are_counted_and_dropped_with_their_whole_group():
     grouped = [[answer(3), answer(3)], [answer(3), answer(2)], [answer(3), answer(3, tokens=())]]
     episodes, stale = current_episodes(prompts, grouped, version=3)
     assert stale == 2  # prompt 1's group had an answer from version 2: both are dropped
-    assert [e.prompt_index for e in episodes] == [0, 0, 2]  # an empty answer has nothing to train
+    assert [e.prompt_index for e in episodes] == [0, 0, 2, 2]  # an empty answer keeps its group whole
     assert all(e.weights_version == 3 for e in episodes)
     assert current_episodes(prompts, grouped, version=4)[1] == 6
+
+
+def test_an_empty_answer_counts_in_its_groups_baseline_and_trains_no_token():
+    from rayalign.training.advantages import AdvantageBatch
+    from rayalign_rl.advantages import GAE, GRPO, GAEConfig, GRPOConfig
+
+    kl = [np.zeros(2, np.float32), np.zeros(0, np.float32), np.zeros(3, np.float32), np.zeros(1, np.float32)]
+    batch = AdvantageBatch(rewards=[1.0, 0.0, 1.0, 1.0], kl=kl, kl_coef=0.1, group_size=2,
+                           values=[np.zeros(len(k), np.float32) for k in kl])
+    grpo = GRPO(GRPOConfig()).estimate(batch).advantages
+    assert [len(a) for a in grpo] == [2, 0, 3, 1]
+    assert grpo[0][0] > 0  # its group-mate's reward of 0 (the empty answer) is in the baseline
+    assert np.allclose(grpo[2], 0) and np.allclose(grpo[3], 0)  # an all-equal group
+    gae = GAE(GAEConfig()).estimate(batch).advantages
+    assert [len(a) for a in gae] == [2, 0, 3, 1]

@@ -154,6 +154,13 @@ class RLConfig(TrainingConfig):
         self._needs_critic = estimator.needs_critic
 
     @property
+    def max_answer_tokens(self) -> int:
+        """The longest answer an episode can have after its prompt: ``max_new_tokens``, or with an
+        environment its whole exchange, the model's turns and the observations
+        (``environment.max_total_tokens``)."""
+        return self.environment.max_total_tokens if self.environment is not None else self.max_new_tokens
+
+    @property
     def needs_critic(self) -> bool:
         """Whether the advantage estimator reads a critic's values (``gae``): the stage then starts a
         critic, trains it with ``value_loss`` and plans its memory."""

@@ -63,7 +63,8 @@ def current_episodes(prompts: list[list[int]], grouped: list[list], version: int
     """Episodes from completions sampled under weights ``version`` (or, asynchronous RL, up to
     ``max_staleness`` versions before it), and how many answers were stale (sampled under any
     other version) and dropped. A prompt keeps its answers only if all are current: group
-    baselines (GRPO, RLOO) need whole groups."""
+    baselines (GRPO, RLOO) need whole groups. For the same reason an empty answer stays: it has no
+    token to train, but its reward is part of its group's baseline."""
     episodes, stale = [], 0
     for i, completions in enumerate(grouped):
         if any(not version - max_staleness <= c.weights_version <= version for c in completions):
@@ -71,7 +72,7 @@ def current_episodes(prompts: list[list[int]], grouped: list[list], version: int
             continue
         episodes += [Episode(i, prompts[i], c.token_ids, c.text, c.finish_reason, c.weights_version,
                              np.asarray(c.logprobs if c.logprobs is not None else [], dtype=np.float32))
-                     for c in completions if c.token_ids]
+                     for c in completions]
     return episodes, stale
 
 

@@ -117,7 +117,7 @@ class RLLoop:
         if self.colocated:
             self.engines.run(lambda a, r: a.sleep.remote(STARTUP_SLEEP_LEVEL), self.timeouts.step_s)
         ga, n = cfg.grad_accum, len(placement["trainer"].bundles)
-        tokens = cfg.prompts_per_step * cfg.num_generations * (cfg.max_new_tokens + 64)
+        tokens = cfg.prompts_per_step * cfg.num_generations * (cfg.max_answer_tokens + 64)
         opt_steps = cfg.steps * cfg.ppo_epochs * max(1, -(-tokens // cfg.max_tokens_per_micro_batch) // (n * ga))
         loss, value_loss = rl_losses(ctx.plugins.losses, cfg, f"stages[{ctx.index}].{ctx.name}")
         self.policy_objective = PolicyObjective(loss, kl_in_loss=cfg.kl_in == "loss" and cfg.kl_coef > 0,
@@ -242,7 +242,9 @@ class RLLoop:
         sum (``episode.reward``). What the caller starts in between overlaps with the scoring."""
         in_flight = None
         if any(term.fn is None for term in self.rewards):
-            convs = [prompts[e.prompt_index].messages + [{"role": "assistant", "content": e.text}] for e in episodes]
+            # A multi-turn episode is judged on its whole exchange (tool calls and results too).
+            convs = [prompts[e.prompt_index].messages + e.info.get("transcript", [{"role": "assistant", "content": e.text}])
+                     for e in episodes]
             shards = _shards(len(convs), len(self.reward_model))
             in_flight = self.reward_model.submit(lambda a, r: a.score.remote([convs[i] for i in shards[r]]))
 

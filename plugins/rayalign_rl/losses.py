@@ -179,7 +179,8 @@ class DrGRPOLoss(ClippedPolicyLoss):
     """Dr. GRPO (Liu et al. 2025): each answer's token sum over a constant, not its length.
 
     The clipped surrogate is summed over each answer's tokens and divided by ``max_new_tokens``
-    (the stage's), not by the answer's length, which favours short right answers and long wrong
+    (the stage's longest answer: with an environment, ``environment.max_total_tokens``), not by the
+    answer's length, which favours short right answers and long wrong
     ones; then averaged over answers. TRL's ``loss_type="dr_grpo"`` (its constant:
     ``max_completion_length``). Dr. GRPO's other half, advantages not divided by the group's reward
     std, is the stage's ``scale_rewards: false``."""
@@ -257,7 +258,7 @@ def rl_losses(registry, cfg, where: str) -> tuple[Loss, Loss | None]:
     policy = build_loss(registry, cfg.policy_loss, "policy", cfg.loss_options, f"{where}.policy_loss",
                         f"{where}.loss_options", stage_options=settings | {
                             "kl_coef": cfg.kl_coef if cfg.kl_in == "loss" else 0.0,
-                            "kl_ratio_correction": cfg.kl_ratio_correction, "max_new_tokens": cfg.max_new_tokens})
+                            "kl_ratio_correction": cfg.kl_ratio_correction, "max_new_tokens": cfg.max_answer_tokens})
     takes = type(policy).Options.model_fields
     for key, option in POLICY_SETTINGS.items():
         if option in settings and option not in takes:

@@ -13,8 +13,9 @@ and the sampler's log-probs are kept for them.
 Each episode records its ``end_reason``: ``done``, ``max_turns``, ``max_tokens``, ``timeout``
 (its wall time), ``env_timeout`` (one environment call took longer than ``timeout_s``), or
 ``env_error: <exception>``. An environment that raises or times out ends that episode only; the
-episode keeps the turns it has, and is scored by the stage's rewards on its last turn like any
-other (plus the environment's reward contributions so far): never a silent zero. The step counts
+episode keeps the turns it has, and is scored like any other (plus the environment's reward
+contributions so far): never a silent zero. Rule rewards read its last turn; a reward model reads
+the whole exchange after the prompt. The step counts
 them (``env/errors``, ``env/timeouts``, ``env/end/<reason>``).
 """
 
@@ -272,9 +273,7 @@ class EpisodeRunner:
             if version is not None and any(lv.versions != {version} for lv in group):
                 stale += len(group)
                 continue
-            for lv in group:
-                if not lv.mask:
-                    continue
+            for lv in group:  # whole groups, an episode without a model token too (group baselines)
                 reason = lv.end_reason or "max_turns"
                 info = {"end_reason": reason, "turns": lv.turns, "env_reward": lv.env_reward,
                         "model_tokens": len(lv.logps), "observation_tokens": len(lv.ids) - len(lv.logps),

@@ -42,11 +42,13 @@ class AdvantageBatch:
     values: list[np.ndarray] | None = None  # per answer and token, the critic's values (needs_critic)
 
     def token_rewards(self) -> list[np.ndarray]:
-        """Per token: the KL penalty, plus the answer's reward on its last token."""
+        """Per token: the KL penalty, plus the answer's reward on its last token (an empty answer
+        has no token to carry it)."""
         out = []
         for reward, kl in zip(self.rewards, self.kl):
             token = -self.kl_coef * kl
-            token[-1] += reward
+            if token.size:
+                token[-1] += reward
             out.append(token)
         return out
 
