@@ -61,6 +61,7 @@ class Results:
     files: list[ResultFile]
     root: Path = RESULTS
     read: list[ResultFile] = field(default_factory=list)
+    names_read: set[str] = field(default_factory=set)  # by any region so far: the benchmarks published
 
     @classmethod
     def load(cls, root: Path = RESULTS) -> "Results":
@@ -84,7 +85,12 @@ class Results:
     def cite(self, files: list[ResultFile]) -> list[ResultFile]:
         """Count ``files`` among the region's sources."""
         self.read.extend(f for f in files if f not in self.read)
+        self.names_read.update(f.name for f in files)
         return files
+
+    def unpublished(self) -> list[str]:
+        """Benchmarks (device and name) with result files that no region rendered so far reads."""
+        return sorted({f"{f.device}-*-{f.name}" for f in self.files if f.name not in self.names_read})
 
     def runs(self, name: str, device: str | None = None, sides: tuple[str, ...] = (),
              where: Callable[[ResultFile], bool] | None = None) -> list[ResultFile]:
@@ -268,7 +274,8 @@ def sft_target(results: Results) -> Target:
         f"SFT {k(tps['rayalign'])} tokens/s ({100 * mfu['rayalign']:.1f}% MFU, {gib(peak['rayalign'])}) against a "
         f"plain PyTorch loop's {k(tps['torch_reference'])} and tuned TRL's {k(tps['trl_tuned'])} "
         f"({times(s['vs_torch_reference'])}, {times(s['vs_trl_tuned'])}; {day(f)})",
-        {(True, True): "yes", (False, False): "no (both)"}.get(tuple(met), "no" if not met[0] else "no (TRL)"))
+        {(True, True): "yes", (False, False): "no (both)", (False, True): "no (the reference)",
+         (True, False): "no (TRL)"}[tuple(met)])
 
 
 def dpo_target(results: Results) -> Target:
@@ -336,7 +343,7 @@ def rollout_target(results: Results) -> Target:
                    f"so {'these runs agree' if settled else 'one run does not settle it'}") if len(raws) > 1 else ""
     short = ""
     if current:
-        f, _, ours, raw = current[0]
+        f, _, ours, raw = current[-1]  # the newest run
         others = [r for r in raws if r != raw]
         short = (f"rollouts through Ray {k(ours)} output tokens/s against raw vLLM's {k(raw)} in the same run "
                  f"({times(ours / raw)}; {day(f)})" + (f", though raw vLLM measured {' and '.join(map(k, others))} "
@@ -564,6 +571,33 @@ def fix_seeds(results: Results) -> str:
             f"Seeds that miss a target the means meet: {'; '.join(seeds_missing) or 'none'}.")
 
 
+LOWER_IS_BETTER = {"repetition_rate", "hallucination_rate", "general_loss", "false_decline_rate"}
+
+
+@region("fix-trials")
+def fix_trials(results: Results) -> str:
+    """Each trial of other fix settings (benchmarks/results/trials/) beside the default fix's means."""
+    default = results.newest("fix_seeds", "cpu")
+    trials = results.cite(sorted((f for f in results.files if f.name.startswith("fix_seeds-")), key=lambda f: f.when))
+    if not trials:
+        raise PublishError("no result file cpu-<yyyymmdd>-fix_seeds-<trial>.json under benchmarks/results/trials")
+    header = ["metric (mean over seeds)", "before (sft)", f"default fix (`{default.path.name}`)"]
+    header += [f"trial `{t.name.removeprefix('fix_seeds-')}`" for t in trials]
+    rows, worse = [], {t.name: [] for t in trials}
+    for m, label, _ in FIX_METRICS:
+        ours = default.data["summary"]["stats"][m]["mean"]
+        row = [label, f"{default.data['summary']['stats'][m + '_before']['mean']:.3f}", f"{ours:.3f}"]
+        for t in trials:
+            theirs = t.data["summary"]["stats"][m]["mean"]
+            row.append(f"{theirs:.3f}")
+            if (theirs > ours) if m in LOWER_IS_BETTER else (theirs < ours):
+                worse[t.name].append(label)
+        rows.append(row)
+    notes = " ".join(f"Trial `{name.removeprefix('fix_seeds-')}` is worse than the default fix on: "
+                     f"{', '.join(labels) or 'nothing'}." for name, labels in worse.items())
+    return table(header, rows) + "\n\n" + notes
+
+
 # -- data loading (docs/practitioners.md) ---------------------------------------------------------
 
 MIB = 2 ** 20
@@ -628,9 +662,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 when a doc differs")
     args = ap.parse_args(argv)
     try:
-        problems = publish(REPO, write=not args.check)
+        results = Results.load(REPO / "benchmarks" / "results")
+        problems = publish(REPO, results, write=not args.check)
     except PublishError as e:
-        problems = [str(e)]
+        problems, results = [str(e)], None
+    for name in results.unpublished() if results else []:  # a new benchmark's table may be due
+        print(f"publish: note: no region reads {name}.json", file=sys.stderr)
     if not args.check:
         problems = [p for p in problems if "differs" not in p]  # just rewritten
     for p in problems:
