@@ -411,7 +411,7 @@ ROLLOUT_VARIANTS = {"detokenize": "the same engine, detokenizing in the actor",
 
 def rollout_side_label(name: str, side: dict) -> str:
     core = {"in_process": "engine core in the rollout actor", "child": "engine core in a child process"}
-    who = "raw `vllm.LLM`" if name.startswith("raw_vllm") else f"rayalign (`{name}`)"
+    who = f"`{name}`: " + ("raw `vllm.LLM`" if name.startswith("raw_vllm") else "rayalign's rollout workers")
     extra = [core[engine_core(side)]]
     if side.get("actor_cpus", 1) != 1:
         extra.append(f"{side['actor_cpus']} CPUs per rollout actor")
@@ -443,7 +443,9 @@ def rollout_runs(results: Results) -> str:
                     v = rollout_rate(side, variant)
                     rows.append(["", label, k(v), f"{times(v / rollout_rate(raw))} ({times(v / rate)} the default call)"
                                  if raw else f"{times(v / rate)} the default call", ""])
-    intro = (f"{day(files[0])}, one H200, each side in its own process with the GPU to itself: {st['prompts']} "
+    commits = sorted({(f.data.get("git_commit") or "no commit")[:7] for f in files})
+    intro = (f"{day(files[0])}, one H200, {len(files)} invocations of `rollout_throughput.py` one after the other "
+             f"(commit {', '.join(commits)}), each side in its own process with the GPU to itself: {st['prompts']} "
              f"prompts of {st['prompt_len']} random tokens, {st['max_tokens']} new tokens each, temperature "
              f"{st['temperature']}, vLLM's memory share {st['gpu_memory_utilization']}, CUDA graphs unless a side "
              f"says eager. Output tokens/s, median of the timed calls:")
