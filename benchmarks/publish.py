@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 DOCS = ("README.md", "docs/*.md", "benchmarks/README.md")  # globs under the repository root
 FILE_NAME = re.compile(r"^(?P<device>[a-z0-9]+)-(?P<date>\d{8})-(?P<name>.+)\.json$")
-MARKERS = re.compile(r"<!-- publish:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /publish:(?P=name) -->", re.S)
-OPENING = re.compile(r"<!-- (/?)publish:([\w-]+) -->")
+# A marker is a line of its own (a mention inside prose or backticks is not one).
+MARKERS = re.compile(r"^<!-- publish:(?P<name>[\w-]+) -->\n(?P<body>.*?)^<!-- /publish:(?P=name) -->$", re.S | re.M)
+OPENING = re.compile(r"^<!-- (/?)publish:([\w-]+) -->$", re.M)
 
 
 class PublishError(Exception):
@@ -138,7 +139,11 @@ def render_region(name: str, results: Results) -> str:
     if name not in REGIONS:
         raise PublishError(f"no renderer for region '{name}' in benchmarks/publish.py")
     results.read = []
-    body = REGIONS[name](results).strip("\n")
+    try:
+        body = REGIONS[name](results).strip("\n")
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:  # a file's fields unlike the renderer's
+        files = ", ".join(str(f.path) for f in results.read) or "no file yet"
+        raise PublishError(f"its renderer does not fit the file ({type(e).__name__}: {e}; read: {files})") from None
     if not results.read:
         raise PublishError(f"region '{name}' read no result file: a figure needs a file behind it")
     return f"{body}\n\n{sources_line(results.read)}\n"
