@@ -132,7 +132,7 @@ def test_a_renderer_whose_region_was_deleted_from_the_docs_fails(tmp_path):
     text = doc.read_text()
     start, end = text.index("<!-- publish:sft-liger -->"), text.index("<!-- /publish:sft-liger -->")
     doc.write_text(text[:start] + text[end + len("<!-- /publish:sft-liger -->"):])
-    assert "region 'sft-liger' has a renderer in benchmarks/publish.py but is in no doc" in \
+    assert "region 'sft-liger' has a renderer in benchmarks/doc_tables.py but is in no doc" in \
         " ".join(publish.publish(root, write=False))
 
 
