@@ -7,7 +7,6 @@ stale table after a new result file, or a figure whose file is gone fails this t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -16,18 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))  # as the benchmark scripts put it themselves
 
-
-def _load_publish():
-    """benchmarks/publish.py as a module, without putting benchmarks/ on every other test's path."""
-    spec = importlib.util.spec_from_file_location("publish", REPO / "benchmarks" / "publish.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["publish"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-publish = _load_publish()
+import publish  # noqa: E402
 
 PERFORMANCE = "docs/performance.md"
 
