@@ -82,6 +82,8 @@ def provenance_problems(result: dict, commit_exists=None) -> list[str]:
         problems.append("versions lacks torch's")
     if not (isinstance(result.get("device"), str) and result["device"].strip()):
         problems.append("no device")
+    if not (isinstance(result.get("settings"), dict) and result["settings"]):
+        problems.append("no settings (what the script was asked to run)")
     if result.get("dry_run") is True:
         problems.append("a dry run (tiny shapes on CPU): not a measurement")
     if not _numbers({k: v for k, v in result.items() if k not in ("command_argv", "versions")}):
@@ -129,6 +131,7 @@ def test_the_writer_passes_its_own_check(tmp_path, monkeypatch):
     (lambda r: r.pop("dirty"), "dirty"),
     (lambda r: r.pop("device"), "no device"),
     (lambda r: r.pop("versions"), "versions"),
+    (lambda r: r.pop("settings"), "no settings"),
     (lambda r: r.update(dry_run=True), "dry run"),
     (lambda r: r.pop("step_seconds"), "no raw figures"),
 ])
