@@ -441,7 +441,10 @@ def rayalign_train(model_path: str, batches: list[dict], objective, *, gpus: int
     (bf16 on GPU) fed packed rows from the object store, stepped by ``training.loop.train_step`` as
     ``TrainerSession.fit`` steps them. ``count(batch)`` is what one row contributes to the
     throughput (default: its tokens; packed rows have no padding). ``spec_options`` are stage
-    options of ``TrainSpec`` (``attn_implementation``, ``kernels``); unset ones keep the stages' defaults."""
+    options of ``TrainSpec`` (``attn_implementation``, ``kernels``, ``zero_stage``, ``lora``, ...);
+    unset ones keep the stages' defaults. ``memory_peaks``: each rank's torch allocated and reserved
+    and the device's used bytes at their peak over ``setup`` and over the steps (empty on CPU).
+    Ray is shut down after only if this call started it."""
     from dataclasses import asdict
 
     import ray
@@ -453,6 +456,7 @@ def rayalign_train(model_path: str, batches: list[dict], objective, *, gpus: int
     from rayalign.workers.trainer import TrainSpec
 
     on_gpu = cuda_available()
+    started_ray = not ray.is_initialized()
     start_ray(gpus if on_gpu else None)
     count = count or (lambda b: float(b["input_ids"].numel()))
     n = max(1, gpus)
@@ -467,9 +471,10 @@ def rayalign_train(model_path: str, batches: list[dict], objective, *, gpus: int
         group = WorkerGroup("bench/trainer", BenchTrainer, placement["trainer"], lambda r: (r, n, threads))
         try:
             master = group.run(lambda a, r: a.free_address.remote(), 120, ranks=[0])[0]
-            spec = TrainSpec(model_path=model_path, total_steps=total, lr=1e-5, zero_stage=2, bf16=True,
-                             gradient_checkpointing=grad_ckpt, **(spec_options or {}))
+            defaults = {"lr": 1e-5, "zero_stage": 2, "bf16": True, "gradient_checkpointing": grad_ckpt}
+            spec = TrainSpec(model_path=model_path, total_steps=total, **{**defaults, **(spec_options or {})})
             params = group.run(lambda a, r: a.setup.remote(master, spec, objective), timeout)[0]
+            setup_peaks = group.run(lambda a, r: a.memory_peaks.remote(), 60)
             data = ray.put([to_numpy(b) for b in batches])
             group.run(lambda a, r: a.load_batches.remote(data), timeout)
             weights = [objective.weight(b) for b in batches]
@@ -485,13 +490,16 @@ def rayalign_train(model_path: str, batches: list[dict], objective, *, gpus: int
                     counted.append(sum(count(batches[i]) for i in chunk))
                 losses.append(metrics.get("loss"))
             peaks = group.run(lambda a, r: a.peak_memory_gib.remote(), 60)
+            step_peaks = group.run(lambda a, r: a.memory_peaks.remote(), 60)
             used = group.run(lambda a, r: a.settings_used.remote(), 60)[0]
         finally:
             group.shutdown()
-    ray.shutdown()
+    if started_ray:
+        ray.shutdown()
     options = {k: v for k, v in asdict(spec).items() if k not in ("model_path", "lora", "qlora")}
     return {"trainable_params": params, "step_seconds": seconds, "step_counts": counted, "losses": losses,
-            "peak_gib_per_rank": peaks, "ranks": n, "grad_accum": grad_accum, "settings_used": {**options, **used}}
+            "peak_gib_per_rank": peaks, "ranks": n, "grad_accum": grad_accum, "settings_used": {**options, **used},
+            "memory_peaks": {"setup": setup_peaks, "steps": step_peaks}}
 
 
 def liger_importable() -> bool:

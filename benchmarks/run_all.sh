@@ -8,7 +8,7 @@
 # On the GPU machine, after the wheelhouse is installed into /tmp/site (shared/gpu/README.md), run
 # the parts of `list` in order, one `run` call each (the first installs the project: its stages are
 # entry points). Single GPU (H100 or H200): check, sft, dpo, rollout, rollout-causes, grpo,
-# rl-memory-0.5b, rl-memory-1.5b, then sft-1.5b and dpo-1.5b if time is left. Four H200s: check, scaling.
+# rl-memory-0.5b, rl-memory-1.5b, memory, then sft-1.5b and dpo-1.5b if time is left. Four H200s: check, scaling.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="/tmp/site:platform:plugins${PYTHONPATH:+:$PYTHONPATH}"
@@ -33,7 +33,7 @@ assert {"sft", "dpo", "grpo"} <= set(stages), sorted(stages); print("stages:", "
 
 part=${1:-list}
 case "$part" in
-  check|sft|dpo|rollout|rollout-causes|grpo|rl-memory-*|sft-1.5b|dpo-1.5b|scaling|dry) ensure_installed ;;
+  check|sft|dpo|rollout|rollout-causes|grpo|rl-memory-*|memory|sft-1.5b|dpo-1.5b|scaling|dry) ensure_installed ;;
 esac
 case "$part" in
   list)
@@ -50,6 +50,8 @@ grpo      h100 or h200     6-8           (e) GRPO step time: rayalign grpo stage
 rl-memory-0.5b h100/h200   4-6           pytest -m gpu tests/test_gpu_rl_memory.py: the colocated GRPO benchmark
                                          settings, device peak per phase (generate, score, train, sync), 0.5B
 rl-memory-1.5b h200        5-8           the same at the 1.5B shape
+memory    h200             7-9           the memory planner against the trainer's peaks: fit on some configurations,
+                                         error on held-out ones (0.5B and 1.5B, full/LoRA/QLoRA, ZeRO-2/3)
 sft-1.5b  h200             5-6           (a) at the 1.5B shape
 dpo-1.5b  h200             4-5           (b) at the 1.5B shape
 scaling   h200-x4          5-7           (f) SFT 1 -> 2 -> 4 GPUs, ZeRO-2, 0.5B
@@ -76,6 +78,7 @@ EOF
   grpo)     run benchmarks/grpo_step.py --shape 0.5b ;;
   rl-memory-0.5b|rl-memory-1.5b)
             timeout "$LIMIT" "$PY" -m pytest -q -s -rs -m gpu tests/test_gpu_rl_memory.py -k "${part#rl-memory-}" ;;
+  memory)   run benchmarks/memory_validation.py ;;
   sft-1.5b) run benchmarks/sft_throughput.py --shape 1.5b ;;
   dpo-1.5b) run benchmarks/dpo_throughput.py --shape 1.5b ;;
   scaling)  run benchmarks/sft_scaling.py --shape 0.5b --gpus 1,2,4 ;;

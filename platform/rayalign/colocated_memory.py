@@ -39,11 +39,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from rayalign.memory import CUDA_RESERVE, GiB, Estimate, ModelShape, TrainingPlan, estimate
+from rayalign.memory import GiB, Estimate, ModelShape, TrainingPlan, estimate
 
 PHASES = ("generate", "score", "train", "sync")
 # A sleeping engine keeps its CUDA context and the buffers vLLM allocates outside its sleep pool.
 ENGINE_ASLEEP = 1.0 * GiB
+# Each trainer and frozen model's process: its CUDA context and cuBLAS workspaces. Not the trainer
+# planner's fitted reserve (memory.CALIBRATION), which also holds a training step's allocator slack.
+CUDA_CONTEXT = 1.0 * GiB
 # vLLM's CUDA-graph pool: outside the sleep pool (it stays while the engine sleeps) and outside
 # gpu_memory_utilization (captured after the KV cache is sized). Typically 0.3-1 GiB.
 CUDA_GRAPHS = 1.0 * GiB
@@ -162,7 +165,7 @@ def phases(setup: ColocatedSetup, offload_optimizer: bool, cuda_graphs: bool,
         return est.static - (est.parts["optimizer states"] if offload else 0.0)
 
     trainers = {"policy": policy} | ({"critic": critic} if critic else {})
-    contexts = {"CUDA contexts": CUDA_RESERVE * (len(trainers) + len(frozen))}  # the engine's is in its share
+    contexts = {"CUDA contexts": CUDA_CONTEXT * (len(trainers) + len(frozen))}  # the engine's is in its share
     graphs = CUDA_GRAPHS if cuda_graphs else 0.0
     awake = {"vLLM": setup.engine_fraction * capacity + graphs}
     resting = {"vLLM asleep": ENGINE_ASLEEP + graphs} if sleep else awake  # the engine outside generation

@@ -5,7 +5,8 @@ compute weights, fp32 master weights, fp32 gradient partitions and AdamW's two f
 stage ``z`` over ``N`` GPUs shards the optimizer states (z >= 1), the fp32 gradients (z >= 2) and
 the bf16 weights and gradients (z = 3). Per trainable parameter that is 2 + 2 + 4 + 4 + 8 = 20
 bytes without sharding (the Rajbhandari et al. 2020 accounting, plus the fp32 gradient copy
-DeepSpeed's bf16 optimizer keeps).
+DeepSpeed's bf16 optimizer makes), though not all at once: at the loss, where the forward/backward
+peak is, backward has produced no gradient yet, and the fp32 copy exists only in the optimizer step.
 
 Activations are what autograd saves for backward, per token and layer of a Llama/Qwen2 decoder
 layer in bf16 with SDPA attention (no seq x seq term), with h = hidden, q = heads x head_dim,
@@ -20,11 +21,13 @@ exact to about 1%, and ``tests/test_memory.py`` keeps it so):
 With gradient checkpointing a layer keeps only its input (2h) and one layer is recomputed at a
 time. The loss adds ``LOGITS_BYTES`` bytes per token and vocabulary entry at its peak: bf16 logits,
 their fp32 copy and the log-softmax (measured with the torch profiler on CPU, ``loss_peak_bytes``;
-the backward pass reuses that much). For small models with large vocabularies (Qwen2-0.5B:
-152k entries) that term is larger than all layers' activations together.
+the backward pass reuses that much; CUDA keeps more, ``Calibration.logits_bytes``). For small
+models with large vocabularies (Qwen2-0.5B: 152k entries) that term is larger than all layers'
+activations together.
 
-``docs/memory.md`` describes the model and holds the measured check on a GPU
-(``benchmarks/memory_validation.py``).
+What the accounting cannot derive is in ``Calibration`` (one line, ``CALIBRATION``), fitted to
+peaks of the real trainer on a GPU by ``benchmarks/memory_validation.py``, which also reports the
+error on configurations the fit did not see; ``docs/memory.md`` describes the model and the check.
 """
 
 from __future__ import annotations
@@ -37,15 +40,37 @@ from typing import Literal
 from rayalign.errors import ConfigError
 
 GiB = 1024**3
-LOGITS_BYTES = 10  # per token x vocab entry, bf16 logits (2) + fp32 copy (4) + log-softmax (4); measured
-# What the loss peak costs on CUDA, per token x vocab entry: CUDA's kernels keep more temporaries
-# than the CPU profile above. 12.35 came from an H200 validation run whose result file was withdrawn
-# (edited by hand), so it is unvalidated until benchmarks/memory_validation.py runs again.
-LOGITS_BYTES_CUDA = 12.35
+LOGITS_BYTES = 10  # per token x vocab entry, bf16 logits (2) + fp32 copy (4) + log-softmax (4); measured on CPU
 LABELLED_CHUNK_TOKENS = 1024  # training/labelled_logps.py's CHUNK_TOKENS (not imported: no torch here)
-CUDA_RESERVE = 1.0 * GiB  # CUDA context, cuBLAS workspaces, allocator slack: outside max_memory_allocated
-DS_BUCKET = 5e8  # DeepSpeed's reduce_bucket_size (elements): bf16 gradients in flight under ZeRO-2
+LABELLED_CHUNK_ELEMENTS = 1 << 28  # training/linear_cross_entropy.py's CHUNK_ELEMENTS (SFT's labelled loss)
+UNSPLIT_LOGITS_BYTES = 4  # per labelled position x vocab entry under ZeRO-3: bf16 logits and their gradient
+DS_BUCKET = 2e8  # training/deepspeed_config.py's BUCKET_ELEMENTS: ZeRO's reduce bucket of bf16 gradients
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights, 8-bit absmax per 64, fp32 absmax per 256 blocks
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The planner's free constants: what the byte accounting above cannot derive and a GPU run fits.
+
+    ``benchmarks/memory_validation.py`` least-squares fits them on some configurations run through
+    the real trainer and reports the error on others the fit never saw (docs/memory.md).
+    """
+
+    # Multiplies the activation bytes fitted to what autograd saves on CPU (CUDA kernels keep other
+    # temporaries, and the caching allocator rounds blocks up).
+    activation_scale: float = 1.0
+    # The loss's peak on CUDA, per token x vocabulary entry of the logits it sees (full logits, or
+    # one chunk of labelled positions): bf16 logits, their fp32 copy and the log-softmax and its
+    # gradient, more than the CPU profile's LOGITS_BYTES.
+    logits_bytes: float = 12.35
+    # CUDA context, cuBLAS workspaces and the allocator's cached blocks: the device memory a trainer
+    # process uses beyond torch.cuda.max_memory_allocated.
+    cuda_reserve_gib: float = 1.0
+
+
+# The constants in use. 12.35 came from an H200 run whose result file was withdrawn (edited by hand):
+# unvalidated until benchmarks/memory_validation.py's fit replaces this line.
+CALIBRATION = Calibration(activation_scale=1.0, logits_bytes=12.35, cuda_reserve_gib=1.0)
 
 Method = Literal["full", "lora", "qlora"]
 
@@ -157,6 +182,10 @@ class TrainingPlan:
     # a chunk of labelled positions at a time (training/labelled_logps.py), so one chunk's logits
     # and their float32 work are live at once.
     logits: Literal["full", "labelled"] = "full"
+    # How a labelled loss runs the head. logps: token log-probs in checkpointed chunks of
+    # LABELLED_CHUNK_TOKENS positions (DPO, RL, any loss but SFT's). nll: SFT's mean NLL, head and
+    # gradients in one pass over chunks of LABELLED_CHUNK_ELEMENTS logits (training/linear_cross_entropy.py).
+    labelled_loss: Literal["logps", "nll"] = "logps"
 
 
 @dataclass
@@ -166,7 +195,10 @@ class Estimate:
     parts: dict[str, float] = field(default_factory=dict)  # bytes per GPU while training
     vllm: dict[str, float] = field(default_factory=dict)  # bytes per GPU of the awake vLLM engine
     static: float = 0.0  # what stays allocated while vLLM is awake (weights, grads, optimizer)
-    step_temporaries: float = 0.0  # torch AdamW (foreach) allocates a sqrt(v) copy during step()
+    # What the optimizer step adds to weights, gradients and optimizer states: the gradients it
+    # completes and converts to fp32, and torch AdamW's sqrt(v) copy (foreach).
+    step_temporaries: float = 0.0
+    calibration: Calibration = CALIBRATION
 
     @property
     def training_peak(self) -> float:
@@ -178,7 +210,7 @@ class Estimate:
     def peak(self) -> float:
         """The larger of training and (colocated) generation, plus the CUDA reserve."""
         generation = self.static + sum(self.vllm.values())
-        return max(self.training_peak, generation) + CUDA_RESERVE
+        return max(self.training_peak, generation) + self.calibration.cuda_reserve_gib * GiB
 
     @property
     def capacity(self) -> float:
@@ -209,13 +241,36 @@ class Estimate:
         if self.vllm:
             lines += [f"{'vLLM ' + name:<28}{value / GiB:>12.2f}" for name, value in self.vllm.items()]
             lines.append(f"{'while vLLM is awake':<28}{(self.static + sum(self.vllm.values())) / GiB:>12.2f}")
-        lines.append(f"{'CUDA context, allocator':<28}{CUDA_RESERVE / GiB:>12.2f}")
+        lines.append(f"{'CUDA context, allocator':<28}{self.calibration.cuda_reserve_gib:>12.2f}")
         lines.append(f"{'peak':<28}{self.peak / GiB:>12.2f}  of {p.gpu_memory_gib:.0f} GiB: "
                      + ("fits" if self.fits else f"DOES NOT FIT (short by {(self.peak - self.capacity) / GiB:.1f} GiB)"))
         return "\n".join(lines)
 
 
-def estimate(shape: ModelShape, plan: TrainingPlan) -> Estimate:
+def logits_bytes(shape: ModelShape, plan: TrainingPlan, calibration: Calibration = CALIBRATION) -> float:
+    """The loss's peak bytes beyond the layers' activations, by ``plan.logits``.
+
+    full: every position's logits. labelled: the head runs on one chunk of labelled positions at a
+    time (``plan.labelled_loss`` says how large a chunk). SFT's one-pass loss also keeps the
+    head's gradient in fp32 until backward when the head trains (full fine-tuning). Under ZeRO-3 the
+    head cannot be split from the model (training/output_head.py), so the model's own forward
+    returns bf16 logits at every labelled position, kept with their gradient.
+    """
+    tokens = plan.seq * plan.micro_batch
+    if plan.logits == "full":
+        return tokens * shape.vocab * calibration.logits_bytes
+    if plan.labelled_loss == "nll" and plan.zero < 3:
+        out = min(tokens * shape.vocab, LABELLED_CHUNK_ELEMENTS) * calibration.logits_bytes
+        if plan.method == "full":
+            out += 4 * shape.vocab * shape.hidden
+        return out
+    out = min(tokens, LABELLED_CHUNK_TOKENS) * shape.vocab * calibration.logits_bytes
+    if plan.zero == 3:
+        out += tokens * shape.vocab * UNSPLIT_LOGITS_BYTES
+    return out
+
+
+def estimate(shape: ModelShape, plan: TrainingPlan, calibration: Calibration = CALIBRATION) -> Estimate:
     if plan.zero not in (0, 1, 2, 3):
         raise ConfigError("zero", f"ZeRO stage must be 0, 1, 2 or 3, got {plan.zero}")
     n, z = plan.gpus, plan.zero
@@ -231,9 +286,13 @@ def estimate(shape: ModelShape, plan: TrainingPlan) -> Estimate:
             linear = shape.layers * shape.layer_linear_params
             frozen = NF4_BYTES * linear + 2 * (total - linear)
         weights = frozen / (n if z == 3 else 1) + 2 * trainable
-    # bf16 working gradients: whole until ZeRO-2 reduces them in buckets, sharded by ZeRO-3
-    bf16_grads = 2 * trainable / n if z == 3 else (min(2 * trainable, 2 * DS_BUCKET) if z == 2 else 2 * trainable)
+    # bf16 gradients, then their fp32 copy in the optimizer step (DeepSpeed's bf16 ZeRO). The forward/
+    # backward peak is at the loss, before backward has produced gradients: ZeRO-2 then holds its
+    # reduce bucket, ZeRO-3 its bf16 gradient partition (allocated up front); ZeRO-0/1 are counted
+    # with every gradient live (not measured).
+    bf16_grads = 2 * trainable / (n if z >= 2 else 1)
     fp32_grads = 4 * trainable / (n if z >= 2 else 1)
+    working_grads = {3: bf16_grads, 2: min(2 * trainable, 2 * DS_BUCKET)}.get(z, bf16_grads + fp32_grads)
     optimizer = 12 * trainable / (n if z >= 1 else 1)  # fp32 master + Adam m, v
 
     tokens = plan.seq * plan.micro_batch
@@ -243,13 +302,13 @@ def estimate(shape: ModelShape, plan: TrainingPlan) -> Estimate:
     else:
         activations = tokens * per_layer * shape.layers
     activations += tokens * shape.activation_bytes_outside_layers(plan.method)
-    logits = (tokens if plan.logits == "full" else min(tokens, LABELLED_CHUNK_TOKENS)) * shape.vocab * LOGITS_BYTES_CUDA
 
-    est = Estimate(plan, shape)
-    est.parts = {"weights": weights, "gradients": bf16_grads + fp32_grads, "optimizer states": optimizer,
-                 "activations": activations, "logits and loss": logits}
+    est = Estimate(plan, shape, calibration=calibration)
+    est.parts = {"weights": weights, "gradients": working_grads, "optimizer states": optimizer,
+                 "activations": activations * calibration.activation_scale,
+                 "logits and loss": logits_bytes(shape, plan, calibration)}
     est.static = weights + fp32_grads + optimizer
-    est.step_temporaries = 4 * trainable / (n if z >= 1 else 1)
+    est.step_temporaries = bf16_grads + fp32_grads - working_grads + 4 * trainable / (n if z >= 1 else 1)
     if plan.vllm_fraction > 0:
         budget = plan.vllm_fraction * plan.gpu_memory_gib * GiB
         vllm_weights = 2 * total

@@ -113,6 +113,7 @@ class TrainerWorker(Worker):
                 ),
             )
         params = [p for p in model.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in params)  # before ZeRO-3 partitions them (numel() is 0 after)
         optimizer = adamw(params, spec.lr, spec.weight_decay, on_cuda)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer,
@@ -126,7 +127,7 @@ class TrainerWorker(Worker):
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
         self.base_lrs = list(scheduler.base_lrs)
-        return sum(p.numel() for p in params)
+        return trainable
 
     def load_batches(self, batches: list[dict]) -> int:
         """Every micro-batch of the stage (numpy arrays, zero-copy from the object store)."""
