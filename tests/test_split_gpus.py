@@ -53,6 +53,26 @@ def test_split_gpus_refuses_colocate_and_engines_that_do_not_match_the_trainer_r
                            "resources.trainer.num_workers=2"])
 
 
+def test_the_trainers_memory_check_leaves_the_engines_share_out(tiny_model_path, monkeypatch):
+    import logging
+
+    from rayalign.config import RunConfig
+    from rayalign.memory import check_training_memory
+
+    monkeypatch.setenv("RAYALIGN_GPU_MEMORY_GIB", "80")
+    split = RunConfig.model_validate({"model": tiny_model_path, "resources": ONE_GPU, "stages": [{"grpo": {}}]})
+    apart = RunConfig.model_validate({**split.model_dump(), "resources": {**ONE_GPU, "split_gpus": False}})
+    from rayalign.config import validate_stages
+    from rayalign.plugins import get_plugin_manager
+
+    estimates = {}
+    for name, run in (("split", split), ("apart", apart)):
+        entries = validate_stages(run, get_plugin_manager().stages, "")
+        estimates[name] = check_training_memory(run, entries, tiny_model_path, logging.getLogger("rayalign"))[0]
+    assert estimates["apart"].capacity == 80 * 2**30
+    assert estimates["split"].capacity == pytest.approx(80 * 2**30 * (1 - 0.35))
+
+
 class WhichGpu(Worker):
     def gpu_ids(self) -> list:
         return [str(g) for g in ray.get_gpu_ids()]
