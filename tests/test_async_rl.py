@@ -194,6 +194,10 @@ def test_a_sync_waits_for_idle_engines_and_is_deferred_while_they_generate(tmp_p
     # Version 2 loaded before anything else; step 3's batch under it; step 2's answers one version old.
     assert generations(log) == "ggsgsg" and third["async/staleness_max"] == 1.0
     assert third["weights_version"] == 2.0 and third["async/sync_deferred"] == 1.0
+    # Before a held-out evaluation: the generation in flight ends, then version 3 is loaded.
+    loop.prefetch.settle()
+    assert generations(log) == "ggsgsgs" and loop.sync.version == 3 and not loop.engines.busy
+    assert loop.prefetch.synced == []  # the evaluation's sync is counted in no step's figures
 
 
 def test_answers_older_than_max_staleness_are_dropped_and_counted(tmp_path, tokenizer, ray_started):

@@ -140,7 +140,7 @@ class Prefetch:
         self.ahead: deque[Ahead] = deque()  # started batches in step order; only the last may be generating
         self.policy = 0  # the trainer's weights version: the updates it took, one per step
         self.started = -1  # the last step whose batch was started
-        self.synced: list[SyncStats] = []  # the syncs since take_step_metrics
+        self.synced: list[SyncStats] = []  # the syncs of the step under way (finish_step reports them)
         self.seconds = {"wait": 0.0, "sync": 0.0}
 
     @property
@@ -196,6 +196,8 @@ class Prefetch:
             self._collect(self.ahead.popleft())
         prefetched = bool(self.ahead)  # started during an earlier step (none at the first, or after a restore)
         self.advance()
+        if not self.ahead or self.ahead[0].step != step:  # advance starts the policy's own step when none is ahead
+            raise RuntimeError(f"async rollouts: no batch was started for step {step}")
         clock = time.monotonic()
         batch = self.ahead[0]
         self._collect(batch)
@@ -234,8 +236,8 @@ class Prefetch:
         """Wait for the generation in flight and load the policy's weights: before a held-out
         evaluation, which must sample the policy being trained."""
         self._collect_all()
-        if self.loop.sync.version < self.policy:
-            self._sync()
+        if self.loop.sync.version < self.policy:  # between steps: in no step's figures
+            self.loop.gpu.sync_weights(self.policy)
 
     def _collect_all(self) -> None:
         for batch in self.ahead:
