@@ -338,3 +338,16 @@ def test_on_real_engines_k2_trains_on_answers_two_versions_old_where_k1_waits_fo
     assert k2_versions[2] == 0 and k2[2]["async/staleness_max"] == 2.0
     # K=1 may not start it before version 1 is loaded: the same step trains one version behind.
     assert k1_versions[2] == 1 and max(m["async/staleness_max"] for m in k1) == 1.0
+
+
+def test_async_is_the_key_and_async_rollout_its_other_spelling():
+    from rayalign.config import load_config
+
+    spelt = GRPOConfig.model_validate({"async": {"max_staleness": 2, "tis_cap": 1.5}})
+    named = GRPOConfig.model_validate({"async_rollout": {"max_staleness": 2, "tis_cap": 1.5}})
+    assert spelt.async_rollout == named.async_rollout == AsyncRollout(max_staleness=2, tis_cap=1.5)
+    assert PPOConfig.model_validate(spelt.model_dump()).async_rollout.max_staleness == 2  # a dump reloads
+    with pytest.raises(ValueError, match=r"async\.max_staleness"):
+        GRPOConfig.model_validate({"async": {"max_staleness": -1}})
+    run = load_config(None, ["stages=[{grpo: {}}]", "grpo.async.max_staleness=3"])
+    assert GRPOConfig.model_validate(run.stages[0]["grpo"]).async_rollout.max_staleness == 3
