@@ -319,13 +319,14 @@ def argparse_hidden():
     return argparse.SUPPRESS
 
 
-def model_dir(shape: str, seed: int = 0) -> str:
-    """The model of ``shape`` (random bf16 weights, the embedded tokenizer), built once per machine."""
+def model_dir(shape: str, seed: int = 0, vocab_size: int | None = None) -> str:
+    """The model of ``shape`` (random bf16 weights, the embedded tokenizer), built once per machine;
+    ``vocab_size`` replaces the shape's (``build_model``)."""
     root = Path(os.environ.get("RAYALIGN_BENCH_MODELS", Path.home() / ".cache" / "rayalign-bench"))
-    dest = root / f"qwen2-{shape}-seed{seed}"
+    dest = root / f"qwen2-{shape}-seed{seed}" if vocab_size is None else root / f"qwen2-{shape}-vocab{vocab_size}-seed{seed}"
     if not (dest / "config.json").exists():
         tmp = root / f".tmp-{shape}-{os.getpid()}"
-        build_model(shape, tmp)
+        build_model(shape, tmp, vocab_size)
         tmp.replace(dest) if not dest.exists() else None
     return str(dest)
 
@@ -338,6 +339,23 @@ def start_ray(num_gpus: int | None = None) -> None:
     if not ray.is_initialized():
         cpus = max(4, os.cpu_count() or 4)
         ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
+
+
+def run_rl_stage(cfg, stage: str = "grpo") -> tuple[dict, float]:
+    """Run ``cfg``'s pipeline (one RL stage, through ``run_pipeline``): the stage's ``metrics`` from
+    its metrics.json, and the pipeline's wall seconds."""
+    from rayalign.pipeline import run_pipeline
+
+    started = time.perf_counter()
+    out = run_pipeline(cfg)
+    total = time.perf_counter() - started
+    return json.loads((out / f"00-{stage}" / "metrics.json").read_text())["metrics"], total
+
+
+def rl_step_seconds(history: list[dict]) -> tuple[list[str], list[float]]:
+    """An RL stage's phase metrics (``time/*_s``) and each step's seconds: the sum of its phases."""
+    phases = sorted({k for m in history for k in m if k.startswith("time/") and k.endswith("_s")})
+    return phases, [sum(m[k] for k in phases) for m in history]
 
 
 def trl_step_timer(warmup: int):

@@ -86,7 +86,6 @@ def data(args, p: dict):
 
 def run_rayalign(args) -> dict:
     from rayalign.config import RunConfig
-    from rayalign.pipeline import run_pipeline
 
     p = plan(args)
     model, _, records = data(args, p)
@@ -112,13 +111,10 @@ def run_rayalign(args) -> dict:
                 "max_tokens_per_micro_batch": p["micro_batch_tokens"], "rewards": [{"name": "exact_match"}],
                 "eval_every": 10_000, "eval_prompts": 1}}],
         })
-        started = time.perf_counter()
-        out = run_pipeline(cfg)
-        total = time.perf_counter() - started
-        metrics = json.loads((out / "00-grpo" / "metrics.json").read_text())["metrics"]
+        metrics, total = common.run_rl_stage(cfg)
     history = metrics["history"]
-    phases = sorted({k for m in history for k in m if k.startswith("time/") and k.endswith("_s")})
-    steps = [sum(m[k] for k in phases) for m in history][p["warmup"]:]
+    phases, steps = common.rl_step_seconds(history)
+    steps = steps[p["warmup"]:]
     return {"step_seconds": steps, "step_time": common.spread(steps), "stage_seconds": total,
             "phase_seconds_median": {k[5:-2]: common.spread([m[k] for m in history[p["warmup"]:]])["median"]
                                      for k in phases},

@@ -7,7 +7,7 @@
 #
 # On the GPU machine, after the wheelhouse is installed into /tmp/site (shared/gpu/README.md), run
 # the parts of `list` in order, one `run` call each (the first installs the project: its stages are
-# entry points). Single GPU (H100 or H200): check, sft, dpo, rollout, rollout-causes, grpo,
+# entry points). Single GPU (H100 or H200): check, sft, dpo, rollout, rollout-causes, grpo, async,
 # rl-memory-0.5b, rl-memory-1.5b, memory, then sft-1.5b and dpo-1.5b if time is left. Four H200s: check, scaling.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +33,7 @@ assert {"sft", "dpo", "grpo"} <= set(stages), sorted(stages); print("stages:", "
 
 part=${1:-list}
 case "$part" in
-  check|sft|dpo|rollout|rollout-causes|grpo|rl-memory-*|memory|sft-1.5b|dpo-1.5b|scaling|dry) ensure_installed ;;
+  check|sft|dpo|rollout|rollout-causes|grpo|async|rl-memory-*|memory|sft-1.5b|dpo-1.5b|scaling|dry) ensure_installed ;;
 esac
 case "$part" in
   list)
@@ -47,6 +47,8 @@ rollout   h100 or h200     6-8           (c) output tokens/s: the stages' rollou
 rollout-causes h100/h200   7-9           (c) a side per other suspect: raw vLLM with its engine core in-process,
                                          eager, 4 CPUs per rollout actor, engine core in a child of the actor
 grpo      h100 or h200     6-8           (e) GRPO step time: rayalign grpo stage vs TRL GRPOTrainer, colocated, 0.5B
+async     h100 or h200     4-6           GRPO step time and reward curve, sync (K=0) vs async (K=1, K=2), trainer and
+                                         vLLM splitting one GPU by memory (resources.split_gpus), 0.5B, eager vLLM
 rl-memory-0.5b h100/h200   4-6           pytest -m gpu tests/test_gpu_rl_memory.py: the colocated GRPO benchmark
                                          settings, device peak per phase (generate, score, train, sync), 0.5B
 rl-memory-1.5b h200        5-8           the same at the 1.5B shape
@@ -76,6 +78,7 @@ EOF
             run benchmarks/rollout_throughput.py --shape 0.5b --name rollout_causes \
               --sides raw_vllm_inproc,rayalign_eager,rayalign_4cpu,rayalign_child ;;
   grpo)     run benchmarks/grpo_step.py --shape 0.5b ;;
+  async)    run benchmarks/async_rl.py --shape 0.5b ;;
   rl-memory-0.5b|rl-memory-1.5b)
             timeout "$LIMIT" "$PY" -m pytest -q -s -rs -m gpu tests/test_gpu_rl_memory.py -k "${part#rl-memory-}" ;;
   memory)   run benchmarks/memory_validation.py ;;
@@ -84,7 +87,7 @@ EOF
   scaling)  run benchmarks/sft_scaling.py --shape 0.5b --gpus 1,2,4 ;;
   dry)
     OUT=${GIVEN_OUT:-/tmp/rayalign-bench}  # CPU figures never land in benchmarks/results/
-    for script in sft_throughput dpo_throughput rollout_throughput grpo_step sft_scaling; do
+    for script in sft_throughput dpo_throughput rollout_throughput grpo_step async_rl sft_scaling; do
       run "benchmarks/$script.py" --dry-run
     done
     ;;

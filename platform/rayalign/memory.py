@@ -378,6 +378,8 @@ def check_training_memory(run, entries, model_path: str, log) -> list[Estimate]:
     if capacity is None:
         log.info("memory plan skipped: GPU memory unknown here; set RAYALIGN_GPU_MEMORY_GIB to check it")
         return []
+    if run.resources.split:  # the engines beside the trainer hold their share of each GPU
+        capacity *= 1 - run.resources.rollout.gpu_memory_utilization
     shape = ModelShape.from_dir(model_path)
     out = []
     for i, entry in training:

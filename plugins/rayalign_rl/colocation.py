@@ -116,14 +116,15 @@ class Colocation:
         if self.colocated:
             self._release(self.frozen)
 
-    def sync_weights(self) -> SyncStats:
-        """The trained weights into the engines, waking them in two steps when colocated."""
+    def sync_weights(self, version: int | None = None) -> SyncStats:
+        """The trained weights into the engines as ``version`` (``WeightSync.sync``), waking them in
+        two steps when colocated."""
         if not self.sleeps:
-            return self.sync.sync()
+            return self.sync.sync(version)
         self._release(self.trainers + self.frozen)
         self._offload()
         self._wake(WEIGHTS)
-        stats = self.sync.sync()
+        stats = self.sync.sync(version)
         self._release(self.trainers[:1])  # the policy's exported copy of its weights
         self._wake(KV_CACHE)
         return stats

@@ -56,6 +56,8 @@ class EnvironmentSettings(BaseModel):
 
 
 class RLConfig(TrainingConfig):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)  # async_rollout's alias `async`
+
     # With resources.colocate the stage plans every role on the GPU itself (rayalign_rl.memory_plan),
     # which the pipeline's trainer-only check would contradict (it knows no optimizer offload).
     plans_colocated_memory: ClassVar[bool] = True
@@ -134,9 +136,12 @@ class RLConfig(TrainingConfig):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     grad_accum: int = Field(4, ge=1, description="packed micro-batches per optimizer step per rank")
     max_tokens_per_micro_batch: int = Field(4096, ge=8, description="packing budget of one row")
-    async_rollout: AsyncRollout | None = Field(None, description="asynchronous RL: the engines generate the next "
-                                               "step's answers while the trainers train (needs the engines on "
-                                               "GPUs of their own, not resources.colocate)")
+    # `async:` is the spelling in the docs; `async` is a Python keyword, so the field is named
+    # async_rollout and takes both keys.
+    async_rollout: AsyncRollout | None = Field(None, alias="async", description="asynchronous RL (key `async` or "
+                                               "`async_rollout`): the engines generate up to max_staleness steps' "
+                                               "answers ahead while the trainers train (needs the engines beside "
+                                               "the trainer, not resources.colocate)")
 
     _needs_critic: bool | None = PrivateAttr(None)
 

@@ -79,7 +79,7 @@ _shards = round_robin  # the rollout engines' sharding, for the reward-model and
 
 
 class RLLoop:
-    prefetch: Prefetch | None = None  # async_rollout: the batches generated a step ahead
+    prefetch: Prefetch | None = None  # async_rollout: the batches generated ahead
 
     def __init__(self, ctx: StageContext, cfg: RLConfig, placement: dict[str, Placement],
                  train: list[Prompt], held_out: list[Prompt], rewards: list[RewardFn], reward_model: str | None,
@@ -309,6 +309,7 @@ class RLLoop:
         clock = time.monotonic()
         if self.prefetch is not None:
             prompts, episodes, stale, filtered = self.prefetch.take(step)
+            clock += self.prefetch.seconds["sync"]  # a deferred sync that ran here is the sync phase's
         elif cfg.dynamic_sampling:
             prompts, episodes, stale, filtered = self.sample_informative(step)
         else:
@@ -349,6 +350,8 @@ class RLLoop:
         t["score"] = time.monotonic() - clock
         memory |= self.gpu.phase_memory("score")
 
+        if self.prefetch is not None:  # the weights are still a whole version: a deferred sync may run
+            self.prefetch.advance()
         clock = time.monotonic()
         if cfg.overlong_filtering:
             rows, trained = self.without_truncated(step, episodes)
@@ -358,11 +361,13 @@ class RLLoop:
         policy_metrics, critic_metrics = self.update(step, rows, trained)
         t["train"] = time.monotonic() - clock
         memory |= self.gpu.phase_memory("train")
-        if self.prefetch is not None:  # the next batch's generation ends before the sync
-            t["generate"] += self.prefetch.finish_generation()
-        clock = time.monotonic()
-        sync = self.gpu.sync_weights()
-        t["sync"] = time.monotonic() - clock
+        if self.prefetch is not None:  # synced now, earlier in the step, or deferred (async_rollout)
+            sync, t["sync"], ahead = self.prefetch.finish_step(step)
+            filtered |= ahead
+        else:
+            clock = time.monotonic()
+            sync = self.gpu.sync_weights()
+            t["sync"] = time.monotonic() - clock
         memory |= self.gpu.phase_memory("sync")
         self._log_rollouts(step, prompts, episodes)
         return (self.metrics(episodes, stale, t, sync, policy_metrics, critic_metrics) | filtered | memory
@@ -407,6 +412,8 @@ class RLLoop:
                 random.Random(f"{self.ctx.run.seed}-{step}-{epoch}").shuffle(order)
                 for k in range(0, len(order), slots):
                     metrics.append(train_step(group, order[k : k + slots], weights, cfg.grad_accum, self.timeouts.step_s))
+                    if self.prefetch is not None:  # idle engines may start the next batch (no sync mid-update)
+                        self.prefetch.advance(sync=False)
             out.append(_mean(metrics))
         return out[0], (out[1] if len(out) > 1 else {})
 
@@ -492,13 +499,19 @@ class RLLoop:
         self._open_rollouts(state.extra.get("rollouts_bytes", 0))
         progress = Progress(self.ctx.name, self.cfg.steps, self.ctx.log)
         while state.step < self.cfg.steps:
+            clock = time.monotonic()
             metrics = self.step(state.step)
+            metrics["step_wall_s"] = time.monotonic() - clock  # the driver's whole step, phases and all
             state.step += 1
             metrics["step"] = state.step
             state.history.append(metrics)
-            state.extra["version"] = self.sync.version
+            # The policy's version, which a restore loads into the engines; with async_rollout the
+            # engines may still be behind it (a deferred sync).
+            state.extra["version"] = state.step if self.prefetch is not None else self.sync.version
             progress.update(state.step, metrics)
             if state.step % self.cfg.eval_every == 0 or state.step == self.cfg.steps:
+                if self.prefetch is not None:  # the evaluation samples the policy being trained
+                    self.prefetch.settle()
                 state.extra["evals"].append(self.evaluate(state.step))
             if rel.checkpoint_every and state.step % rel.checkpoint_every == 0 and state.step < self.cfg.steps:
                 self.checkpoint(store, state)

@@ -4,7 +4,8 @@ Each stage reserves one placement group for the roles it uses (SFT: trainer; DPO
 reference; generation: rollout) and releases it when done, so stages never compete. Resources
 come from the run config only; a role's ``placement`` pins ranks to nodes by custom resources
 or node labels (multi-node clusters). When ``colocate`` is set and the trainer has GPUs, every role
-shares the trainer's GPU bundles (fractional GPUs; vLLM sleeps while the trainer works).
+shares the trainer's GPU bundles (fractional GPUs; vLLM sleeps while the trainer works); with
+``split_gpus`` the trainer and rollout engines share them, both awake, split by memory.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from rayalign.config import ResourcesConfig, RoleResources, RolloutResources
 from rayalign.errors import ConfigError
 
 log = logging.getLogger("rayalign")
+
+SPLIT_ROLES = ("trainer", "rollout")  # the roles that share the trainer's GPUs under resources.split_gpus
 
 
 def connect(namespace: str = "rayalign") -> None:
@@ -70,28 +73,37 @@ class Cluster:
         layout: dict[str, list[int]] = {}
         shares: dict[str, float] = {}
         colocated = res.colocated
-        if colocated:
-            # One bundle per trainer GPU; every colocated role takes a slice of the same GPUs.
-            n = max(res.trainer.num_workers, *(r.resources.num_workers for r in requests))
-            cpus = sum(r.resources.num_cpus for r in requests)
+        # The roles on the trainer's GPU bundles: every role when colocated, trainer and rollout
+        # engines when they split the GPUs by memory (resources.split_gpus).
+        shared = [r for r in requests if colocated or (res.split and r.role in SPLIT_ROLES)]
+        n_shared = 0
+        if shared:
+            # One bundle per trainer GPU; every sharing role takes a slice of the same GPUs (Ray's
+            # bookkeeping only: what each really holds is vLLM's gpu_memory_utilization and the rest).
+            n = max(res.trainer.num_workers, *(r.resources.num_workers for r in shared))
+            cpus = sum(r.resources.num_cpus for r in shared)
             bundles = [{"GPU": trainer_gpus, "CPU": cpus} for _ in range(n)]
-            for r in requests:
+            n_shared = n
+            for r in shared:
                 layout[r.role] = list(range(r.resources.num_workers))
-                shares[r.role] = trainer_gpus / len(requests)
-        else:
-            for r in requests:
-                start = len(bundles)
-                bundle = {"CPU": r.resources.num_cpus}
-                if r.gpus_per_worker > 0:
-                    bundle["GPU"] = r.gpus_per_worker  # a TP engine's GPUs stay in one bundle, so one node
-                bundles += [dict(bundle) for _ in range(r.resources.num_workers)]
-                layout[r.role] = list(range(start, start + r.resources.num_workers))
-                shares[r.role] = r.gpus_per_worker
+                shares[r.role] = trainer_gpus / len(shared)
+        for r in requests:
+            if r in shared:
+                continue
+            start = len(bundles)
+            bundle = {"CPU": r.resources.num_cpus}
+            if r.gpus_per_worker > 0:
+                bundle["GPU"] = r.gpus_per_worker  # a TP engine's GPUs stay in one bundle, so one node
+            bundles += [dict(bundle) for _ in range(r.resources.num_workers)]
+            layout[r.role] = list(range(start, start + r.resources.num_workers))
+            shares[r.role] = r.gpus_per_worker
         # Rank r's node constraints go on its own bundle: custom resources join the bundle, label
-        # selectors go beside it. Colocated roles share the trainer's bundles and its placement.
+        # selectors go beside it. Sharing roles use the trainer's bundles and its placement.
         selectors: list[dict[str, str]] = [{} for _ in bundles]
-        for r in [self.role("trainer")] if colocated else requests:
-            for rank, index in enumerate(range(len(bundles)) if colocated else layout[r.role]):
+        owners = [(self.role("trainer"), list(range(n_shared)))] if shared else []
+        owners += [(r, layout[r.role]) for r in requests if r not in shared]
+        for r, indices in owners:
+            for rank, index in enumerate(indices):
                 selector = r.resources.selector(rank)
                 if selector is not None:
                     bundles[index].update(selector.resources)

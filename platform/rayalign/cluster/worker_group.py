@@ -68,6 +68,11 @@ class WorkerGroup:
         ranks = list(range(len(self.actors))) if ranks is None else list(ranks)
         return {call(self.actors[r], r): r for r in ranks}
 
+    def ready(self, refs: dict["ray.ObjectRef", int]) -> bool:
+        """Whether every one of ``submit``'s calls has answered (without waiting)."""
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        return len(done) == len(refs)
+
     def wait(self, refs: dict["ray.ObjectRef", int], timeout_s: float) -> list[Any]:
         """The answers to ``submit``'s calls in rank order, within ``timeout_s`` from now."""
         results: dict[int, Any] = {}

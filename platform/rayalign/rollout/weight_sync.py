@@ -302,9 +302,10 @@ class WeightSync:
             (self.engines, lambda a, r: a.join_sync_group.remote(host, port, 1 + r, world)),
         ])
 
-    def sync(self) -> SyncStats:
-        """Export, transfer and load the current policy as ``version + 1``; raise on a timeout."""
-        version = self.version + 1
+    def sync(self, version: int | None = None) -> SyncStats:
+        """Export, transfer and load the current policy as ``version`` (default: the last one + 1;
+        asynchronous RL names the policy's own, which may skip versions); raise on a timeout."""
+        version = self.version + 1 if version is None else version
         started = time.monotonic()
         n_buckets, loaded = self._guarded(version, lambda: getattr(self, f"_sync_{self.transport}")(version))
         self.version = version
