@@ -337,6 +337,63 @@ def grpo_memory(results: Results) -> str:
                   "device peak less the trainer's GiB"], rows)
 
 
+# -- the memory planner (docs/memory.md) ----------------------------------------------------------
+
+def pct(x: float | None) -> str:
+    return f"{100 * x:+.1f}%" if x is not None else "–"
+
+
+@region("memory-heldout")
+def memory_heldout(results: Results) -> str:
+    """Every configuration of the newest validation: the estimate with the constants fitted on the
+    fit rows (memory.py's now) and with the ones before, against what the trainer allocated."""
+    f = results.newest("memory_validation-heldout", "h200", where=lambda f: f.data.get("complete"))
+    s = f.data["summary"]
+    rows = []
+    for r in sorted(f.data["rows"], key=lambda r: r["split"] != "held_out"):
+        m, fit, now = r.get("measured", {}), r.get("with_fitted", {}), r.get("with_current", {})
+        if not m:
+            rows.append([r["split"], r["name"], "–", "–", "–", "–", "–", "–", f"not run: {r.get('skipped') or r.get('error')}"])
+            continue
+        rows.append([r["split"], r["name"], f"{fit['training_total_gib']:.1f}", f"{m['allocated_gib']:.1f}",
+                     pct(fit["allocated_error"]), pct(now["allocated_error"]), f"{m['device_used_gib']:.1f}",
+                     pct(fit["device_error"]), ""])
+    fitted, before = s["fitted"], s["current"]
+    constants = lambda c: ", ".join(f"{k} {v:.3g}" for k, v in c.items())  # noqa: E731
+    return (table(["split", "configuration", "estimate GiB (fitted)", "allocated GiB", "error (fitted)",
+                   "error (constants before)", "device used GiB", "device error (fitted)", ""], rows) +
+            f"\n\nOne H200, {day(f)}, {f.data['settings']['tokens_per_micro_batch']} tokens per micro-batch, "
+            f"{f.data['settings']['steps']} steps a configuration. Fitted on the {sum(r['split'] == 'fit' for r in f.data['rows'] if r.get('measured'))} "
+            f"measured fit rows: {constants(fitted)} (before: {constants(before)}). Held-out rows "
+            f"({s['held_out_measured']} measured): largest allocated error {100 * s['held_out_allocated_max_abs_error_fitted']:.1f}% "
+            f"either way (target 15%: {'met' if s['target_met'] else 'not met'}); largest device error "
+            f"{100 * s['held_out_device_max_abs_error_fitted']:.1f}% either way.")
+
+
+# -- asynchronous RL (docs/rl.md) ------------------------------------------------------------------
+
+@region("async-rl")
+def async_rl(results: Results) -> str:
+    """Step time and rewards of the synchronous loop (K=0) and the asynchronous one, same GPUs."""
+    f = results.newest("async_rl-0.5b", "h200", sides=("k0",))
+    s, st = f.data["summary"], f.data["settings"]
+    rows = []
+    for side, r in f.data["sides"].items():
+        reward = r["per_step"]["reward"]
+        rows.append([f"`{side}`", str(r["max_staleness"]), f"{r['step_time']['median']:.2f}",
+                     times(s["speedup_vs_sync"].get(side, 1.0)), f"{max((x or 0) for x in r['per_step']['async/staleness_max']):.0f}",
+                     f"{reward[0]:.2f} → {reward[-1]:.2f}", f"{r['eval_reward_before']:.2f} → {r['eval_reward']:.2f}",
+                     gib(max(r["device_peak_gib"].values()))])
+    placement = "trainer and engine split one GPU by memory (`resources.split_gpus`)" \
+        if f.data["sides"]["k0"]["gpus"] == 1 else "trainer and engine on GPUs of their own"
+    return (table(["side", "max_staleness", "step s (median)", "speed-up vs K=0", "staleness max",
+                   "train reward, first → last step", "held-out reward, before → after", "device peak"], rows) +
+            f"\n\nOne H200, {day(f)}, {placement}; {st['steps']} timed steps after {st['warmup']}, "
+            f"{st['prompts_per_step']} prompts × {st['num_generations']} answers of at most {st['max_new_tokens']} "
+            f"tokens, a random-weight 0.5B-shaped model, vLLM at {st['gpu_memory_utilization']} of the GPU"
+            f"{', eager' if st.get('enforce_eager') else ''}; one seed.")
+
+
 # -- the fixes (README.md) -------------------------------------------------------------------------
 
 FIX_METRICS = [("repetition_rate", "repetition rate", "relative"),

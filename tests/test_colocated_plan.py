@@ -292,7 +292,7 @@ def test_the_stage_turns_cuda_graphs_off_only_when_its_plan_needs_it_and_says_so
 
 
 def test_the_labelled_rl_passes_plan_one_chunk_of_logits_not_the_row():
-    from rayalign.memory import LABELLED_CHUNK_TOKENS
+    from rayalign.memory import CALIBRATION, LABELLED_CHUNK_TOKENS
     from rayalign.training.labelled_logps import CHUNK_TOKENS
 
     assert LABELLED_CHUNK_TOKENS == CHUNK_TOKENS  # the planner's copy of the chunk size (it imports no torch)
@@ -301,6 +301,6 @@ def test_the_labelled_rl_passes_plan_one_chunk_of_logits_not_the_row():
     vocab = shape("0.5b").vocab
     # Training: 16k positions' logits and their float32 work become one 1k chunk's.
     saved = full.phases["train"]["policy"] - labelled.phases["train"]["policy"]
-    assert saved == pytest.approx((16384 - CHUNK_TOKENS) * vocab * 12.35, rel=1e-6)
+    assert saved == pytest.approx((16384 - CHUNK_TOKENS) * vocab * CALIBRATION.logits_bytes, rel=1e-6)
     # Scoring: the whole row's bf16 logits are no longer kept.
     assert full.phases["score"]["policy"] - labelled.phases["score"]["policy"] == pytest.approx(16384 * vocab * 2)
