@@ -105,8 +105,9 @@ def summarise(runs: list[dict]) -> dict:
         if before and after:
             kind = TARGETS[metric][0]
             delta = after["mean"] - before["mean"]
-            targets[metric] = {"before_mean": before["mean"], "after_mean": after["mean"],
-                               "change_of_means": delta if kind == "absolute" else delta / before["mean"] if before["mean"] else None,
+            if kind == "relative":
+                delta = delta / before["mean"] if before["mean"] else None
+            targets[metric] = {"before_mean": before["mean"], "after_mean": after["mean"], "change_of_means": delta,
                                "met_on_means": met(metric, before["mean"], after["mean"]),
                                "met_per_seed": [met(metric, m[f"{metric}_before"], m[metric]) for m in done]}
     return {"seeds_finished": len(done), "stats": stats, "targets": targets}

@@ -144,7 +144,9 @@ class EvaluateStage(Stage):
         where = f"stages[{index}].evaluate"
         self.detectors = cfg.load_detectors(plugins, where)
         self.knowledge = load_knowledge(cfg.knowledge, run.seed) if cfg.knowledge else None
-        self.fact_judge = FactJudge(self.knowledge, cfg.fact_sentences) if self.knowledge and cfg.fact_sentences else None
+        self.fact_judge = None
+        if self.knowledge is not None and cfg.fact_sentences:
+            self.fact_judge = FactJudge(self.knowledge, cfg.fact_sentences)
         self.prompts = load_prompt_set(cfg.prompts, self.knowledge, run.seed)[: cfg.num_prompts]
         # The right answers repeat too (a journey may revisit a city): what a perfect fix would score.
         self.floor = {"seq_rep_4": mean([seq_rep_n(words(p.reference)) for p in self.prompts]),
@@ -193,7 +195,8 @@ class EvaluateStage(Stage):
         if cfg.tuned_on == cfg.prompts:
             ctx.log.warning("[%s] measuring on %s, the prompts the hyperparameters were tuned on: no test",
                             ctx.name, cfg.prompts)
-        split = [f"- prompts: `{cfg.prompts}`" + (f"; hyperparameters tuned on `{cfg.tuned_on}`" if cfg.tuned_on else "")
+        split = [f"- prompts: `{cfg.prompts}`"
+                 + (f"; hyperparameters tuned on `{cfg.tuned_on}`" if cfg.tuned_on else "")
                  + (" (the same: this is no test)" if cfg.tuned_on == cfg.prompts else "")]
         floor = (f"The reference answers themselves score seq-rep-4 {self.floor['seq_rep_4']:.3f} and rep-16 "
                  f"{self.floor['rep_w']:.3f}: the floor of a perfect fix.")
@@ -205,7 +208,7 @@ class EvaluateStage(Stage):
         metrics = {f"{k}_before": v for k, v in results.get("before", {}).items()}
         metrics.update(results["after"])
         metrics.update({f"{k}_references": v for k, v in self.floor.items()})
-        metrics.update(models={k: v for k, v in models.items()}, table=lines, prompts=cfg.prompts, tuned_on=cfg.tuned_on)
+        metrics.update(models=dict(models), table=lines, prompts=cfg.prompts, tuned_on=cfg.tuned_on)
         return StageResult(metrics=metrics, datasets={"evaluation": "evaluation.jsonl"})
 
     def _measure(self, ctx, label: str, model: str) -> tuple[dict, list[dict]]:
