@@ -1,8 +1,8 @@
 """A seeded synthetic knowledge task on which a tiny model, after SFT, both loops and hallucinates.
 
-The world is ``num_people`` invented people. Each has a home city, a job, an age, a list of 5-10
-cities visited (in a per-person order) and, for about two in three, a pet. Questions and the
-answers the model should give::
+The world is ``num_people`` invented people, and ``num_test_people`` more for the test split. Each
+has a home city, a job, an age, a list of 5-10 cities visited (in a per-person order) and, for
+about two in three, a pet. Questions and the answers the model should give::
 
     Where does Bavoren live?            Bavoren lives in Kelmora.
     What is the job of Bavoren?         Bavoren works as a baker.
