@@ -16,11 +16,12 @@ Both count lower-cased words (``rayalign.evaluation.text.words``), not the token
 The paper's tokens were GPT-2-style word pieces (about a word each); the embedded tokenizer has
 511 entries and splits "went" into three, so its 4-grams are character chunks, and a right
 journey answer ("Bavoren went to Dunvale. Bavoren went to Parvel. ...") repeats "Bavoren went to"
-in more than four tokens every sentence: measured on one run's test answers, the references
-scored a token seq-rep-4 of 0.086 against the SFT model's 0.112, so the measure saw the template,
-not the loops (in words: 0.023 against 0.088). Words also mean the same for every model, so runs
-with different tokenizers compare. The repetition detector splits text into the same words; what
-it computes from them (a loop: a block repeated back to back) is another measure.
+in more than four tokens every sentence: counted in tokens, the reference answers scored close to
+the looping SFT model, and the measure saw the template rather than the loops. In words a right
+answer repeats a 4-gram only where a journey revisits a city (the evaluation reports the
+references' score as the floor). Words also mean the same for every model, so runs with different
+tokenizers compare. The repetition detector splits text into the same words; what it computes
+from them (a loop: a block repeated back to back) is another measure.
 
 ``FactJudge`` reads what an answer asserts. Sentence forms that state a fact (one per attribute,
 e.g. ``"{e} lives in {v}."``; the embedded task's are ``rayalign.data.knowledge.CLAIM_SENTENCES``)
