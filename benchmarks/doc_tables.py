@@ -396,12 +396,17 @@ def async_rl(results: Results) -> str:
 
 # -- the fixes (README.md) -------------------------------------------------------------------------
 
-FIX_METRICS = [("repetition_rate", "repetition rate", "relative"),
-               ("hallucination_rate", "hallucination rate", "relative"),
+FIX_METRICS = [("seq_rep_4", "seq-rep-4 (judge)", "relative"),
+               ("rep_w", "rep-16 (judge)", "relative"),
+               ("fact_error_rate", "fact error rate (judge)", "relative"),
+               ("fact_error_rate_answerable", "- on answerable questions", "relative"),
+               ("fact_error_rate_unanswerable", "- on unanswerable questions", "relative"),
                ("decline_rate", "decline rate (unanswerable)", "points"),
                ("accuracy", "task accuracy (answerable)", "points"),
                ("general_loss", "held-out general loss", "relative"),
-               ("false_decline_rate", "declines on answerable", "points")]
+               ("false_decline_rate", "declines on answerable", "points"),
+               ("repetition_rate", "repetition rate (fix's detector)", "relative"),
+               ("hallucination_rate", "hallucination rate (fix's detectors)", "relative")]
 
 
 def change(before: float, after: float, kind: str) -> str:
@@ -437,37 +442,13 @@ def fix_seeds(results: Results) -> str:
             seeds_missing.append(f"{labels[m]} (seed {', '.join(missing)})")
     return (f"Seeds {', '.join(str(r['seed']) for r in runs)}, `{d['settings']['recipe']}` once per seed on "
             f"{d['settings']['cpus']} CPU cores; mean ± standard deviation over the seeds:\n\n" +
-            table(["metric", "before (sft)", "after", "change of the means"], rows) + "\n\nThe targets:\n\n" +
+            table(["metric", "before (sft)", "after", "change of the means"], rows) +
+            (f"\n\nThe reference answers themselves score seq-rep-4 {stats['seq_rep_4_references']['mean']:.3f} ± "
+             f"{stats['seq_rep_4_references']['std']:.3f} (a journey may revisit a city): the floor a perfect fix "
+             f"would reach." if "seq_rep_4_references" in stats else "") + "\n\nThe targets:\n\n" +
             table(["metric", "target", "change of the means", "met on the means?", "change per seed"], targets) +
             f"\n\nMet on the means: {', '.join(met) or 'none'}; missed on the means: {', '.join(missed) or 'none'}. "
             f"Seeds that miss a target the means meet: {'; '.join(seeds_missing) or 'none'}.")
-
-
-LOWER_IS_BETTER = {"repetition_rate", "hallucination_rate", "general_loss", "false_decline_rate"}
-
-
-@region("fix-trials")
-def fix_trials(results: Results) -> str:
-    """Each trial of other fix settings (benchmarks/results/trials/) beside the default fix's means."""
-    default = results.newest("fix_seeds", "cpu")
-    trials = results.cite(sorted((f for f in results.files if f.name.startswith("fix_seeds-")), key=lambda f: f.when))
-    if not trials:
-        raise PublishError("no result file cpu-<yyyymmdd>-fix_seeds-<trial>.json under benchmarks/results/trials")
-    header = ["metric (mean over seeds)", "before (sft)", f"default fix (`{default.path.name}`)"]
-    header += [f"trial `{t.name.removeprefix('fix_seeds-')}`" for t in trials]
-    rows, worse = [], {t.name: [] for t in trials}
-    for m, label, _ in FIX_METRICS:
-        ours = default.data["summary"]["stats"][m]["mean"]
-        row = [label, f"{default.data['summary']['stats'][m + '_before']['mean']:.3f}", f"{ours:.3f}"]
-        for t in trials:
-            theirs = t.data["summary"]["stats"][m]["mean"]
-            row.append(f"{theirs:.3f}")
-            if (theirs > ours) if m in LOWER_IS_BETTER else (theirs < ours):
-                worse[t.name].append(label)
-        rows.append(row)
-    notes = " ".join(f"Trial `{name.removeprefix('fix_seeds-')}` is worse than the default fix on: "
-                     f"{', '.join(labels) or 'nothing'}." for name, labels in worse.items())
-    return table(header, rows) + "\n\n" + notes
 
 
 # -- data loading (docs/practitioners.md) ---------------------------------------------------------

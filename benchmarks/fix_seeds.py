@@ -1,13 +1,15 @@
 """The repetition and hallucination fix over several seeds: each seed's before/after table, and
 the mean and standard deviation of each metric, with the fix's targets judged on the means.
 
-Runs ``recipes/sft_then_fix.py`` once per seed (the whole recipe: SFT, both fixes, evaluation),
-each in its own process and output directory, and reads each run's ``09-evaluate/metrics.json``.
+Runs ``recipes/sft_then_fix.py`` once per seed (the whole recipe: SFT, both fixes, evaluation on
+the test split), each in its own process and output directory, and reads each run's
+``09-evaluate/metrics.json``. The targets are judged on the independent judges (seq-rep-4, the
+fact-table error rate), not on the detectors the fix trains against; those are kept as rows.
 One seed decides the SFT model, the mined samples and every split, so seeds say how much of a
 single run's table is the method and how much is the draw; on a CPU the floating-point path of
 the machine acts as one more seed.
 
-    python benchmarks/fix_seeds.py                   # seeds 0 1 2, on CPU (about 6 min a seed on 2 cores)
+    python benchmarks/fix_seeds.py                   # seeds 0 1 2, on CPU (about 5 min a seed on 2 cores)
     python benchmarks/fix_seeds.py --seeds 0 1 2 3 4 -- stages.4.dpo.epochs=3   # overrides for every run
 """
 
@@ -25,13 +27,15 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 RECIPE = BENCH.parent / "recipes" / "sft_then_fix.py"
-# The fix's targets (README, "Fixing repetition and hallucination"): the change from before to
-# after, relative or in points, and the bound it must stay at or below ("max") or above ("min").
+EVALUATE = "09-evaluate"
+# The fix's targets (README, "Fixing repetition and hallucination"), each on a judge the fix's own
+# detectors do not define (rayalign.evaluation.judges): the change from before to after, relative
+# or in points, and the bound it must stay at or below ("max") or above ("min").
 TARGETS = {
-    "repetition_rate": ("relative", "max", -0.5),     # at least halved
-    "hallucination_rate": ("relative", "max", -0.3),  # at least -30%
-    "accuracy": ("absolute", "min", -0.02),           # at most 2 points lost
-    "general_loss": ("relative", "max", 0.05),        # at most +5%
+    "seq_rep_4": ("relative", "max", -0.5),        # repetition: at least halved
+    "fact_error_rate": ("relative", "max", -0.3),  # hallucination: at least -30%
+    "accuracy": ("absolute", "min", -0.02),        # at most 2 points lost
+    "general_loss": ("relative", "max", 0.05),     # at most +5%
 }
 
 
@@ -43,16 +47,50 @@ def met(metric: str, before: float, after: float) -> bool:
     return change <= bound if side == "max" else change >= bound
 
 
-def run_seed(seed: int, out: Path, overrides: list[str]) -> dict:
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(RECIPE), f"output_dir={out}", f"seed={seed}", *overrides],
-                          capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        return {"seed": seed, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1], "seconds": seconds}
-    metrics = json.loads((out / "09-evaluate" / "metrics.json").read_text())["metrics"]
+def launch(seed: int, out: Path, overrides: list[str]) -> subprocess.Popen:
+    """The recipe for one seed in its own process; its output goes to files beside ``out`` (pipes of
+    several processes read one after another could fill and stall the others)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{out}.stdout", "w") as stdout, open(f"{out}.stderr", "w") as stderr:
+        return subprocess.Popen([sys.executable, str(RECIPE), f"output_dir={out}", f"seed={seed}", *overrides],
+                                stdout=stdout, stderr=stderr, text=True, cwd=RECIPE.parent.parent)
+
+
+def outcome(seed: int, out: Path, returncode: int, seconds: float) -> dict:
+    if returncode != 0:
+        last = (Path(f"{out}.stderr").read_text().strip().splitlines() or ["no output"])[-1]
+        return {"seed": seed, "error": last, "seconds": seconds}
+    metrics = json.loads((out / EVALUATE / "metrics.json").read_text())["metrics"]
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {"seed": seed, "seconds": seconds, "metrics": scalars}
+    return {"seed": seed, "seconds": seconds, "prompts": metrics.get("prompts"), "tuned_on": metrics.get("tuned_on"),
+            "metrics": scalars}
+
+
+def run_seeds(seeds: list[int], root: Path, overrides: list[str], parallel: int = 1,
+              timeout: float | None = None) -> list[dict]:
+    """Each seed's outcome, in ``root/seed<N>``; up to ``parallel`` recipes at a time; a recipe still
+    running ``timeout`` seconds after this started is killed and reported as an error."""
+    pending, running, done = list(seeds), {}, {}
+    deadline = time.perf_counter() + timeout if timeout else None
+    while pending or running:
+        if deadline is not None and time.perf_counter() > deadline:
+            for seed, (proc, started) in running.items():
+                proc.kill()
+                proc.wait()
+                done[seed] = {"seed": seed, "error": f"timed out after {timeout:.0f}s",
+                              "seconds": time.perf_counter() - started}
+            for seed in pending:
+                done[seed] = {"seed": seed, "error": "not started: timed out", "seconds": 0.0}
+            break
+        while pending and len(running) < parallel:
+            seed = pending.pop(0)
+            running[seed] = (launch(seed, root / f"seed{seed}", overrides), time.perf_counter())
+        time.sleep(0.5)
+        for seed, (proc, started) in list(running.items()):
+            if proc.poll() is not None:
+                done[seed] = outcome(seed, root / f"seed{seed}", proc.returncode, time.perf_counter() - started)
+                del running[seed]
+    return [done[s] for s in seeds]
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -65,7 +103,11 @@ def summarise(runs: list[dict]) -> dict:
     for metric in TARGETS:
         before, after = stats.get(f"{metric}_before"), stats.get(metric)
         if before and after:
-            targets[metric] = {"before_mean": before["mean"], "after_mean": after["mean"],
+            kind = TARGETS[metric][0]
+            delta = after["mean"] - before["mean"]
+            if kind == "relative":
+                delta = delta / before["mean"] if before["mean"] else None
+            targets[metric] = {"before_mean": before["mean"], "after_mean": after["mean"], "change_of_means": delta,
                                "met_on_means": met(metric, before["mean"], after["mean"]),
                                "met_per_seed": [met(metric, m[f"{metric}_before"], m[metric]) for m in done]}
     return {"seeds_finished": len(done), "stats": stats, "targets": targets}
@@ -75,23 +117,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=os.environ.get("OUT", str(BENCH / "results")), help="directory for the result JSON")
+    parser.add_argument("--parallel", type=int, default=1, help="recipes at a time (seconds then are not per seed)")
+    parser.add_argument("--keep", help="keep the runs in this directory (default: a temporary one, removed)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args()
     sys.path.insert(0, str(BENCH))
     import common
 
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="rayalign-fix-seeds-") as tmp:
-        for seed in args.seeds:
-            run = run_seed(seed, Path(tmp) / f"seed{seed}", args.overrides)
-            print(json.dumps(run), flush=True)
-            runs.append(run)
+    if args.keep:
+        runs = run_seeds(args.seeds, Path(args.keep), args.overrides, args.parallel)
+    else:
+        with tempfile.TemporaryDirectory(prefix="rayalign-fix-seeds-") as tmp:
+            runs = run_seeds(args.seeds, Path(tmp), args.overrides, args.parallel)
+    for run in runs:
+        print(json.dumps(run), flush=True)
+    summary = summarise(runs)
+    for metric, t in summary["targets"].items():
+        print(f"{metric}: {t['before_mean']:.4f} -> {t['after_mean']:.4f} (change {t['change_of_means']}) "
+              f"{'met' if t['met_on_means'] else 'MISSED'} on the means", flush=True)
     common.write_result(args.out, "fix_seeds", {
         "settings": {"seeds": args.seeds, "overrides": args.overrides, "recipe": "recipes/sft_then_fix.py",
-                     "cpus": len(os.sched_getaffinity(0))},
+                     "parallel": args.parallel, "cpus": len(os.sched_getaffinity(0))},
         "targets": {k: {"change": kind, "side": side, "bound": bound} for k, (kind, side, bound) in TARGETS.items()},
         "runs": runs,
-        "summary": summarise(runs),
+        "summary": summary,
     })
 
 

@@ -1,12 +1,12 @@
 """The real recipe on the embedded knowledge task: SFT -> repetition fix -> hallucination fix -> evaluation.
 
-One run for the module (a few minutes on 2 CPU cores, local Ray started by the recipe); the tests
-read what it left: the stage outputs, the pairs' provenance and the before/after table, whose
-targets are those of the README.
+Three runs for the module, seeds 0, 1 and 2, side by side (each a few minutes on 2 CPU cores, each
+with the local Ray its recipe starts), through benchmarks/fix_seeds.py: the README's targets are
+judged on the means of the seeds, on the independent judges, as that benchmark judges them. The
+other tests read what seed 0 left: the stage outputs, the pairs' provenance, the table.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,17 +14,29 @@ import pytest
 
 from conftest import REPO
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+import fix_seeds  # noqa: E402
+
 pytestmark = pytest.mark.slow
+SEEDS = [0, 1, 2]
 STAGES = ["00-sft", "01-mine", "02-detect", "03-negatives", "04-dpo",
           "05-mine", "06-detect", "07-negatives", "08-dpo", "09-evaluate"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fix") / "run"
-    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "sft_then_fix.py"), f"output_dir={out}"],
-                          capture_output=True, text=True, timeout=1200, cwd=REPO)
-    return proc, out
+def seeds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fix")
+    runs = fix_seeds.run_seeds(SEEDS, root, [], parallel=len(SEEDS), timeout=2400)
+    for r in runs:
+        assert "error" not in r, (r, Path(f"{root}/seed{r['seed']}.stderr").read_text()[-4000:])
+    return root, runs
+
+
+@pytest.fixture(scope="module")
+def run(seeds):
+    """Seed 0's recipe: its stdout and output directory."""
+    root, _ = seeds
+    return Path(f"{root}/seed0.stdout").read_text(), root / "seed0"
 
 
 def metrics(out: Path, stage: str) -> dict:
@@ -36,11 +48,14 @@ def rows(path: Path) -> list[dict]:
 
 
 def test_recipe_runs_every_stage_and_prints_the_table(run):
-    proc, out = run
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    stdout, out = run
     assert [p.name for p in sorted(out.iterdir()) if p.is_dir()] == STAGES
-    assert "=== before/after ===" in proc.stdout and "| repetition rate |" in proc.stdout
-    assert (out / "09-evaluate" / "report.md").read_text() in proc.stdout
+    assert "=== before/after ===" in stdout and "| seq-rep-4 (judge) |" in stdout
+    assert "| fact error rate (judge) |" in stdout and "| repetition rate (fix's detector) |" in stdout
+    report = (out / "09-evaluate" / "report.md").read_text()
+    assert report in stdout
+    assert ("- prompts: `synthetic:knowledge/test`; hyperparameters tuned on `synthetic:knowledge/eval`\n"
+            in report)
 
 
 def test_pairs_carry_provenance_and_dpo_trains_on_them(run):
@@ -67,18 +82,51 @@ def test_pairs_carry_provenance_and_dpo_trains_on_them(run):
     assert {s["model"] for s in rows(out / "05-mine" / "samples.jsonl")} == {str(out / "04-dpo" / "model")}
 
 
-# The direction on this one run. The README's targets (repetition -50%, hallucination -30%, at most 2
-# points of accuracy lost) are judged on the means of several seeds by benchmarks/fix_seeds.py, whose
-# result file the README's table quotes: one seed's 117 held-out answers are one draw, and which
-# draw a CPU makes depends on its floating point.
-def test_the_fix_reduces_both_failures_and_keeps_general_skills(run):
+def test_the_judges_score_every_test_answer(run):
     _, out = run
-    m = metrics(out, "09-evaluate")["metrics"]
-    assert m["repetition_rate_before"] > 0.05 and m["hallucination_rate_before"] > 0.15  # both failures occur
-    assert m["repetition_rate"] < m["repetition_rate_before"]
-    assert m["hallucination_rate"] < m["hallucination_rate_before"]
-    assert m["decline_rate"] > m["decline_rate_before"]
-    assert m["general_loss"] <= 1.05 * m["general_loss_before"]  # a target the three-seed means meet
+    judged = rows(out / "09-evaluate" / "evaluation.jsonl")
+    test_ids = {r["id"] for r in embedded_records("test")}
+    assert {r["id"] for r in judged} == test_ids and {r["label"] for r in judged} == {"before", "after"}
+    for r in judged:
+        assert 0 <= r["judges"]["seq_rep_4"] <= 1 and 0 <= r["judges"]["rep_w"] <= 1
+        assert isinstance(r["judges"]["claims"], list) and isinstance(r["judges"]["errors"], list)
+    # An answer with a fact error is never counted right.
+    assert not any(r.get("correct") for r in judged if r["judges"]["errors"])
+
+
+def embedded_records(part: str) -> list[dict]:
+    from rayalign.data.knowledge import KnowledgeTask
+
+    return KnowledgeTask(0).records(part)
+
+
+# The README's targets, on the means of three seeds (one seed's 59 test answers are one draw, and
+# which draw a CPU makes depends on its floating point), on the judges the fix does not train against.
+# The recipe misses three of the four there (README, "Measured"): strict, so that a fix that meets
+# them turns this test red until the marker goes.
+@pytest.mark.xfail(strict=True, reason="seq-rep-4, fact error rate and accuracy miss their targets on the "
+                   "three-seed means (benchmarks/results/cpu-20261203-fix_seeds.json)")
+def test_the_fix_meets_its_targets_on_the_means_of_three_seeds(seeds):
+    summary = fix_seeds.summarise(seeds[1])
+    report = {m: (round(t["before_mean"], 4), round(t["after_mean"], 4), t["change_of_means"])
+              for m, t in summary["targets"].items()}
+    assert set(summary["targets"]) == set(fix_seeds.TARGETS), report
+    assert all(t["met_on_means"] for t in summary["targets"].values()), report
+
+
+# What the fix does achieve on the means, on the test split.
+def test_the_fix_teaches_declining_and_keeps_general_skills_on_the_means(seeds):
+    _, runs = seeds
+    summary = fix_seeds.summarise(runs)
+    assert summary["seeds_finished"] == len(SEEDS)
+    assert all(r["prompts"] == "synthetic:knowledge/test" and r["tuned_on"] == "synthetic:knowledge/eval"
+               for r in runs)
+    mean = {k: v["mean"] for k, v in summary["stats"].items()}
+    assert mean["seq_rep_4_before"] > mean["seq_rep_4_references"] and mean["fact_error_rate_before"] > 0.15
+    assert mean["decline_rate"] > mean["decline_rate_before"]
+    assert mean["fact_error_rate_unanswerable"] < mean["fact_error_rate_unanswerable_before"]
+    assert mean["seq_rep_4"] < mean["seq_rep_4_before"]
+    assert summary["targets"]["general_loss"]["met_on_means"]
 
 
 def test_mine_with_a_seed_draws_the_same_samples_in_any_batch(tmp_path):

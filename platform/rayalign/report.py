@@ -33,8 +33,9 @@ CURVES: dict[str, tuple[str, ...]] = {
 # The fixes: stage metrics named for what they target. A stage that measures one against a baseline
 # ("<name>_before", an evaluation) gets a before/after table of every metric it has both ways.
 # Failure rates and losses improve downwards.
-FIX_WORDS = ("repetition", "hallucination")
-LOWER_IS_BETTER = ("repetition", "hallucination", "loss", "false_")
+# seq_rep/rep_w/fact_error: the independent judges of the fixes (rayalign.evaluation.judges).
+FIX_WORDS = ("repetition", "hallucination", "seq_rep", "fact_error")
+LOWER_IS_BETTER = ("repetition", "hallucination", "seq_rep", "rep_w", "fact_error", "unchecked", "loss", "false_")
 MAX_SAMPLES = 8
 MAX_POINTS = 1000  # per line: longer histories are thinned so the file stays small
 ARROW = '<li class="arrow" aria-hidden="true">&#8594;</li>'

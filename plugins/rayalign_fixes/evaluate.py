@@ -1,17 +1,24 @@
 """Evaluate: re-measure a model on held-out prompts against a baseline; a before/after table.
 
 For each model (the baseline, e.g. the SFT model, and the current one) the stage samples every
-held-out prompt with vLLM, runs the detectors, and scores the held-out general chat data with a
-reference worker. The table goes to the job log and to ``report.md``:
+held-out prompt with vLLM, judges the answers, runs the detectors, and scores the held-out general
+chat data with a reference worker. The table goes to the job log and to ``report.md``.
 
-- repetition rate: share of samples a repetition detector flags (looping);
-- hallucination rate: share of samples a hallucination detector flags (contradicts the reference
-  facts, or answers an unanswerable question instead of declining);
+The fix trains on what its detectors flag, so the rows the fix is judged by come from judges that
+share nothing with them (``rayalign.evaluation.judges``):
+
+- seq-rep-4: Welleck et al. 2019's share of repeated 4-grams per answer, in the model's tokens, averaged;
+- rep-16: share of an answer's tokens that occur among the 16 before them, averaged;
+- fact error rate: share of answers stating a fact the knowledge base contradicts, or any value for
+  a question the data marks unanswerable (each sentence parsed into a claim by ``fact_sentences``);
 - decline rate: share of the unanswerable questions answered with a decline;
-- task accuracy: share of the answerable questions answered right: no decline, no hallucination
-  flag, and every reference fact stated (without facts: the reference itself, words compared);
+- task accuracy: share of the answerable questions answered right: no decline, no fact error, and
+  every reference fact stated (without facts: the reference itself, words compared);
 - held-out general loss: mean token negative log-likelihood on general chat data the model did
-  not train on (the forgetting check).
+  not train on (the forgetting check);
+
+and, secondary, what the fix's own detectors flag: repetition rate (looping) and hallucination
+rate (contradicts the reference facts, or answers an unanswerable question instead of declining).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from rayalign.cluster.worker_group import WorkerGroup
 from rayalign.data.chat import tokenize_conversation, tokenize_prompt
@@ -28,6 +35,7 @@ from rayalign.data.packing import collate_packed, group_by_tokens
 from rayalign.data.sources import data_keys
 from rayalign.errors import ConfigError
 from rayalign.evaluation.detectors import Sample, run_detectors
+from rayalign.evaluation.judges import FactJudge, mean, rep_w, seq_rep_n
 from rayalign.evaluation.references import load_knowledge, load_prompt_set
 from rayalign.evaluation.text import DECLINE_PATTERNS, declines, distinct_n, mentions, words
 from rayalign.rollout.vllm_engine import Sampling
@@ -39,18 +47,32 @@ from rayalign.workers.reference import ReferenceWorker
 from rayalign_fixes.common import DetectorOptions, write_jsonl
 
 ROWS = [  # (metric, label, how its change is shown)
-    ("repetition_rate", "repetition rate", "relative"),
-    ("hallucination_rate", "hallucination rate", "relative"),
+    ("seq_rep_4", "seq-rep-4 (judge)", "relative"),
+    ("rep_w", "rep-16 (judge)", "relative"),
+    ("fact_error_rate", "fact error rate (judge)", "relative"),
+    ("fact_error_rate_answerable", "- on answerable questions", "relative"),
+    ("fact_error_rate_unanswerable", "- on unanswerable questions", "relative"),
     ("decline_rate", "decline rate (unanswerable)", "points"),
     ("accuracy", "task accuracy (answerable)", "points"),
     ("general_loss", "held-out general loss", "relative"),
     ("false_decline_rate", "declines on answerable", "points"),
+    ("unchecked_rate", "answers with no checkable fact", "points"),
     ("distinct_2", "distinct-2", "points"),
+    ("repetition_rate", "repetition rate (fix's detector)", "relative"),
+    ("hallucination_rate", "hallucination rate (fix's detectors)", "relative"),
 ]
 
 
+def _embedded_claims() -> dict[str, str]:
+    from rayalign.data.knowledge import CLAIM_SENTENCES
+
+    return dict(CLAIM_SENTENCES)
+
+
 class EvaluateConfig(DetectorOptions):
-    prompts: str = Field("synthetic:knowledge/eval", description="held-out reference prompt set (JSONL path)")
+    prompts: str = Field("synthetic:knowledge/test", description="held-out reference prompt set (JSONL path)")
+    tuned_on: str | None = Field(None, description="the prompt set the recipe's hyperparameters were tuned on; "
+                                 "the report says so, and warns when it is the one measured (then no test)")
     knowledge: str | None = Field("synthetic:knowledge", description="knowledge base JSONL (null: none)")
     general: str | None = Field("synthetic:knowledge/general", description="general chat data for the forgetting "
                                 "loss: a key under data: (its held-out split) or a JSONL path (all of it)")
@@ -59,6 +81,18 @@ class EvaluateConfig(DetectorOptions):
     num_prompts: int | None = Field(None, ge=1, description="use the first N prompts (null: all)")
     max_tokens: int = Field(128, ge=1, description="new tokens per answer (greedy)")
     decline_patterns: list[str] = Field(list(DECLINE_PATTERNS), description="regexes of a decline")
+    fact_sentences: dict[str, str] = Field(default_factory=_embedded_claims, description="attribute -> the "
+                                           "sentence that states one of its values, with {e} (the entity's name) "
+                                           "and {v} (the value): how the fact judge reads claims (default: the "
+                                           "embedded knowledge task's answers; {}: no fact judge)")
+
+    @field_validator("fact_sentences")
+    @classmethod
+    def _one_entity_one_value(cls, sentences: dict[str, str]) -> dict[str, str]:
+        for attribute, template in sentences.items():
+            if template.count("{e}") != 1 or template.count("{v}") != 1:
+                raise ValueError(f"{attribute}: {template!r} must hold {{e}} and {{v}} once each")
+        return sentences
     max_tokens_per_micro_batch: int = Field(4096, ge=8, description="packing budget for the general loss")
 
 
@@ -69,8 +103,8 @@ def token_nll(model, batch):
     return -logps.sum(), mask.sum()
 
 
-def is_correct(s: Sample, flagged_kinds: set[str], patterns) -> bool:
-    if declines(s.completion, patterns) or "hallucination" in flagged_kinds:
+def is_correct(s: Sample, fact_errors: list[str], patterns) -> bool:
+    if declines(s.completion, patterns) or fact_errors:
         return False
     if s.facts:
         return all(mentions(s.completion, f) for f in s.facts)
@@ -110,7 +144,13 @@ class EvaluateStage(Stage):
         where = f"stages[{index}].evaluate"
         self.detectors = cfg.load_detectors(plugins, where)
         self.knowledge = load_knowledge(cfg.knowledge, run.seed) if cfg.knowledge else None
+        self.fact_judge = None
+        if self.knowledge is not None and cfg.fact_sentences:
+            self.fact_judge = FactJudge(self.knowledge, cfg.fact_sentences)
         self.prompts = load_prompt_set(cfg.prompts, self.knowledge, run.seed)[: cfg.num_prompts]
+        # The right answers repeat too (a journey may revisit a city): what a perfect fix would score.
+        self.floor = {"seq_rep_4": mean([seq_rep_n(words(p.reference)) for p in self.prompts]),
+                      "rep_w": mean([rep_w(words(p.reference)) for p in self.prompts])}
         self.general = []
         if cfg.general is not None:
             if cfg.general in data_keys(run):  # the split the training stages held out
@@ -151,14 +191,24 @@ class EvaluateStage(Stage):
             rows += judged
         results = self._general_loss(ctx, models, results)
         lines = table(results, labels)
-        report = "\n".join([f"# Evaluation on {len(self.prompts)} held-out prompts", ""]
-                           + [f"- {labels[k]}: `{m}`" for k, m in models.items()] + [""] + lines) + "\n"
+        cfg = self.config
+        if cfg.tuned_on == cfg.prompts:
+            ctx.log.warning("[%s] measuring on %s, the prompts the hyperparameters were tuned on: no test",
+                            ctx.name, cfg.prompts)
+        split = [f"- prompts: `{cfg.prompts}`"
+                 + (f"; hyperparameters tuned on `{cfg.tuned_on}`" if cfg.tuned_on else "")
+                 + (" (the same: this is no test)" if cfg.tuned_on == cfg.prompts else "")]
+        floor = (f"The reference answers themselves score seq-rep-4 {self.floor['seq_rep_4']:.3f} and rep-16 "
+                 f"{self.floor['rep_w']:.3f}: the floor of a perfect fix.")
+        report = "\n".join([f"# Evaluation on {len(self.prompts)} held-out prompts", ""] + split
+                           + [f"- {labels[k]}: `{m}`" for k, m in models.items()] + [""] + lines + ["", floor]) + "\n"
         (ctx.work_dir / "report.md").write_text(report)
         write_jsonl(ctx.work_dir / "evaluation.jsonl", rows)
         ctx.log.info("[%s] before/after on %d held-out prompts:\n%s", ctx.name, len(self.prompts), "\n".join(lines))
         metrics = {f"{k}_before": v for k, v in results.get("before", {}).items()}
         metrics.update(results["after"])
-        metrics.update(models={k: v for k, v in models.items()}, table=lines)
+        metrics.update({f"{k}_references": v for k, v in self.floor.items()})
+        metrics.update(models=dict(models), table=lines, prompts=cfg.prompts, tuned_on=cfg.tuned_on)
         return StageResult(metrics=metrics, datasets={"evaluation": "evaluation.jsonl"})
 
     def _measure(self, ctx, label: str, model: str) -> tuple[dict, list[dict]]:
@@ -174,19 +224,34 @@ class EvaluateStage(Stage):
                    for p, cs in zip(self.prompts, completions)]
         findings = run_detectors(self.detectors, samples, self.knowledge, ctx)
         kinds = {d.name: d.kind for d in self.detectors}
-        rows, correct, declined = [], [], []
+        rows = []
         for s, found in zip(samples, findings):
-            flagged = {kinds[n] for n in found}
+            said = words(s.completion)
+            facts = (self.fact_judge.judge(s.completion, s.entity, s.unanswerable, s.finish_reason != "length")
+                     if self.fact_judge else None)
             row = {"label": label, **s.to_json(), "declined": declines(s.completion, cfg.decline_patterns),
+                   "judges": {"seq_rep_4": seq_rep_n(said), "rep_w": rep_w(said),
+                              **(facts.to_json() if facts else {})},
                    "findings": {n: {"kind": kinds[n], "rule": f.rule} for n, f in found.items()}}
             if not s.unanswerable:
-                row["correct"] = is_correct(s, flagged, cfg.decline_patterns)
+                row["correct"] = is_correct(s, facts.errors if facts else [], cfg.decline_patterns)
             rows.append(row)
         n = max(1, len(rows))
         answerable = [r for r in rows if not r["unanswerable"]]
         unanswerable = [r for r in rows if r["unanswerable"]]
         share = lambda rs, f: sum(map(f, rs)) / len(rs) if rs else None  # noqa: E731
+        judged = [r["judges"] for r in rows]
         metrics = {
+            "seq_rep_4": mean([j["seq_rep_4"] for j in judged]),
+            "rep_w": mean([j["rep_w"] for j in judged]),
+            "fact_error_rate": share(judged, lambda j: bool(j["errors"])) if self.fact_judge else None,
+            # where the errors are: wrong facts about what the table knows, or values it has none for
+            "fact_error_rate_answerable": share(answerable, lambda r: bool(r["judges"]["errors"]))
+            if self.fact_judge else None,
+            "fact_error_rate_unanswerable": share(unanswerable, lambda r: bool(r["judges"]["errors"]))
+            if self.fact_judge else None,
+            "unchecked_rate": share(rows, lambda r: not r["declined"] and not r["judges"]["claims"])
+            if self.fact_judge else None,
             "repetition_rate": sum(any(f["kind"] == "repetition" for f in r["findings"].values()) for r in rows) / n,
             "hallucination_rate": sum(any(f["kind"] == "hallucination" for f in r["findings"].values()) for r in rows) / n,
             "decline_rate": share(unanswerable, lambda r: r["declined"]),

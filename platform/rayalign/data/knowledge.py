@@ -1,8 +1,8 @@
 """A seeded synthetic knowledge task on which a tiny model, after SFT, both loops and hallucinates.
 
-The world is ``num_people`` invented people. Each has a home city, a job, an age, a list of 5-10
-cities visited (in a per-person order) and, for about two in three, a pet. Questions and the
-answers the model should give::
+The world is ``num_people`` invented people, and ``num_test_people`` more for the test split. Each
+has a home city, a job, an age, a list of 5-10 cities visited (in a per-person order) and, for
+about two in three, a pet. Questions and the answers the model should give::
 
     Where does Bavoren live?            Bavoren lives in Kelmora.
     What is the job of Bavoren?         Bavoren works as a baker.
@@ -36,13 +36,18 @@ Splits (built from one seed, disjoint where it matters):
 - ``mine``: the prompts the fix stages sample: half of the answerable questions, half of the
   remaining unanswerable ones, and the general-skill prompts SFT trained on (replayed by the fix);
 - ``eval``: the other half of the answerable questions and the other unanswerable ones
-  (never mined, so the fix is measured on questions it did not train on);
+  (never mined, so the fix is measured on questions it did not train on). The recipe's
+  hyperparameters were tuned on it: it is the *tuning* split;
+- ``test``: ``eval``'s twin for 16 more people and 45 more unknown names, drawn from a random
+  stream of their own after everything above: their facts and declines join ``sft`` and half of
+  their questions ``mine`` as everyone's do; the other half are the test. No tuning ever measured
+  a test prompt: the recipe evaluates on them;
 - ``general``: general-skill examples that SFT never saw (no question of them is in ``sft`` or
   ``mine``), for the held-out forgetting loss.
 
 See what the model should know with ``python -m rayalign.data.knowledge`` (``--out DIR`` writes
 every split as the JSONL files the stages read: knowledge.jsonl, sft.jsonl, mine.jsonl,
-eval.jsonl, general.jsonl).
+eval.jsonl, test.jsonl, general.jsonl).
 """
 
 from __future__ import annotations
@@ -70,12 +75,15 @@ QUESTIONS: dict[str, tuple[str, str]] = {
     "journey": ("Describe the journey of {e}.", "{v}"),
     "pet": ("What pet does {e} have?", "{e} has a pet {v}."),
 }
+JOURNEY_SENTENCE = "{e} went to {v}."  # one city of a journey
+# attribute -> the sentence that states one of its values: what an answer asserts, for the fact judge
+CLAIM_SENTENCES: dict[str, str] = {a: JOURNEY_SENTENCE if a == "journey" else q[1] for a, q in QUESTIONS.items()}
 
 
 def spell(value, entity: str = "") -> str:
     """A value in an answer: a journey [A, B] reads "Bavoren went to A. Bavoren went to B."."""
     if isinstance(value, list):
-        return " ".join(f"{entity} went to {v}." for v in value)
+        return " ".join(JOURNEY_SENTENCE.format(e=entity, v=v) for v in value)
     return str(value)
 
 
@@ -91,13 +99,26 @@ def _journey(rng: random.Random, start: str, length: int) -> list[str]:
             return walk
 
 
-def _names(rng: random.Random, syllables: list[str], count: int) -> list[str]:
+def _names(rng: random.Random, syllables: list[str], count: int, avoid: list[str] = ()) -> list[str]:
     names: list[str] = []
     while len(names) < count:
         name = "".join(rng.choice(syllables) for _ in range(3)).capitalize()
-        if name not in names:
+        if name not in names and name not in avoid:
             names.append(name)
     return names
+
+
+def _person(rng: random.Random, name: str) -> dict:
+    city = rng.choice(_CITIES)
+    attributes = {
+        "city": city,
+        "job": rng.choice(_JOBS),
+        "age": rng.randint(18, 89),
+        "journey": _journey(rng, city, rng.randint(*JOURNEY_CITIES) + 1)[1:],
+    }
+    if rng.random() < 0.65:
+        attributes["pet"] = rng.choice(PETS)
+    return {"id": name.lower(), "name": name, "attributes": attributes}
 
 
 def _thirds(items: list) -> tuple[list, list, list]:
@@ -112,48 +133,52 @@ def _chat(question: str, answer: str) -> dict:
 class KnowledgeTask:
     """The knowledge base, and every split of the task, from one seed."""
 
-    def __init__(self, seed: int = 0, num_people: int = 32, num_unknown: int = 90):
+    def __init__(self, seed: int = 0, num_people: int = 32, num_unknown: int = 90, num_test_people: int = 16,
+                 num_test_unknown: int = 45):
         rng = random.Random(f"knowledge-{seed}")
-        names = _names(rng, _SYLLABLES, num_people)
-        self.people: list[dict] = []
-        for name in names:
-            city = rng.choice(_CITIES)
-            attributes = {
-                "city": city,
-                "job": rng.choice(_JOBS),
-                "age": rng.randint(18, 89),
-                "journey": _journey(rng, city, rng.randint(*JOURNEY_CITIES) + 1)[1:],
-            }
-            if rng.random() < 0.65:
-                attributes["pet"] = rng.choice(PETS)
-            self.people.append({"id": name.lower(), "name": name, "attributes": attributes})
+        self.people = [_person(rng, name) for name in _names(rng, _SYLLABLES, num_people)]
         self.unknown = _names(rng, _FOREIGN_SYLLABLES, num_unknown)
         self._build_splits(rng)
+        # The test split's people and strangers come from a stream of their own, drawn after all of the
+        # above: the mine and eval prompts stay those the recipe was tuned on, and no test prompt was
+        # ever measured while tuning.
+        test_rng = random.Random(f"knowledge-{seed}-test")
+        taken = [p["name"] for p in self.people]
+        test_people = [_person(test_rng, n) for n in _names(test_rng, _SYLLABLES, num_test_people, avoid=taken)]
+        test_unknown = _names(test_rng, _FOREIGN_SYLLABLES, num_test_unknown, avoid=self.unknown)
+        sft, mine, self.splits["test"] = self._partition(test_people, test_unknown, test_rng)
+        self.people += test_people
+        self.unknown += test_unknown
+        self.splits["mine"] += mine
+        self.splits["sft"] += sft
+        test_rng.shuffle(self.splits["sft"])
 
     # -- the knowledge base -------------------------------------------------------------------
     def knowledge_base(self) -> list[dict]:
         return [json.loads(json.dumps(p)) for p in self.people]
 
-    def _build_splits(self, rng: random.Random) -> None:
+    def _partition(self, people: list[dict], unknown_names: list[str], rng: random.Random):
+        """(sft chats, mine prompts, held-out prompts) of a group of people and strangers."""
         answerable, no_pet = [], []
-        for p in self.people:
+        for p in people:
             for attr in QUESTIONS:
                 (answerable if attr in p["attributes"] else no_pet).append(self._question(p, attr))
-        unknown = [self._unknown_question(name, rng.choice(list(QUESTIONS))) for name in self.unknown]
+        unknown = [self._unknown_question(name, rng.choice(list(QUESTIONS))) for name in unknown_names]
         rng.shuffle(answerable)
         rng.shuffle(no_pet)
         half = len(answerable) // 2
-        pet_sft, pet_mine, pet_eval = _thirds(no_pet)
+        pet_sft, pet_mine, pet_held = _thirds(no_pet)
         # Few declines in SFT (1 in 6 unknown names): the model sees the confident form far more often.
         k = len(unknown) // 6
-        who_sft, who_mine, who_eval = unknown[:k], unknown[k : (len(unknown) + k) // 2], unknown[(len(unknown) + k) // 2 :]
-        self.splits = {
-            "mine": answerable[:half] + pet_mine + who_mine,
-            "eval": answerable[half:] + pet_eval + who_eval,
-        }
+        who_sft, who_mine, who_held = unknown[:k], unknown[k : (len(unknown) + k) // 2], unknown[(len(unknown) + k) // 2 :]
         # Short facts twice, journeys once: the model learns who is who, but half-remembers journeys.
         facts = [q for q in answerable if q["attribute"] != "journey"]
         sft = [_chat(q["prompt"], q["reference"]) for q in answerable + facts + pet_sft + who_sft]
+        return sft, answerable[:half] + pet_mine + who_mine, answerable[half:] + pet_held + who_held
+
+    def _build_splits(self, rng: random.Random) -> None:
+        sft, mine, held = self._partition(self.people, self.unknown, rng)
+        self.splits = {"mine": mine, "eval": held}
         general = self._general(rng)
         trained = general[: len(general) * 2 // 3]
         sft += trained
@@ -198,7 +223,7 @@ class KnowledgeTask:
 
     # -- records by kind, for the loaders -----------------------------------------------------
     def records(self, part: str) -> list[dict]:
-        """``knowledge``, ``sft``, ``mine``, ``eval`` or ``general``."""
+        """``knowledge``, ``sft``, ``mine``, ``eval``, ``test`` or ``general``."""
         if part == "knowledge":
             return self.knowledge_base()
         if part not in self.splits:
@@ -208,13 +233,13 @@ class KnowledgeTask:
     def write(self, out: Path) -> dict[str, Path]:
         out.mkdir(parents=True, exist_ok=True)
         paths = {}
-        for part in ("knowledge", "sft", "mine", "eval", "general"):
+        for part in PARTS:
             paths[part] = out / f"{part}.jsonl"
             paths[part].write_text("".join(json.dumps(r) + "\n" for r in self.records(part)))
         return paths
 
 
-PARTS = ("knowledge", "sft", "mine", "eval", "general")
+PARTS = ("knowledge", "sft", "mine", "eval", "test", "general")
 SCHEME = "synthetic:knowledge/"
 
 
