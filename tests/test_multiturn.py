@@ -237,3 +237,41 @@ def test_one_rl_step_trains_the_episodes_of_an_environment(tmp_path, tokenizer):
     assert np.count_nonzero(labels != IGNORE_INDEX) == 4 * (len(call) + len(answer))  # the model's tokens only
     logged = [json.loads(line) for line in loop.rollouts_path.read_text().splitlines()]
     assert {r["environment"]["end_reason"] for r in logged} == {"done"} and logged[0]["completion"] == "最终结果是42"
+
+
+class _RecordingRewardModel:
+    """A reward-model worker group of one rank that records the conversations it is asked to score."""
+
+    def __init__(self):
+        self.seen: list[list[dict]] = []
+        self.score = SimpleNamespace(remote=self._score)
+
+    def _score(self, convs):
+        self.seen += convs
+        return [float(len(c)) for c in convs]
+
+    def __len__(self):
+        return 1
+
+    def submit(self, call):
+        return [call(self, 0)]
+
+    def wait(self, in_flight, timeout_s):
+        return in_flight
+
+
+def test_a_reward_model_scores_a_multi_turn_episode_on_its_whole_exchange():
+    from rayalign_rl.episodes import Episode
+    from rayalign_rl.loop import Prompt, RewardFn, RLLoop
+
+    prompt = Prompt([{"role": "user", "content": "What is 12*34?"}], "408", [1, 2])
+    transcript = [{"role": "assistant", "content": "<calc>12*34</calc>"}, {"role": "tool", "content": "<result>408</result>"},
+                  {"role": "assistant", "content": "408"}]
+    multi = Episode(0, [1, 2], [3, 4, 5], "408", "stop", 0, np.zeros(2, np.float32), info={"transcript": transcript})
+    single = Episode(0, [1, 2], [6], "407", "stop", 0, np.zeros(1, np.float32))
+    model = _RecordingRewardModel()
+    loop = SimpleNamespace(rewards=[RewardFn("reward_model", 1.0, None, {})], reward_model=model,
+                           timeouts=SimpleNamespace(step_s=5.0))
+    RLLoop.start_rewards(loop, [prompt], [multi, single])()
+    assert model.seen == [prompt.messages + transcript, prompt.messages + [{"role": "assistant", "content": "407"}]]
+    assert (multi.reward, single.reward) == (4.0, 2.0)  # each scored on what it was shown
