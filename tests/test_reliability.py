@@ -106,8 +106,16 @@ def kill_trainer_after(checkpoint, actor_name="sft/trainer/0", sig=signal.SIGKIL
             time.sleep(0.2)
         time.sleep(0.5)  # let a step or two run past the checkpoint: they must be redone
         killed["pid"] = ray.get(ray.get_actor(actor_name).pid.remote(), timeout=30)
-        killed["newest"] = newest_checkpoint(checkpoint.parent)
         os.kill(killed["pid"], sig)
+        # The newest checkpoint once the process is gone: one being saved at the kill may still land.
+        deadline = time.monotonic() + 10
+        while sig == signal.SIGKILL and time.monotonic() < deadline:
+            try:
+                os.kill(killed["pid"], 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        killed["newest"] = newest_checkpoint(checkpoint.parent)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
