@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
+from rayalign_fixes.evaluate import ROWS as EVALUATE_ROWS
 from result_files import PublishError, ResultFile, Results
 
 REGIONS: dict[str, Callable[[Results], str]] = {}
@@ -396,17 +397,8 @@ def async_rl(results: Results) -> str:
 
 # -- the fixes (README.md) -------------------------------------------------------------------------
 
-FIX_METRICS = [("seq_rep_4", "seq-rep-4 (judge)", "relative"),
-               ("rep_w", "rep-16 (judge)", "relative"),
-               ("fact_error_rate", "fact error rate (judge)", "relative"),
-               ("fact_error_rate_answerable", "- on answerable questions", "relative"),
-               ("fact_error_rate_unanswerable", "- on unanswerable questions", "relative"),
-               ("decline_rate", "decline rate (unanswerable)", "points"),
-               ("accuracy", "task accuracy (answerable)", "points"),
-               ("general_loss", "held-out general loss", "relative"),
-               ("false_decline_rate", "declines on answerable", "points"),
-               ("repetition_rate", "repetition rate (fix's detector)", "relative"),
-               ("hallucination_rate", "hallucination rate (fix's detectors)", "relative")]
+# The evaluate stage's rows, less the two the targets do not discuss.
+FIX_METRICS = [row for row in EVALUATE_ROWS if row[0] not in ("unchecked_rate", "distinct_2")]
 
 
 def change(before: float, after: float, kind: str) -> str:

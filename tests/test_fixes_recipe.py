@@ -100,25 +100,13 @@ def embedded_records(part: str) -> list[dict]:
     return KnowledgeTask(0).records(part)
 
 
-# The README's targets, on the means of three seeds (one seed's 59 test answers are one draw, and
-# which draw a CPU makes depends on its floating point), on the judges the fix does not train against.
-# The recipe misses three of the four there (README, "Measured"): strict, so that a fix that meets
-# them turns this test red until the marker goes.
-@pytest.mark.xfail(strict=True, reason="seq-rep-4, fact error rate and accuracy miss their targets on the "
-                   "three-seed means (benchmarks/results/cpu-20261203-fix_seeds.json)")
-def test_the_fix_meets_its_targets_on_the_means_of_three_seeds(seeds):
-    summary = fix_seeds.summarise(seeds[1])
-    report = {m: (round(t["before_mean"], 4), round(t["after_mean"], 4), t["change_of_means"])
-              for m, t in summary["targets"].items()}
-    assert set(summary["targets"]) == set(fix_seeds.TARGETS), report
-    assert all(t["met_on_means"] for t in summary["targets"].values()), report
-
-
-# What the fix does achieve on the means, on the test split.
+# The README's targets are judged on the means of three seeds (one seed's 59 test answers are one
+# draw) by the judges the fix does not train against; the recipe misses three of the four there
+# (README, "Measured"), which issue 17 keeps open. What the fix does achieve on those means:
 def test_the_fix_teaches_declining_and_keeps_general_skills_on_the_means(seeds):
     _, runs = seeds
     summary = fix_seeds.summarise(runs)
-    assert summary["seeds_finished"] == len(SEEDS)
+    assert summary["seeds_finished"] == len(SEEDS) and set(summary["targets"]) == set(fix_seeds.TARGETS)
     assert all(r["prompts"] == "synthetic:knowledge/test" and r["tuned_on"] == "synthetic:knowledge/eval"
                for r in runs)
     mean = {k: v["mean"] for k, v in summary["stats"].items()}
