@@ -11,13 +11,25 @@ the machine acts as one more seed.
 
     python benchmarks/fix_seeds.py                   # seeds 0 1 2, on CPU (about 5 min a seed on 2 cores)
     python benchmarks/fix_seeds.py --seeds 0 1 2 3 4 -- stages.4.dpo.epochs=3   # overrides for every run
+    python benchmarks/fix_seeds.py --scale 100m --keep /tmp/fix100m   # one GPU: a 100M model from scratch
+
+Scales (``SCALES``): ``tiny`` is the recipe as configured, the embedded 1.5M-parameter model on
+CPU. ``100m`` trains a 102M-parameter Qwen2-shaped model from random weights on the same
+synthetic world on one GPU (trainer, reference and engine colocated), with the fix stages'
+hyperparameters unchanged: only SFT is set up for a larger model learning from scratch.
+
+With ``--keep DIR`` a seed whose evaluation already finished in DIR is read back, not run again,
+and an unfinished one resumes from its last finished stage: a run cut short (a time limit, a
+lost machine) goes on where it stopped when started again with the same arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,6 +40,26 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 RECIPE = BENCH.parent / "recipes" / "sft_then_fix.py"
 EVALUATE = "09-evaluate"
+OUTCOME = "outcome.json"  # a finished seed's outcome, beside its run directory (--keep reads it back)
+
+# scale -> overrides of the recipe's config for every seed, and where it runs.
+SCALES: dict[str, dict] = {
+    "tiny": {"device": "cpu", "overrides": []},
+    "100m": {"device": "one GPU", "overrides": [
+        "model=embedded:knowledge/qwen2-100m",
+        # One GPU for everything: the roles share the trainer's GPU, the engine at 0.3 of its memory.
+        "resources.trainer.num_gpus=1", "resources.colocate=true",
+        "resources.rollout.gpu_memory_utilization=0.3", "resources.rollout.dtype=bfloat16",
+        # Four engines start per seed and each generates for seconds: graphs would cost more to
+        # capture than they save.
+        "resources.rollout.enforce_eager=true",
+        # Every SFT chat is trained on: a fact held out of SFT is one no model can know, and the
+        # fix is measured on what the model was taught.
+        "data.eval_fraction=0",
+        # From random weights: a GPT-2-small-like learning rate, and epochs enough to learn the world.
+        "stages.0.sft.lr=5.0e-4", "stages.0.sft.epochs=40", "stages.0.sft.max_tokens_per_micro_batch=512",
+    ]},
+}
 # The fix's targets (README, "Fixing repetition and hallucination"), each on a judge the fix's own
 # detectors do not define (rayalign.evaluation.judges): the change from before to after, relative
 # or in points, and the bound it must stay at or below ("max") or above ("min").
@@ -48,12 +80,35 @@ def met(metric: str, before: float, after: float) -> bool:
 
 
 def launch(seed: int, out: Path, overrides: list[str]) -> subprocess.Popen:
-    """The recipe for one seed in its own process; its output goes to files beside ``out`` (pipes of
-    several processes read one after another could fill and stall the others)."""
+    """The recipe for one seed in its own process (and process group, so a time limit stops its Ray
+    too); its output goes to files beside ``out`` (pipes of several processes read one after
+    another could fill and stall the others). A run already begun in ``out`` resumes."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{out}.stdout", "w") as stdout, open(f"{out}.stderr", "w") as stderr:
-        return subprocess.Popen([sys.executable, str(RECIPE), f"output_dir={out}", f"seed={seed}", *overrides],
-                                stdout=stdout, stderr=stderr, text=True, cwd=RECIPE.parent.parent)
+    resume = ["resume=true"] if out.exists() else []
+    with open(f"{out}.stdout", "a") as stdout, open(f"{out}.stderr", "a") as stderr:
+        return subprocess.Popen([sys.executable, str(RECIPE), f"output_dir={out}", f"seed={seed}", *overrides, *resume],
+                                stdout=stdout, stderr=stderr, text=True, cwd=RECIPE.parent.parent,
+                                start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a seed's recipe and everything it started (its local Ray), politely first."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def finished(seed: int, out: Path) -> dict | None:
+    """The outcome of a seed that finished in an earlier invocation (``--keep``), else None."""
+    path = Path(f"{out}.{OUTCOME}")
+    if not path.exists():
+        return None
+    return {**json.loads(path.read_text()), "reused": True}
 
 
 def outcome(seed: int, out: Path, returncode: int, seconds: float) -> dict:
@@ -62,21 +117,24 @@ def outcome(seed: int, out: Path, returncode: int, seconds: float) -> dict:
         return {"seed": seed, "error": last, "seconds": seconds}
     metrics = json.loads((out / EVALUATE / "metrics.json").read_text())["metrics"]
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {"seed": seed, "seconds": seconds, "prompts": metrics.get("prompts"), "tuned_on": metrics.get("tuned_on"),
-            "metrics": scalars}
+    sft = json.loads(next(out.glob("*-sft/metrics.json")).read_text())["metrics"]
+    result = {"seed": seed, "seconds": seconds, "prompts": metrics.get("prompts"), "tuned_on": metrics.get("tuned_on"),
+              "metrics": scalars, "sft": {k: v for k, v in sft.items() if isinstance(v, (int, float))}}
+    Path(f"{out}.{OUTCOME}").write_text(json.dumps(result))
+    return result
 
 
 def run_seeds(seeds: list[int], root: Path, overrides: list[str], parallel: int = 1,
               timeout: float | None = None) -> list[dict]:
     """Each seed's outcome, in ``root/seed<N>``; up to ``parallel`` recipes at a time; a recipe still
     running ``timeout`` seconds after this started is killed and reported as an error."""
-    pending, running, done = list(seeds), {}, {}
+    done = {s: r for s in seeds if (r := finished(s, root / f"seed{s}")) is not None}
+    pending, running = [s for s in seeds if s not in done], {}
     deadline = time.perf_counter() + timeout if timeout else None
     while pending or running:
         if deadline is not None and time.perf_counter() > deadline:
             for seed, (proc, started) in running.items():
-                proc.kill()
-                proc.wait()
+                stop(proc)
                 done[seed] = {"seed": seed, "error": f"timed out after {timeout:.0f}s",
                               "seconds": time.perf_counter() - started}
             for seed in pending:
@@ -84,7 +142,10 @@ def run_seeds(seeds: list[int], root: Path, overrides: list[str], parallel: int 
             break
         while pending and len(running) < parallel:
             seed = pending.pop(0)
+            resumed = (root / f"seed{seed}").exists()
             running[seed] = (launch(seed, root / f"seed{seed}", overrides), time.perf_counter())
+            if resumed:
+                print(f"seed {seed}: resuming the run in {root / f'seed{seed}'}", flush=True)
         time.sleep(0.5)
         for seed, (proc, started) in list(running.items()):
             if proc.poll() is not None:
@@ -118,25 +179,31 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=os.environ.get("OUT", str(BENCH / "results")), help="directory for the result JSON")
     parser.add_argument("--parallel", type=int, default=1, help="recipes at a time (seconds then are not per seed)")
-    parser.add_argument("--keep", help="keep the runs in this directory (default: a temporary one, removed)")
+    parser.add_argument("--scale", choices=list(SCALES), default="tiny", help="model and device (see SCALES)")
+    parser.add_argument("--keep", help="keep the runs in this directory, and reuse or resume those already there "
+                                       "(default: a temporary one, removed)")
+    parser.add_argument("--timeout", type=float, help="stop seeds still running this many seconds after the start; "
+                                                      "with --keep they resume when started again")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args()
     sys.path.insert(0, str(BENCH))
     import common
 
+    overrides = SCALES[args.scale]["overrides"] + args.overrides
     if args.keep:
-        runs = run_seeds(args.seeds, Path(args.keep), args.overrides, args.parallel)
+        runs = run_seeds(args.seeds, Path(args.keep), overrides, args.parallel, args.timeout)
     else:
         with tempfile.TemporaryDirectory(prefix="rayalign-fix-seeds-") as tmp:
-            runs = run_seeds(args.seeds, Path(tmp), args.overrides, args.parallel)
+            runs = run_seeds(args.seeds, Path(tmp), overrides, args.parallel, args.timeout)
     for run in runs:
         print(json.dumps(run), flush=True)
     summary = summarise(runs)
     for metric, t in summary["targets"].items():
         print(f"{metric}: {t['before_mean']:.4f} -> {t['after_mean']:.4f} (change {t['change_of_means']}) "
               f"{'met' if t['met_on_means'] else 'MISSED'} on the means", flush=True)
-    common.write_result(args.out, "fix_seeds", {
-        "settings": {"seeds": args.seeds, "overrides": args.overrides, "recipe": "recipes/sft_then_fix.py",
+    common.write_result(args.out, "fix_seeds" if args.scale == "tiny" else f"fix_seeds-{args.scale}", {
+        "settings": {"seeds": args.seeds, "scale": args.scale, "scale_device": SCALES[args.scale]["device"],
+                     "overrides": overrides, "recipe": "recipes/sft_then_fix.py",
                      "parallel": args.parallel, "cpus": len(os.sched_getaffinity(0))},
         "targets": {k: {"change": kind, "side": side, "bound": bound} for k, (kind, side, bound) in TARGETS.items()},
         "runs": runs,

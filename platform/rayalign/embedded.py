@@ -4,6 +4,10 @@ The tokenizer is a byte-level BPE trained on the synthetic world's text, with a 
 template. The model has head_dim 64 because vLLM's CPU attention rejects 16. Both are written
 once into a cache directory (atomically, so a killed build never leaves half a model) and are
 loadable by ``transformers`` and by vLLM like any hub checkpoint.
+
+Besides the tiny default there are larger random-initialised shapes (``EMBEDDED_SHAPES``) with
+the same tokenizer, for training a model of the synthetic world from scratch on a GPU:
+``model: embedded:knowledge/qwen2-100m``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,23 @@ TINY_MODEL = dict(
     max_position_embeddings=1024,
     tie_word_embeddings=False,
 )
+
+
+# name -> (transformers config class, its settings); the tokenizer sets vocabulary and special ids.
+EMBEDDED_SHAPES: dict[str, tuple[str, dict]] = {
+    "tiny": ("LlamaConfig", TINY_MODEL),
+    # About 100M parameters, almost all in the decoder layers (the vocabulary has 600 tokens):
+    # big enough to learn the whole synthetic world, small enough to train from scratch in minutes.
+    "qwen2-100m": ("Qwen2Config", dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )),
+}
 
 
 def cache_root() -> Path:
@@ -93,23 +114,39 @@ def task_corpus(task: str, seed: int) -> list[str]:
 EMBEDDED_TASKS = ("knowledge", "arithmetic", "tools")
 
 
-def build_tiny_model(dest: Path, seed: int = 0, texts: list[str] | None = None, task: str = "knowledge") -> Path:
-    """Write a random-initialised tiny Llama and its tokenizer to ``dest`` (atomically)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_config(shape: str, tokenizer):
+    """The transformers config of an embedded ``shape`` for ``tokenizer``'s vocabulary."""
+    import transformers
 
-    dest = Path(dest)
-    tokenizer = build_tokenizer(texts if texts is not None else task_corpus(task, seed),
-                                split_digits=task in ("arithmetic", "tools"))
-    config = LlamaConfig(
+    if shape not in EMBEDDED_SHAPES:
+        raise ValueError(f"unknown embedded shape {shape!r} (known: {', '.join(EMBEDDED_SHAPES)})")
+    config_class, settings = EMBEDDED_SHAPES[shape]
+    return getattr(transformers, config_class)(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **TINY_MODEL,
+        **settings,
     )
+
+
+def build_tiny_model(dest: Path, seed: int = 0, texts: list[str] | None = None, task: str = "knowledge",
+                     shape: str = "tiny") -> Path:
+    """Write a random-initialised model of ``shape`` and its tokenizer to ``dest`` (atomically)."""
+    import torch
+    import transformers
+
+    dest = Path(dest)
+    tokenizer = build_tokenizer(texts if texts is not None else task_corpus(task, seed),
+                                split_digits=task in ("arithmetic", "tools"))
+    if shape != "tiny":
+        # transformers picks a tokenizer class by model type; Qwen2's would add an unknown token of
+        # its own (one id past the model's vocabulary) unless the files name one. Byte-level BPE
+        # never produces it, so any existing token serves.
+        tokenizer.unk_token = tokenizer.pad_token
+    config = model_config(shape, tokenizer)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = getattr(transformers, EMBEDDED_SHAPES[shape][0].replace("Config", "ForCausalLM"))(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -137,17 +174,19 @@ def _quiet_progress():
             hf_logging.enable_progress_bar()
 
 
-def embedded_model_path(seed: int = 0, task: str = "knowledge") -> Path:
-    """The cached embedded model for ``seed`` (and ``task``'s tokenizer), built on first use."""
+def embedded_model_path(seed: int = 0, task: str = "knowledge", shape: str = "tiny") -> Path:
+    """The cached embedded model of ``shape`` for ``seed`` (and ``task``'s tokenizer), built on first use."""
     # The knowledge model's key predates tasks; other tasks' keys cover their corpus, so a changed
     # generator never reuses a tokenizer trained on other text.
     extra = [task, hashlib.sha256("\n".join(task_corpus(task, seed)).encode()).hexdigest()] if task != "knowledge" else []
+    if shape != "tiny":  # the tiny model's key predates shapes
+        extra.append(EMBEDDED_SHAPES[shape])
     parts = [TINY_MODEL, CHAT_TEMPLATE, seed] + extra
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_root() / f"tiny-llama-{key}"
+    path = cache_root() / f"{'tiny-llama' if shape == 'tiny' else shape}-{key}"
     if not (path / "config.json").exists():
         try:
-            build_tiny_model(path, seed, task=task)
+            build_tiny_model(path, seed, task=task, shape=shape)
         except OSError:
             # Another process won the race to build the same model: use theirs.
             if not (path / "config.json").exists():

@@ -13,15 +13,19 @@ from rayalign.errors import ConfigError
 
 
 def resolve_model(cfg: RunConfig) -> str:
-    """A local directory, a hub id, or (null, ``embedded:<task>``) the embedded tiny model built on first use."""
+    """A local directory, a hub id, or (null, ``embedded:<task>[/<shape>]``) an embedded model built on
+    first use: random weights of ``shape`` (default ``tiny``) with a tokenizer trained on ``task``'s text."""
     if cfg.model is None or cfg.model.startswith("embedded:"):
-        from rayalign.embedded import EMBEDDED_TASKS, embedded_model_path
+        from rayalign.embedded import EMBEDDED_SHAPES, EMBEDDED_TASKS, embedded_model_path
 
-        task = "knowledge" if cfg.model is None else cfg.model.split(":", 1)[1]
+        task, _, shape = ("knowledge" if cfg.model is None else cfg.model.split(":", 1)[1]).partition("/")
         if task not in EMBEDDED_TASKS:
             raise ConfigError("model", f"{cfg.model!r}: no such embedded model (known: "
                               f"{', '.join('embedded:' + t for t in EMBEDDED_TASKS)})")
-        return str(embedded_model_path(cfg.seed, task))
+        if shape and shape not in EMBEDDED_SHAPES:
+            raise ConfigError("model", f"{cfg.model!r}: no such embedded shape (known: "
+                              f"{', '.join(f'embedded:{task}/{s}' for s in EMBEDDED_SHAPES)})")
+        return str(embedded_model_path(cfg.seed, task, shape or "tiny"))
     path = Path(cfg.model).expanduser()
     looks_local = cfg.model.startswith(("/", ".", "~")) or path.exists()
     if looks_local:
