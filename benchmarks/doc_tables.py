@@ -160,8 +160,10 @@ def rollout_target(results: Results) -> Target:
         f, _, ours, raw = current[-1]  # the newest run
         others = [r for r in raws if r != raw]
         short = (f"rollouts through Ray {k(ours)} output tokens/s against raw vLLM's {k(raw)} in the same run "
-                 f"({times(ours / raw)}; {day(f)})" + (f", though raw vLLM measured {' and '.join(map(k, others))} "
-                                                      f"in another run that day ({met})" if others else ""))
+                 f"({times(ours / raw)}; {day(f)})" + (f"; raw vLLM measured {' and '.join(map(k, others))} in "
+                                                      f"another run that day, " + (
+                                                          f"where the ratio was {'/'.join(times(o / r) for _, _, o, r in current[:-1])} (settled)"
+                                                          if settled else "not settled") if others else ""))
     return Target("c", "rollout workers through Ray, output tokens/s (`rollout_throughput.py`)",
                   "raw `vllm.LLM.generate`, same prompts, sampling and memory fraction", "≥ 0.9×",
                   f"{day(files[0])}: {latest}{spread_note}", short, met)
@@ -369,6 +371,22 @@ def memory_heldout(results: Results) -> str:
             f"({s['held_out_measured']} measured): largest allocated error {100 * s['held_out_allocated_max_abs_error_fitted']:.1f}% "
             f"either way (target 15%: {'met' if s['target_met'] else 'not met'}); largest device error "
             f"{100 * s['held_out_device_max_abs_error_fitted']:.1f}% either way.")
+
+
+@region("memory-qlora")
+def memory_qlora(results: Results) -> str:
+    """The QLoRA rows, measured after the constants were fitted: each is out of sample for them."""
+    f = results.newest("memory_validation-qlora", "h200")
+    rows = []
+    for r in f.data["rows"]:
+        m, now = r["measured"], r["with_current"]
+        rows.append([r["split"], r["name"], f"{now['training_total_gib']:.1f}", f"{m['allocated_gib']:.1f}",
+                     pct(now["allocated_error"]), f"{m['device_used_gib']:.1f}", pct(now["device_error"])])
+    return (table(["split in the matrix", "configuration", "estimate GiB", "allocated GiB", "error",
+                   "device used GiB", "device error"], rows) +
+            f"\n\nOne H200, {day(f)}, {f.data['settings']['tokens_per_micro_batch']} tokens per micro-batch, "
+            f"{f.data['settings']['steps']} steps a configuration, with memory.py's constants as fitted on the other "
+            f"rows.")
 
 
 # -- asynchronous RL (docs/rl.md) ------------------------------------------------------------------
