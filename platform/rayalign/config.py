@@ -64,6 +64,10 @@ class RoleResources(Strict):
 class RolloutResources(RoleResources):
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
+    # A fixed KV cache per engine, in GiB. null: vLLM sizes it to fill `gpu_memory_utilization`, by
+    # profiling a forward pass against the device's free memory, which assumes nothing else on the
+    # GPU allocates or frees meanwhile. Set it where several runs share one GPU.
+    kv_cache_memory_gib: float | None = Field(None, gt=0)
     max_model_len: int = Field(1024, ge=16)
     dtype: str = "auto"  # vLLM's: auto, bfloat16, float16, float32
     # How RL stages push new weights into the engines: auto picks object_store on CPU, cuda_ipc

