@@ -68,6 +68,17 @@ SCALES: dict[str, dict] = {
 }
 
 
+# The fix's targets (README, "Fixing repetition and hallucination"), each on a judge the fix's own
+# detectors do not define (rayalign.evaluation.judges): the change from before to after, relative
+# or in points, and the bound it must stay at or below ("max") or above ("min").
+TARGETS = {
+    "seq_rep_4": ("relative", "max", -0.5),        # repetition: at least halved
+    "fact_error_rate": ("relative", "max", -0.3),  # hallucination: at least -30%
+    "accuracy": ("absolute", "min", -0.02),        # at most 2 points lost
+    "general_loss": ("relative", "max", 0.05),     # at most +5%
+}
+
+
 def met(metric: str, before: float, after: float) -> bool:
     kind, side, bound = TARGETS[metric]
     if kind == "relative" and not before:
