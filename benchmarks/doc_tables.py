@@ -160,10 +160,11 @@ def rollout_target(results: Results) -> Target:
         f, _, ours, raw = current[-1]  # the newest run
         others = [r for r in raws if r != raw]
         short = (f"rollouts through Ray {k(ours)} output tokens/s against raw vLLM's {k(raw)} in the same run "
-                 f"({times(ours / raw)}; {day(f)})" + (f"; raw vLLM measured {' and '.join(map(k, others))} in "
-                                                      f"another run that day, " + (
-                                                          f"where the ratio was {'/'.join(times(o / r) for _, _, o, r in current[:-1])} (settled)"
-                                                          if settled else "not settled") if others else ""))
+                 f"({times(ours / raw)}; {day(f)})")
+        if others:
+            earlier = "/".join(times(o / r) for _, _, o, r in current[:-1])
+            short += (f"; raw vLLM measured {' and '.join(map(k, others))} in another run that day, "
+                      + (f"where the ratio was {earlier} (settled)" if settled else "not settled"))
     return Target("c", "rollout workers through Ray, output tokens/s (`rollout_throughput.py`)",
                   "raw `vllm.LLM.generate`, same prompts, sampling and memory fraction", "≥ 0.9×",
                   f"{day(files[0])}: {latest}{spread_note}", short, met)

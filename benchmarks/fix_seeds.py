@@ -93,6 +93,8 @@ def launch(seed: int, out: Path, overrides: list[str]) -> subprocess.Popen:
     another could fill and stall the others). A run already begun in ``out`` resumes."""
     out.parent.mkdir(parents=True, exist_ok=True)
     resume = ["resume=true"] if out.exists() else []
+    if resume:
+        print(f"seed {seed}: resuming the run in {out}", flush=True)
     with open(f"{out}.stdout", "a") as stdout, open(f"{out}.stderr", "a") as stderr:
         return subprocess.Popen([sys.executable, str(RECIPE), f"output_dir={out}", f"seed={seed}", *overrides, *resume],
                                 stdout=stdout, stderr=stderr, text=True, cwd=RECIPE.parent.parent,
@@ -150,10 +152,7 @@ def run_seeds(seeds: list[int], root: Path, overrides: list[str], parallel: int 
             break
         while pending and len(running) < parallel:
             seed = pending.pop(0)
-            resumed = (root / f"seed{seed}").exists()
             running[seed] = (launch(seed, root / f"seed{seed}", overrides), time.perf_counter())
-            if resumed:
-                print(f"seed {seed}: resuming the run in {root / f'seed{seed}'}", flush=True)
         time.sleep(0.5)
         for seed, (proc, started) in list(running.items()):
             if proc.poll() is not None:

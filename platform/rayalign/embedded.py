@@ -40,12 +40,13 @@ TINY_MODEL = dict(
 )
 
 
-# name -> (transformers config class, its settings); the tokenizer sets vocabulary and special ids.
+# name -> (transformers architecture: its <Arch>Config and <Arch>ForCausalLM, their settings); the
+# tokenizer sets vocabulary and special ids.
 EMBEDDED_SHAPES: dict[str, tuple[str, dict]] = {
-    "tiny": ("LlamaConfig", TINY_MODEL),
+    "tiny": ("Llama", TINY_MODEL),
     # About 100M parameters, almost all in the decoder layers (the vocabulary has 600 tokens):
     # big enough to learn the whole synthetic world, small enough to train from scratch in minutes.
-    "qwen2-100m": ("Qwen2Config", dict(
+    "qwen2-100m": ("Qwen2", dict(
         hidden_size=768,
         intermediate_size=3072,
         num_hidden_layers=12,
@@ -120,8 +121,8 @@ def model_config(shape: str, tokenizer):
 
     if shape not in EMBEDDED_SHAPES:
         raise ValueError(f"unknown embedded shape {shape!r} (known: {', '.join(EMBEDDED_SHAPES)})")
-    config_class, settings = EMBEDDED_SHAPES[shape]
-    return getattr(transformers, config_class)(
+    arch, settings = EMBEDDED_SHAPES[shape]
+    return getattr(transformers, f"{arch}Config")(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -130,7 +131,7 @@ def model_config(shape: str, tokenizer):
     )
 
 
-def build_tiny_model(dest: Path, seed: int = 0, texts: list[str] | None = None, task: str = "knowledge",
+def build_embedded_model(dest: Path, seed: int = 0, texts: list[str] | None = None, task: str = "knowledge",
                      shape: str = "tiny") -> Path:
     """Write a random-initialised model of ``shape`` and its tokenizer to ``dest`` (atomically)."""
     import torch
@@ -146,7 +147,7 @@ def build_tiny_model(dest: Path, seed: int = 0, texts: list[str] | None = None, 
         tokenizer.unk_token = tokenizer.pad_token
     config = model_config(shape, tokenizer)
     torch.manual_seed(seed)
-    model = getattr(transformers, EMBEDDED_SHAPES[shape][0].replace("Config", "ForCausalLM"))(config)
+    model = getattr(transformers, f"{EMBEDDED_SHAPES[shape][0]}ForCausalLM")(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -186,7 +187,7 @@ def embedded_model_path(seed: int = 0, task: str = "knowledge", shape: str = "ti
     path = cache_root() / f"{'tiny-llama' if shape == 'tiny' else shape}-{key}"
     if not (path / "config.json").exists():
         try:
-            build_tiny_model(path, seed, task=task, shape=shape)
+            build_embedded_model(path, seed, task=task, shape=shape)
         except OSError:
             # Another process won the race to build the same model: use theirs.
             if not (path / "config.json").exists():
