@@ -92,6 +92,11 @@ def test_the_judges_score_every_test_answer(run):
         assert isinstance(r["judges"]["claims"], list) and isinstance(r["judges"]["errors"], list)
     # An answer with a fact error is never counted right.
     assert not any(r.get("correct") for r in judged if r["judges"]["errors"])
+    # The counts that weigh the answerable and unanswerable rates into the overall one.
+    counted = metrics(out, "09-evaluate")
+    records = embedded_records("test")
+    assert counted["unanswerable_prompts"] == sum(bool(r.get("unanswerable")) for r in records) > 0
+    assert counted["answerable_prompts"] + counted["unanswerable_prompts"] == len(records)
 
 
 def embedded_records(part: str) -> list[dict]:

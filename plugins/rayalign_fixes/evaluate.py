@@ -258,6 +258,9 @@ class EvaluateStage(Stage):
             "accuracy": share(answerable, lambda r: r["correct"]),
             "false_decline_rate": share(answerable, lambda r: r["declined"]),
             "distinct_2": distinct_n([s.completion for s in samples], 2),
+            # how the rates above weigh: what declines alone could change in the overall fact error rate
+            "answerable_prompts": len(answerable),
+            "unanswerable_prompts": len(unanswerable),
             "cut_at_limit": sum(s.finish_reason == "length" for s in samples) / n,
         }
         for r in [r for r in rows if r["findings"]][:2]:
