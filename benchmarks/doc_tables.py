@@ -431,9 +431,28 @@ def bound(spec: dict) -> str:
     return f"{'at most' if spec['side'] == 'max' else 'at least'} {100 * spec['bound']:+.0f}{unit}"
 
 
-@region("fix-seeds")
-def fix_seeds(results: Results) -> str:
-    f = results.newest("fix_seeds", "cpu")
+def declines_alone(runs: list[dict]) -> str:
+    """What the fact-error target asks beyond declining: the overall rate of each seed with every
+    unanswerable question's error gone and the answerable ones' as before SFT's (the counts weigh
+    the two rates); empty for files written before the evaluate stage counted its prompts."""
+    if not all("answerable_prompts" in r["metrics"] for r in runs):
+        return ""
+    best, before = [], []
+    for r in runs:
+        m = r["metrics"]
+        answerable, total = m["answerable_prompts"], m["answerable_prompts"] + m["unanswerable_prompts"]
+        best.append(m["fact_error_rate_answerable_before"] * answerable / total)
+        before.append(m["fact_error_rate_before"])
+    per_seed = ", ".join(f"{r['seed']}: {change(b, x, 'relative')}" for r, b, x in zip(runs, before, best))
+    return (f"\n\nDeclines alone can take the fact error rate's mean only so far: with no fact error left on "
+            f"unanswerable questions and those on answerable questions as before, it would change by "
+            f"{change(sum(before) / len(before), sum(best) / len(best), 'relative')} ({per_seed}). Beyond that, "
+            f"the fact-error target needs fewer wrong answers to questions the data can answer.")
+
+
+def fix_table(f: ResultFile, where: str) -> str:
+    """The before/after table of a ``fix_seeds`` file (means ± std over its seeds), the targets judged
+    on the means and per seed; ``where`` says what ran each seed's recipe."""
     d = f.data
     stats, runs = d["summary"]["stats"], d["runs"]
     labels, kinds = {m: label for m, label, _ in FIX_METRICS}, {m: kind for m, _, kind in FIX_METRICS}
@@ -451,15 +470,21 @@ def fix_seeds(results: Results) -> str:
         missing = [str(r["seed"]) for r, ok in zip(runs, t["met_per_seed"]) if not ok]
         if t["met_on_means"] and missing:
             seeds_missing.append(f"{labels[m]} (seed {', '.join(missing)})")
-    return (f"Seeds {', '.join(str(r['seed']) for r in runs)}, `{d['settings']['recipe']}` once per seed on "
-            f"{d['settings']['cpus']} CPU cores; mean ± standard deviation over the seeds:\n\n" +
+    return (f"Seeds {', '.join(str(r['seed']) for r in runs)}, `{d['settings']['recipe']}` once per seed {where}; "
+            f"mean ± standard deviation over the seeds:\n\n" +
             table(["metric", "before (sft)", "after", "change of the means"], rows) +
             (f"\n\nThe reference answers themselves score seq-rep-4 {stats['seq_rep_4_references']['mean']:.3f} ± "
              f"{stats['seq_rep_4_references']['std']:.3f} (a journey may revisit a city): the floor a perfect fix "
              f"would reach." if "seq_rep_4_references" in stats else "") + "\n\nThe targets:\n\n" +
             table(["metric", "target", "change of the means", "met on the means?", "change per seed"], targets) +
             f"\n\nMet on the means: {', '.join(met) or 'none'}; missed on the means: {', '.join(missed) or 'none'}. "
-            f"Seeds that miss a target the means meet: {'; '.join(seeds_missing) or 'none'}.")
+            f"Seeds that miss a target the means meet: {'; '.join(seeds_missing) or 'none'}." + declines_alone(runs))
+
+
+@region("fix-seeds")
+def fix_seeds(results: Results) -> str:
+    f = results.newest("fix_seeds", "cpu")
+    return fix_table(f, f"on {f.data['settings']['cpus']} CPU cores")
 
 
 # -- data loading (docs/practitioners.md) ---------------------------------------------------------

@@ -26,10 +26,8 @@ lost machine) goes on where it stopped when started again with the same argument
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +36,8 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from processes import stop_process_group  # noqa: E402
 RECIPE = BENCH.parent / "recipes" / "sft_then_fix.py"
 EVALUATE = "09-evaluate"
 OUTCOME = "outcome.json"  # a finished seed's outcome, beside its run directory (--keep reads it back)
@@ -101,18 +101,6 @@ def launch(seed: int, out: Path, overrides: list[str]) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a seed's recipe and everything it started (its local Ray), politely first."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, None)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def finished(seed: int, out: Path) -> dict | None:
     """The outcome of a seed that finished in an earlier invocation (``--keep``), else None."""
     path = Path(f"{out}.{OUTCOME}")
@@ -144,7 +132,7 @@ def run_seeds(seeds: list[int], root: Path, overrides: list[str], parallel: int 
     while pending or running:
         if deadline is not None and time.perf_counter() > deadline:
             for seed, (proc, started) in running.items():
-                stop(proc)
+                stop_process_group(proc)
                 done[seed] = {"seed": seed, "error": f"timed out after {timeout:.0f}s",
                               "seconds": time.perf_counter() - started}
             for seed in pending:
@@ -194,7 +182,6 @@ def main() -> None:
                                                       "with --keep they resume when started again")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args()
-    sys.path.insert(0, str(BENCH))
     import common
 
     overrides = SCALES[args.scale]["overrides"] + args.overrides

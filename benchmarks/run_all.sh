@@ -9,6 +9,8 @@
 # the parts of `list` in order, one `run` call each (the first installs the project: its stages are
 # entry points). Single GPU (H100 or H200): check, sft, dpo, rollout, rollout-causes, grpo, async,
 # rl-memory-0.5b, rl-memory-1.5b, memory, then sft-1.5b and dpo-1.5b if time is left. Four H200s: check, scaling.
+# The whole `gpu` test suite: rl-memory-0.5b, rl-memory-1.5b, gpu-kernels, gpu-engines, gpu-recipes
+# (each writes a gpu_tests-<part> result file: what each test did, for docs/performance.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="/tmp/site:platform:plugins${PYTHONPATH:+:$PYTHONPATH}"
@@ -19,6 +21,8 @@ if [[ -x .venv/bin/python ]]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYT
 LIMIT=${LIMIT:-590}  # the GPU machine's per-command limit is 600 s
 
 run() { timeout "$LIMIT" "$PY" "$@" --out "$OUT"; }
+# The `gpu` tests of one part, each test's outcome recorded in $OUT/<gpu>-<date>-gpu_tests-<part>.json.
+gpu_tests() { "$PY" benchmarks/gpu_tests.py --out "$OUT" --name "${part#gpu-}" --timeout $((LIMIT - 20)) -- -q -s "$@"; }
 
 # Stages are plugins found through entry points, which a bare PYTHONPATH does not provide: on a
 # fresh GPU machine the project is installed first (editable, no dependencies: /tmp/site has them).
@@ -33,7 +37,7 @@ assert {"sft", "dpo", "grpo"} <= set(stages), sorted(stages); print("stages:", "
 
 part=${1:-list}
 case "$part" in
-  check|sft|dpo|rollout|rollout-causes|grpo|async|rl-memory-*|memory|sft-1.5b|dpo-1.5b|scaling|dry) ensure_installed ;;
+  check|sft|dpo|rollout|rollout-causes|grpo|async|rl-memory-*|gpu-*|memory|sft-1.5b|dpo-1.5b|scaling|dry) ensure_installed ;;
 esac
 case "$part" in
   list)
@@ -49,9 +53,15 @@ rollout-causes h100/h200   7-9           (c) a side per other suspect: raw vLLM 
 grpo      h100 or h200     6-8           (e) GRPO step time: rayalign grpo stage vs TRL GRPOTrainer, colocated, 0.5B
 async     h100 or h200     4-6           GRPO step time and reward curve, sync (K=0) vs async (K=1, K=2), trainer and
                                          vLLM splitting one GPU by memory (resources.split_gpus), 0.5B, eager vLLM
-rl-memory-0.5b h100/h200   4-6           pytest -m gpu tests/test_gpu_rl_memory.py: the colocated GRPO benchmark
-                                         settings, device peak per phase (generate, score, train, sync), 0.5B
+rl-memory-0.5b h100/h200   6-9           gpu tests: tests/test_gpu_rl_memory.py, the colocated GRPO benchmark
+                                         settings, device peak per phase (generate, score, train, sync), 0.5B,
+                                         and 0.5B with the optimizer offloaded
 rl-memory-1.5b h200        5-8           the same at the 1.5B shape
+gpu-kernels any GPU kind   2-4           gpu tests: varlen attention, chunked head and CE, Liger, RL objectives
+gpu-engines any GPU kind   4-6           gpu tests: vLLM engine sleep/wake and KV cache, a trainer and a sleeping
+                                         engine on one GPU, CUDA IPC (and NCCL on two GPUs) weight sync
+gpu-recipes any GPU kind   6-9           gpu tests: the colocated SFT -> RM -> GRPO recipe, the memory planner on
+                                         three held-out configurations
 memory    h200             7-9           the memory planner against the trainer's peaks: fit on some configurations,
                                          error on held-out ones (0.5B and 1.5B, full/LoRA/QLoRA, ZeRO-2/3)
 sft-1.5b  h200             5-6           (a) at the 1.5B shape
@@ -80,7 +90,10 @@ EOF
   grpo)     run benchmarks/grpo_step.py --shape 0.5b ;;
   async)    run benchmarks/async_rl.py --shape 0.5b ;;
   rl-memory-0.5b|rl-memory-1.5b)
-            timeout "$LIMIT" "$PY" -m pytest -q -s -rs -m gpu tests/test_gpu_rl_memory.py -k "${part#rl-memory-}" ;;
+            gpu_tests tests/test_gpu_rl_memory.py -k "${part#rl-memory-}" ;;
+  gpu-kernels) gpu_tests tests/test_packed_attention.py tests/test_fast_paths.py tests/test_rl_objectives.py ;;
+  gpu-engines) gpu_tests tests/test_vllm_engine.py tests/test_gpu_colocate.py tests/test_weight_sync.py ;;
+  gpu-recipes) gpu_tests tests/test_gpu_recipes.py tests/test_gpu_memory_validation.py ;;
   memory)   run benchmarks/memory_validation.py ;;
   sft-1.5b) run benchmarks/sft_throughput.py --shape 1.5b ;;
   dpo-1.5b) run benchmarks/dpo_throughput.py --shape 1.5b ;;

@@ -35,7 +35,7 @@ def gpu_memory_gib() -> float:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("shape,extra", [("0.5b", []), ("1.5b", []), ("0.5b-offload", ["--offload-optimizer"])],
                          ids=["0.5b", "1.5b", "0.5b-offload"])
-def test_colocated_grpo_fits_one_gpu_and_records_each_phase_peak(shape, extra, tmp_path):
+def test_colocated_grpo_fits_one_gpu_and_records_each_phase_peak(shape, extra, tmp_path, record_property):
     """``0.5b-offload``: the same with the optimizer states forced to host memory while the engine
     generates (the plan turns that on by itself only when it needs it)."""
     if shape == "1.5b" and gpu_memory_gib() < 120:
@@ -52,6 +52,10 @@ def test_colocated_grpo_fits_one_gpu_and_records_each_phase_peak(shape, extra, t
     peaks, plan, capacity = side["device_peak_gib_by_phase"], side["memory_plan_gib"], gpu_memory_gib()
     print(f"{shape} on {result['device']} ({capacity:.1f} GiB): device peak by phase "
           + ", ".join(f"{p} {peaks[p]:.1f} (plan {plan[p]:.1f})" for p in PHASES))
+    # benchmarks/gpu_tests.py writes these into its result file
+    record_property("device_peak_gib_by_phase", peaks)
+    record_property("memory_plan_gib", plan)
+    record_property("reserved_peak_gib_by_phase_and_role", side.get("reserved_peak_gib_by_phase_and_role"))
     for phase, roles in (side.get("reserved_peak_gib_by_phase_and_role") or {}).items():
         print(f"  {phase}: " + ", ".join(f"{role} {gib:.1f}" for role, gib in sorted(roles.items())))
     assert set(PHASES) <= set(peaks) and set(PHASES) <= set(plan)

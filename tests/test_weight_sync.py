@@ -47,10 +47,11 @@ if GPUS == 0:  # (a CUDA build of vLLM cannot serve from the CPU of a GPU machin
                                 id="cpu-object_store"))
 if GPUS >= 1:
     LAYOUTS.append(pytest.param("cuda_ipc", {"trainer": {"num_cpus": 1, "num_gpus": 1}, "rollout": {"num_cpus": 1},
-                                             "colocate": True}, id="gpu-colocated-cuda_ipc"))
+                                             "colocate": True}, id="gpu-colocated-cuda_ipc", marks=pytest.mark.gpu))
 if GPUS >= 2:
     LAYOUTS.append(pytest.param("nccl", {"trainer": {"num_cpus": 1, "num_gpus": 1},
-                                         "rollout": {"num_cpus": 1, "num_gpus": 1}}, id="gpu-apart-nccl"))
+                                         "rollout": {"num_cpus": 1, "num_gpus": 1}}, id="gpu-apart-nccl",
+                                marks=pytest.mark.gpu))
 QUESTIONS = ["Where does Bob live?", "Who is Alice?", "What is the capital?", "Tell me about Carol."]
 
 
