@@ -487,6 +487,24 @@ def fix_seeds(results: Results) -> str:
     return fix_table(f, f"on {f.data['settings']['cpus']} CPU cores")
 
 
+@region("fix-seeds-runs")
+def fix_seeds_runs(results: Results) -> str:
+    """Every committed three-seed run of the tiny-scale recipe, the targets on each one's means: how
+    far runs of one recipe land apart (on a CPU the machine's floating-point path is one more seed)."""
+    files = results.runs("fix_seeds", "cpu")
+    kinds = {m: kind for m, _, kind in FIX_METRICS}
+    labels = {m: label for m, label, _ in FIX_METRICS}
+    metrics = list(files[0].data["targets"])
+    rows = []
+    for f in files:
+        t = f.data["summary"]["targets"]
+        rows.append([f"{f.when[:16]} UTC", (f.data.get("git_commit") or "no commit")[:7], f"`{f.path.name}`"
+                     + (" (trials/)" if f.path.parent.name == "trials" else ""),
+                     *(change(t[m]["before_mean"], t[m]["after_mean"], kinds[m])
+                       + ("" if t[m]["met_on_means"] else " (missed)") for m in metrics)])
+    return table(["run", "commit", "file", *(labels[m] for m in metrics)], rows)
+
+
 # -- data loading (docs/practitioners.md) ---------------------------------------------------------
 
 MIB = 2 ** 20
