@@ -12,6 +12,8 @@ Sides (each in its own process, one after the other, on the same model and data)
   (attention, logits, optimizer, precision) is in the side's ``settings_used``;
 * ``rayalign_full``, ``rayalign_labelled``: the same with ``logits: full`` / ``labelled``;
 * ``rayalign_liger``: the same with ``kernels: liger`` and ``logits: fused`` (GPU, liger-kernel);
+  ``rayalign_liger_layers`` and ``rayalign_liger_ce`` take one of the two each, to tell which costs;
+* ``rayalign_compile``: the same with ``compile: true`` (each decoder layer through torch.compile);
 * ``rayalign_varlen``: the same with ``attn_implementation: rayalign_packed`` (torch's
   variable-length flash attention on the packed rows: training/packed_attention.py);
 * ``torch_reference``: the fastest plain PyTorch loop measured on this kind of GPU
@@ -232,6 +234,9 @@ SIDES = {
     "rayalign_full": lambda a: run_rayalign(a, "full"),
     "rayalign_labelled": lambda a: run_rayalign(a, "labelled"),
     "rayalign_liger": lambda a: run_rayalign(a, "fused", {"kernels": "liger"}),
+    "rayalign_liger_layers": lambda a: run_rayalign(a, "auto", {"kernels": "liger"}),
+    "rayalign_liger_ce": lambda a: run_rayalign(a, "fused"),
+    "rayalign_compile": lambda a: run_rayalign(a, "auto", {"compile": True}),
     "rayalign_varlen": lambda a: run_rayalign(a, "auto", {"attn_implementation": "rayalign_packed"}),
     "torch_reference": run_torch_reference,
     "trl_default": lambda a: run_trl(a, False),

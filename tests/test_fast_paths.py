@@ -144,6 +144,28 @@ def test_attention_auto_is_varlen_on_cuda_and_sdpa_on_cpu(tiny_model_path):
     assert "rayalign_packed" in AttentionInterface()
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "rayalign_packed"])
+def test_compiled_decoder_layers_equal_the_eager_model(model, sequences, sft_batch, attention):
+    # compile: true. The packed attention runs eagerly inside the compiled layers (a graph break).
+    import rayalign.training.packed_attention  # noqa: F401  (registers rayalign_packed)
+    from rayalign.training.compiled_layers import compile_decoder_layers
+
+    from torch._dynamo.utils import counters
+
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation(attention)
+    compiled = copy.deepcopy(eager)
+    assert compile_decoder_layers(compiled) == model.config.num_hidden_layers
+    torch._dynamo.reset()
+    counters.clear()
+    # A second row of another length: shapes are dynamic, and the answers stay the same.
+    for batch in (sft_batch, collate_packed(sequences[:3])):
+        for logits in ("full", "labelled"):
+            objective = SFTObjective(CrossEntropyLoss(), logits=logits)
+            assert_same(loss_and_grads(eager, objective, batch), loss_and_grads(compiled, objective, batch))
+    assert counters["stats"]["unique_graphs"] > 0  # the layers did run compiled, not eagerly
+
+
 def test_liger_refuses_to_start_on_cpu_with_one_line(tiny_model_path, model):
     from rayalign.config import RunConfig
     from rayalign.errors import ConfigError
@@ -257,3 +279,28 @@ def test_liger_kernels_and_fused_loss_match_the_reference_path(model, sft_batch)
     finally:
         for k, v in saved.items():
             setattr(modeling_llama, k, v)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_compiled_layers_match_the_eager_model_on_gpu(model, sequences, sft_batch):
+    """``compile: true`` on CUDA against the same model run eagerly, on two row lengths: in fp32 (the
+    per-conversation attention) loss and gradients as on CPU's bounds for a GPU; in bf16 (varlen
+    flash attention, the GPU defaults) the loss within 1%."""
+    import rayalign.training.packed_attention  # noqa: F401  (registers rayalign_packed)
+    from rayalign.training.compiled_layers import compile_decoder_layers
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for dtype in (torch.float32, torch.bfloat16):
+        eager = copy.deepcopy(model).to("cuda", dtype)
+        eager.set_attn_implementation("rayalign_packed")
+        compiled = copy.deepcopy(eager)
+        compile_decoder_layers(compiled)
+        objective = SFTObjective(CrossEntropyLoss(), logits="labelled")
+        for batch in (sft_batch, collate_packed(sequences[:3])):
+            row = {k: v.cuda() for k, v in batch.items()}
+            ours, theirs = loss_and_grads(compiled, objective, row), loss_and_grads(eager, objective, row)
+            if dtype == torch.float32:
+                assert_same(ours, theirs, loss_tol=1e-4, grad_tol=1e-3)
+            else:
+                assert abs(ours[0] - theirs[0]) < 0.01 * abs(theirs[0]), (ours[0], theirs[0])

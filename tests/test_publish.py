@@ -83,7 +83,7 @@ def test_a_newer_file_of_the_same_benchmark_replaces_the_older_one(tmp_path):
 
 def test_a_region_whose_file_is_missing_fails_naming_doc_region_and_file(tmp_path):
     root = _repo_copy(tmp_path)
-    for path in (root / "benchmarks" / "results").glob("cpu-*-fix_seeds.json"):
+    for path in (root / "benchmarks" / "results").rglob("cpu-*-fix_seeds.json"):
         path.unlink()
     readme = (root / "README.md").read_text()
     problems = publish.publish(root, write=True)

@@ -53,6 +53,8 @@ class TrainingConfig(StageConfig):
                                      "attn_implementation (training/attention.py)")
     kernels: Literal["none", "liger"] = Field("none", description="liger: Liger's fused RMSNorm, SwiGLU and RoPE "
                                               "Triton kernels in the trainers' model (GPU, liger-kernel installed)")
+    compile: bool = Field(False, description="torch.compile each decoder layer of the trainers' model (dynamic "
+                          "shapes; the first steps pay the compilation): training/compiled_layers.py")
     lora: LoraOptions | None = None
     qlora: LoraOptions | None = Field(None, description="QLoRA: these LoRA options over a 4-bit NF4 base "
                                       "(GPU with bitsandbytes; workers/quantization.py)")
@@ -64,7 +66,7 @@ class TrainingConfig(StageConfig):
             warmup_ratio=self.warmup_ratio, min_lr_ratio=self.min_lr_ratio, grad_accum=self.grad_accum,
             max_grad_norm=self.max_grad_norm, zero_stage=self.zero_stage, bf16=self.bf16,
             gradient_checkpointing=self.gradient_checkpointing, attn_implementation=self.attn_implementation,
-            kernels=self.kernels,
+            kernels=self.kernels, compile=self.compile,
             lora=lora, qlora=LoraSpec(**self.qlora.model_dump()) if self.qlora else None, seed=seed, head=head,
         )
 

@@ -100,5 +100,7 @@ def packed_mask(*args, attention_mask=None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-AttentionInterface.register(NAME, packed_attention_forward)
+# A compiled decoder layer (training/compiled_layers.py) calls it eagerly: the boundaries are host
+# values, which would break the graph anyway, and each path is one kernel call per row or conversation.
+AttentionInterface.register(NAME, torch.compiler.disable(packed_attention_forward))
 AttentionMaskInterface.register(NAME, packed_mask)

@@ -45,6 +45,7 @@ class TrainSpec:
     gradient_checkpointing: bool = False
     attn_implementation: str = "auto"  # training/attention.py: varlen flash attention on CUDA, sdpa on CPU
     kernels: str = "none"  # "liger": Liger's RMSNorm/SwiGLU/RoPE kernels (training/liger.py; CUDA only)
+    compile: bool = False  # torch.compile each decoder layer (training/compiled_layers.py)
     lora: LoraSpec | None = None
     qlora: LoraSpec | None = None  # 4-bit base + LoRA (workers/quantization.py)
     seed: int = 0
@@ -99,6 +100,10 @@ class TrainerWorker(Worker):
             from rayalign.training.liger import apply_liger_kernels
 
             apply_liger_kernels(model, self.device.type)
+        if spec.compile:
+            from rayalign.training.compiled_layers import compile_decoder_layers
+
+            compile_decoder_layers(model)
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if spec.lora is not None:
