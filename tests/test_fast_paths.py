@@ -166,6 +166,32 @@ def test_compiled_decoder_layers_equal_the_eager_model(model, sequences, sft_bat
     assert counters["stats"]["unique_graphs"] > 0  # the layers did run compiled, not eagerly
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "rayalign_packed"])
+def test_every_decoder_layer_shares_one_compilation(attention):
+    # Were each layer compiled apart (a guard on something per layer), layers past torch's recompile
+    # limit (8) would silently run eagerly: a 0.5B model has 24. Without a KV cache (the trainer
+    # turns it off) the layers share their graphs, however many there are.
+    import rayalign.training.packed_attention  # noqa: F401  (registers rayalign_packed)
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rayalign.training.compiled_layers import compile_decoder_layers
+
+    layers = 10
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=16, num_hidden_layers=layers,
+                                         use_cache=False))
+    model.set_attn_implementation(attention)
+    compile_decoder_layers(model)
+    torch._dynamo.reset()
+    counters.clear()
+    for length in (40, 56):
+        ids = torch.randint(0, 64, (1, length))
+        positions = torch.cat([torch.arange(length // 2), torch.arange(length - length // 2)])[None]  # two sequences
+        model(input_ids=ids, position_ids=positions, use_cache=False).logits.sum().backward()
+    assert 0 < counters["stats"]["unique_graphs"] < layers, dict(counters["stats"])
+
+
 def test_liger_refuses_to_start_on_cpu_with_one_line(tiny_model_path, model):
     from rayalign.config import RunConfig
     from rayalign.errors import ConfigError

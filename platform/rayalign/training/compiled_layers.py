@@ -7,9 +7,12 @@ Liger's hand-written kernels do for a fixed list of operations.
 
 Only the decoder layers are compiled: the output head and the loss keep their chunked paths
 (training/linear_cross_entropy.py), which never hold a row's logits. Packed rows vary in length,
-so shapes are dynamic: one compilation serves every row length. The packed attention runs eagerly
-inside a compiled layer (training/packed_attention.py: its conversation boundaries are host values,
-and the varlen kernel is one call already). The first steps pay the compilation.
+so shapes are dynamic: one compilation serves every row length, and every layer. (Without a KV
+cache, which the trainer turns off, nothing the compiled code reads differs between layers; were
+each compiled apart, torch's recompile limit would leave the layers past the eighth eager.) The
+packed attention runs eagerly inside a compiled layer (training/packed_attention.py: its
+conversation boundaries are host values, and the varlen kernel is one call already). The first
+steps pay the compilation.
 """
 
 from __future__ import annotations
