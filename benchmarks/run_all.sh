@@ -37,7 +37,8 @@ assert {"sft", "dpo", "grpo"} <= set(stages), sorted(stages); print("stages:", "
 
 part=${1:-list}
 case "$part" in
-  check|sft|dpo|rollout|rollout-causes|grpo|async|rl-memory-*|gpu-*|memory|sft-1.5b|dpo-1.5b|scaling|dry) ensure_installed ;;
+  check|sft|sft-choices|dpo|rollout|rollout-causes|grpo|async|rl-memory-*|gpu-*|memory|sft-1.5b|dpo-1.5b|scaling|dry)
+    ensure_installed ;;
 esac
 case "$part" in
   list)
@@ -64,6 +65,8 @@ gpu-recipes any GPU kind   6-9           gpu tests: the colocated SFT -> RM -> G
                                          three held-out configurations
 memory    h200             7-9           the memory planner against the trainer's peaks: fit on some configurations,
                                          error on held-out ones (0.5B and 1.5B, full/LoRA/QLoRA, ZeRO-2/3)
+sft-choices h100/h200     7-9           (a) what each opt-in choice buys against the defaults, 0.5B: compiled
+                                         decoder layers, Liger's layer kernels alone, Liger's fused CE alone
 sft-1.5b  h200             5-6           (a) at the 1.5B shape
 dpo-1.5b  h200             4-5           (b) at the 1.5B shape
 scaling   h200-x4          5-7           (f) SFT 1 -> 2 -> 4 GPUs, ZeRO-2, 0.5B
@@ -95,6 +98,9 @@ EOF
   gpu-engines) gpu_tests tests/test_vllm_engine.py tests/test_gpu_colocate.py tests/test_weight_sync.py ;;
   gpu-recipes) gpu_tests tests/test_gpu_recipes.py tests/test_gpu_memory_validation.py ;;
   memory)   run benchmarks/memory_validation.py ;;
+  sft-choices)
+            run benchmarks/sft_throughput.py --shape 0.5b --name sft_choices --side-timeout 180 \
+              --sides rayalign,rayalign_compile,rayalign_liger_layers,rayalign_liger_ce ;;
   sft-1.5b) run benchmarks/sft_throughput.py --shape 1.5b ;;
   dpo-1.5b) run benchmarks/dpo_throughput.py --shape 1.5b ;;
   scaling)  run benchmarks/sft_scaling.py --shape 0.5b --gpus 1,2,4 ;;
