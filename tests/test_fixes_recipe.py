@@ -93,7 +93,7 @@ def test_the_judges_score_every_test_answer(run):
     # An answer with a fact error is never counted right.
     assert not any(r.get("correct") for r in judged if r["judges"]["errors"])
     # The counts that weigh the answerable and unanswerable rates into the overall one.
-    counted = metrics(out, "09-evaluate")
+    counted = metrics(out, "09-evaluate")["metrics"]
     records = embedded_records("test")
     assert counted["unanswerable_prompts"] == sum(bool(r.get("unanswerable")) for r in records) > 0
     assert counted["answerable_prompts"] + counted["unanswerable_prompts"] == len(records)

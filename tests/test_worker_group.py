@@ -47,6 +47,10 @@ def groups():
     with Cluster(resources).reserve("wg", ["trainer", "reward"]) as placement:
         waiting = WorkerGroup("wg/trainer", Signals, placement["trainer"], lambda r: (1,))
         touching = WorkerGroup("wg/reward", Signals, placement["reward"], lambda r: (1,))
+        # Every actor answers once before the tests time their calls: on a loaded 2-core machine an
+        # actor's process can take over a minute to start, which is no dispatch's fault.
+        for group in (waiting, touching):
+            group.run(lambda a, r: a.wait_for.remote("/nonexistent", 0), 600)
         yield waiting, touching
         waiting.shutdown()
         touching.shutdown()
