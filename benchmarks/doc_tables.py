@@ -418,6 +418,8 @@ def async_rl(results: Results) -> str:
 
 # The evaluate stage's rows, less the two the targets do not discuss.
 FIX_METRICS = [row for row in EVALUATE_ROWS if row[0] not in ("unchecked_rate", "distinct_2")]
+FIX_LABELS = {m: label for m, label, _ in FIX_METRICS}
+FIX_KINDS = {m: kind for m, _, kind in FIX_METRICS}  # how a change is told: relative, or in points
 
 
 def change(before: float, after: float, kind: str) -> str:
@@ -455,21 +457,20 @@ def fix_table(f: ResultFile, where: str) -> str:
     on the means and per seed; ``where`` says what ran each seed's recipe."""
     d = f.data
     stats, runs = d["summary"]["stats"], d["runs"]
-    labels, kinds = {m: label for m, label, _ in FIX_METRICS}, {m: kind for m, _, kind in FIX_METRICS}
     rows = [[label, f"{stats[m + '_before']['mean']:.3f} ± {stats[m + '_before']['std']:.3f}",
              f"{stats[m]['mean']:.3f} ± {stats[m]['std']:.3f}",
              change(stats[m + "_before"]["mean"], stats[m]["mean"], kind)] for m, label, kind in FIX_METRICS]
     targets, met, missed, seeds_missing = [], [], [], []
     for m, spec in d["targets"].items():
         t = d["summary"]["targets"][m]
-        per_seed = ", ".join(f"{r['seed']}: {change(r['metrics'][m + '_before'], r['metrics'][m], kinds[m])}"
+        per_seed = ", ".join(f"{r['seed']}: {change(r['metrics'][m + '_before'], r['metrics'][m], FIX_KINDS[m])}"
                              f"{'' if ok else ' (missed)'}" for r, ok in zip(runs, t["met_per_seed"]))
-        targets.append([labels[m], bound(spec), change(t["before_mean"], t["after_mean"], kinds[m]),
+        targets.append([FIX_LABELS[m], bound(spec), change(t["before_mean"], t["after_mean"], FIX_KINDS[m]),
                         "yes" if t["met_on_means"] else "**no**", per_seed])
-        (met if t["met_on_means"] else missed).append(labels[m])
+        (met if t["met_on_means"] else missed).append(FIX_LABELS[m])
         missing = [str(r["seed"]) for r, ok in zip(runs, t["met_per_seed"]) if not ok]
         if t["met_on_means"] and missing:
-            seeds_missing.append(f"{labels[m]} (seed {', '.join(missing)})")
+            seeds_missing.append(f"{FIX_LABELS[m]} (seed {', '.join(missing)})")
     return (f"Seeds {', '.join(str(r['seed']) for r in runs)}, `{d['settings']['recipe']}` once per seed {where}; "
             f"mean ± standard deviation over the seeds:\n\n" +
             table(["metric", "before (sft)", "after", "change of the means"], rows) +
@@ -492,17 +493,15 @@ def fix_seeds_runs(results: Results) -> str:
     """Every committed three-seed run of the tiny-scale recipe, the targets on each one's means: how
     far runs of one recipe land apart (on a CPU the machine's floating-point path is one more seed)."""
     files = results.runs("fix_seeds", "cpu")
-    kinds = {m: kind for m, _, kind in FIX_METRICS}
-    labels = {m: label for m, label, _ in FIX_METRICS}
     metrics = list(files[0].data["targets"])
     rows = []
     for f in files:
         t = f.data["summary"]["targets"]
         rows.append([f"{f.when[:16]} UTC", (f.data.get("git_commit") or "no commit")[:7], f"`{f.path.name}`"
                      + (" (trials/)" if f.path.parent.name == "trials" else ""),
-                     *(change(t[m]["before_mean"], t[m]["after_mean"], kinds[m])
+                     *(change(t[m]["before_mean"], t[m]["after_mean"], FIX_KINDS[m])
                        + ("" if t[m]["met_on_means"] else " (missed)") for m in metrics)])
-    return table(["run", "commit", "file", *(labels[m] for m in metrics)], rows)
+    return table(["run", "commit", "file", *(FIX_LABELS[m] for m in metrics)], rows)
 
 
 # -- data loading (docs/practitioners.md) ---------------------------------------------------------

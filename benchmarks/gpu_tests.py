@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -71,10 +72,9 @@ def outcomes(lines: list[dict]) -> tuple[dict[str, dict], str | None]:
         test = tests.setdefault(nodeid, {"outcome": "passed", "seconds": 0.0, "properties": {}})
         test["seconds"] += line["seconds"]
         test["properties"].update(line["properties"])
-        failed = line["outcome"] == "failed"
         if line["outcome"] == "skipped" and test["outcome"] == "passed":
             test.update(outcome="skipped", reason=line.get("reason", ""))
-        elif failed and test["outcome"] not in ("failed", "error"):
+        elif line["outcome"] == "failed" and test["outcome"] not in ("failed", "error"):
             test.update(outcome="failed" if line["when"] == "call" else "error", reason=line.get("reason", ""))
         if line["when"] == "teardown" and unfinished == nodeid:
             unfinished = None
@@ -104,9 +104,7 @@ def run_tests(pytest_args: list[str], timeout_s: float | None) -> dict:
             exit_code, timed_out = proc.returncode, True
         seconds = time.monotonic() - started
         tests, unfinished = outcomes([json.loads(line) for line in reports.read_text().splitlines() if line])
-    counts = {}
-    for test in tests.values():
-        counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
+    counts = dict(Counter(test["outcome"] for test in tests.values()))
     return {"pytest_exit_code": exit_code, "timed_out": timed_out, "unfinished": unfinished, "seconds": seconds,
             "counts": counts, "tests": tests}
 
@@ -122,13 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(BENCH))
     import common
 
-    run = run_tests(args.pytest_args or ["tests/"], args.timeout)
+    pytest_args = args.pytest_args or ["tests/"]
+    run = run_tests(pytest_args, args.timeout)
     for nodeid, test in sorted(run["tests"].items()):
         print(f"{test['outcome']:>8} {test['seconds']:7.1f}s {nodeid} {test.get('reason', '')}", flush=True)
     if run["timed_out"]:
         print(f"stopped after {args.timeout:.0f}s while running {run['unfinished']}", flush=True)
     common.write_result(args.out, "gpu_tests" + (f"-{args.name}" if args.name else ""),
-                        {"settings": {"pytest_args": args.pytest_args or ["tests/"], "timeout_s": args.timeout},
+                        {"settings": {"pytest_args": pytest_args, "timeout_s": args.timeout},
                          **run})
     return 0 if run["pytest_exit_code"] == 0 and not run["timed_out"] else 1
 

@@ -132,7 +132,7 @@ def model_config(shape: str, tokenizer):
 
 
 def build_embedded_model(dest: Path, seed: int = 0, texts: list[str] | None = None, task: str = "knowledge",
-                     shape: str = "tiny") -> Path:
+                         shape: str = "tiny") -> Path:
     """Write a random-initialised model of ``shape`` and its tokenizer to ``dest`` (atomically)."""
     import torch
     import transformers
