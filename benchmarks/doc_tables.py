@@ -341,6 +341,39 @@ def grpo_memory(results: Results) -> str:
                   "device peak less the trainer's GiB"], rows)
 
 
+# -- the gpu tests (docs/performance.md) ----------------------------------------------------------
+
+# run_all.sh's parts of the `gpu` suite, in its order; each writes <gpu>-<date>-gpu_tests-<part>.json.
+GPU_TEST_PARTS = ("rl-memory-0.5b", "rl-memory-1.5b", "kernels", "engines", "recipes")
+
+
+@region("gpu-tests")
+def gpu_tests(results: Results) -> str:
+    """Every test of the newest file of each part: outcome, seconds, and why where it did not pass;
+    then the device peaks the colocated GRPO tests recorded against their memory plan."""
+    rows, peaks = [], []
+    for part in GPU_TEST_PARTS:
+        found = results.cite(results.find(f"gpu_tests-{part}")[:1])
+        if not found:
+            rows.append([f"`{part}`", "not run yet", "", "", "", ""])
+            continue
+        f = found[0]
+        run = f"{f.device}, {day(f)}, commit {(f.data.get('git_commit') or 'unknown')[:7]}"
+        for i, (test, t) in enumerate(f.data["tests"].items()):
+            rows.append([f"`{part}`" if i == 0 else "", run if i == 0 else "", f"`{test.split('/')[-1]}`",
+                         t["outcome"], f"{t['seconds']:.0f}", t.get("reason", "")])
+            plan, peak = t["properties"].get("memory_plan_gib"), t["properties"].get("device_peak_gib_by_phase")
+            for phase in (plan or {}) if peak else ():
+                peaks.append([f"`{test.split('::')[-1]}`" if phase == next(iter(plan)) else "", phase,
+                              f"{plan[phase]:.1f}", f"{peak[phase]:.1f}", times(peak[phase] / plan[phase])])
+        if f.data.get("unfinished"):
+            rows.append(["", "", f"`{f.data['unfinished']}`", "unfinished (the part's time limit)", "", ""])
+    text = table(["part", "run", "test", "outcome", "seconds", "reason"], rows)
+    if peaks:
+        text += "\n\n" + table(["test", "phase", "plan GiB", "device peak GiB", "peak ÷ plan"], peaks)
+    return text
+
+
 # -- the memory planner (docs/memory.md) ----------------------------------------------------------
 
 def pct(x: float | None) -> str:
