@@ -367,7 +367,8 @@ def gpu_tests(results: Results) -> str:
                 peaks.append([f"`{test.split('::')[-1]}`" if phase == next(iter(plan)) else "", phase,
                               f"{plan[phase]:.1f}", f"{peak[phase]:.1f}", times(peak[phase] / plan[phase])])
         if f.data.get("unfinished"):
-            rows.append(["", "", f"`{f.data['unfinished']}`", "unfinished (the part's time limit)", "", ""])
+            rows.append(["", "", f"`{f.data['unfinished'].split('/')[-1]}`", "unfinished (the part's time limit)",
+                         "", ""])
     text = table(["part", "run", "test", "outcome", "seconds", "reason"], rows)
     if peaks:
         text += "\n\n" + table(["test", "phase", "plan GiB", "device peak GiB", "peak ÷ plan"], peaks)

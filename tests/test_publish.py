@@ -81,6 +81,25 @@ def test_a_newer_file_of_the_same_benchmark_replaces_the_older_one(tmp_path):
     assert "h200-20261202-dpo_throughput-0.5b.json" not in body
 
 
+def test_the_gpu_tests_region_shows_the_newest_run_of_each_part_and_what_did_not_pass(tmp_path):
+    root = _repo_copy(tmp_path)
+    results = root / "benchmarks" / "results"
+    run = json.loads((results / "h200-20261203-gpu_tests-kernels.json").read_text())
+    run["when"] = "2026-12-09 10:00:00 UTC"
+    first, second = list(run["tests"])[:2]
+    run["tests"] = {first: {**run["tests"][first], "outcome": "failed", "reason": "AssertionError: loss 0.3 != 0.2"},
+                    second: run["tests"][second]}
+    run["unfinished"] = "tests/test_fast_paths.py::test_compiled_layers_match_the_eager_model_on_gpu"
+    (results / "h200-20261209-gpu_tests-kernels.json").write_text(json.dumps(run))
+    body = publish.render_region("gpu-tests", publish.Results.load(results))
+    assert "h200-20261209-gpu_tests-kernels.json" in body and "h200-20261203-gpu_tests-kernels.json" not in body
+    assert f"| `{first.split('/')[-1]}` | failed |" in body and "AssertionError: loss 0.3 != 0.2" in body
+    assert "| `test_fast_paths.py::test_compiled_layers_match_the_eager_model_on_gpu` | unfinished" in body
+    assert "| `engines` | not run yet |" in body  # a part with no file is named, not left out
+    # The colocated GRPO peaks come from the tests' recorded properties, beside their plan.
+    assert "| `test_colocated_grpo_fits_one_gpu_and_records_each_phase_peak[1.5b]` | generate |" in body
+
+
 def test_a_region_whose_file_is_missing_fails_naming_doc_region_and_file(tmp_path):
     root = _repo_copy(tmp_path)
     for path in (root / "benchmarks" / "results").rglob("cpu-*-fix_seeds.json"):
