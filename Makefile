@@ -38,8 +38,9 @@ test: install
 	$(BIN)/python -m pip install -q --no-deps -e plugins/example
 	# Two test processes, one module each at a time (module fixtures share a Ray cluster or a whole
 	# recipe run): most tests wait on Ray, subprocesses and imports, so two keep both cores busy.
-	# --durations: the CI log shows where the suite's time goes.
-	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -ra --durations=40 -n 2 --dist loadfile
+	# --durations: the CI log shows where the suite's time goes. --no-loadscope-reorder: modules go
+	# out in collection order, the longest first (tests/conftest.py), not by how many tests they hold.
+	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -ra --durations=40 -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) runs

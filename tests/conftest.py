@@ -19,6 +19,22 @@ os.environ.setdefault("RAYALIGN_STRICT_OUTPUTS", "1")
 os.environ.setdefault("RAY_ADDRESS", "local")
 
 
+# The modules that take longest (CI's --durations: whole-recipe fixtures, the benchmarks' dry runs),
+# longest first. `make test` hands modules to its two processes in collection order; these going
+# first leaves short modules for the end, so neither process sits idle while the other finishes a
+# long one.
+LONGEST_MODULES = ("test_benchmarks.py", "test_fixes_recipe.py", "test_rl_recipe.py", "test_training.py",
+                   "test_recipe_e2e.py", "test_reliability.py", "test_tools_recipe.py", "test_async_rl.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+
+    items.sort(key=rank)  # stable: every module's tests keep their order
+
+
 def run_recipe(script: str, out: Path, timeout: float) -> tuple[Path, dict[str, dict], str]:
     """``recipes/<script>`` as the README runs it (its default config) into ``out``: the output
     directory, each stage's summary record by stage name, and the recipe's stdout."""

@@ -1,9 +1,11 @@
 """The real recipe on the embedded knowledge task: SFT -> repetition fix -> hallucination fix -> evaluation.
 
-Three runs for the module, seeds 0, 1 and 2, side by side (each a few minutes on 2 CPU cores, each
-with the local Ray its recipe starts), through benchmarks/fix_seeds.py: the README's targets are
+Two runs for the module, seeds 0 and 1, side by side (each a few minutes on 2 CPU cores, each with
+the local Ray its recipe starts), through benchmarks/fix_seeds.py: what the fix must achieve is
 judged on the means of the seeds, on the independent judges, as that benchmark judges them. The
-other tests read what seed 0 left: the stage outputs, the pairs' provenance, the table.
+benchmark itself runs three seeds for the README; two keep the suite within CI's time, and every
+direction checked here held in each single seed of the committed runs. The other tests read what
+seed 0 left: the stage outputs, the pairs' provenance, the table.
 """
 
 import json
@@ -17,10 +19,10 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 import fix_seeds  # noqa: E402
 
-# The module's first test pays the three recipes (about 13 min side by side on a loaded 2-core CI
-# host): past pytest's default limit of 900 s, within the seeds' own 2400 s.
+# The module's first test pays the recipes (up to 13 min side by side on a loaded 2-core CI host):
+# past pytest's default limit of 900 s, within the seeds' own 2400 s.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
-SEEDS = [0, 1, 2]
+SEEDS = [0, 1]
 STAGES = ["00-sft", "01-mine", "02-detect", "03-negatives", "04-dpo",
           "05-mine", "06-detect", "07-negatives", "08-dpo", "09-evaluate"]
 
@@ -107,7 +109,7 @@ def embedded_records(part: str) -> list[dict]:
     return KnowledgeTask(0).records(part)
 
 
-# The README's targets are judged on the means of three seeds (one seed's 59 test answers are one
+# The README's targets are judged on the means of the seeds (one seed's 59 test answers are one
 # draw) by the judges the fix does not train against; the recipe misses some of them in every run
 # so far (README, "Measured"), and a recipe that meets them all is open work. What the fix achieved
 # in every run, on those means:
