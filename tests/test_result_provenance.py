@@ -86,7 +86,11 @@ def provenance_problems(result: dict, commit_exists=None) -> list[str]:
         problems.append("no settings (what the script was asked to run)")
     if result.get("dry_run") is True:
         problems.append("a dry run (tiny shapes on CPU): not a measurement")
-    if not _numbers({k: v for k, v in result.items() if k not in ("command_argv", "versions")}):
+    # benchmarks/gpu_tests.py records each test's own outcome and seconds: a record per test is raw.
+    per_test = isinstance(result.get("tests"), dict) and bool(result["tests"]) and all(
+        isinstance(t, dict) and "outcome" in t and isinstance(t.get("seconds"), (int, float))
+        for t in result["tests"].values())
+    if not per_test and not _numbers({k: v for k, v in result.items() if k not in ("command_argv", "versions")}):
         problems.append("no raw figures (only summaries)")
     return problems
 
