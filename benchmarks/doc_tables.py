@@ -363,9 +363,10 @@ def gpu_tests(results: Results) -> str:
             rows.append([f"`{part}`" if i == 0 else "", run if i == 0 else "", f"`{test.split('/')[-1]}`",
                          t["outcome"], f"{t['seconds']:.0f}", t.get("reason", "")])
             plan, peak = t["properties"].get("memory_plan_gib"), t["properties"].get("device_peak_gib_by_phase")
-            for phase in (plan or {}) if peak else ():
-                peaks.append([f"`{test.split('::')[-1]}`" if phase == next(iter(plan)) else "", phase,
-                              f"{plan[phase]:.1f}", f"{peak[phase]:.1f}", times(peak[phase] / plan[phase])])
+            if plan and peak:
+                for j, phase in enumerate(plan):
+                    peaks.append([f"`{test.split('::')[-1]}`" if j == 0 else "", phase, f"{plan[phase]:.1f}",
+                                  f"{peak[phase]:.1f}", times(peak[phase] / plan[phase])])
         if f.data.get("unfinished"):
             rows.append(["", "", f"`{f.data['unfinished'].split('/')[-1]}`", "unfinished (the part's time limit)",
                          "", ""])
