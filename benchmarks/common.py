@@ -123,8 +123,13 @@ def _stated_git_state() -> tuple[str | None, bool | None]:
     return commit, (dirty == "1" if commit and dirty in ("0", "1") else None)
 
 
+# The day the run started names its file: a script rewrites its file after each side, and a run
+# that crosses midnight must keep one file, not leave a partial one under the earlier date.
+RUN_DAY = time.strftime("%Y%m%d")
+
+
 def result_path(out_dir: str | Path, name: str) -> Path:
-    return Path(out_dir) / f"{gpu_tag()}-{time.strftime('%Y%m%d')}-{name}.json"
+    return Path(out_dir) / f"{gpu_tag()}-{RUN_DAY}-{name}.json"
 
 
 def write_result(out_dir: str | Path, name: str, result: dict) -> Path:

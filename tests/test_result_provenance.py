@@ -126,6 +126,20 @@ def test_the_writer_passes_its_own_check(tmp_path, monkeypatch):
     assert result["command"].endswith("--note 'two words'")
 
 
+def test_a_run_that_crosses_midnight_keeps_one_file(tmp_path, monkeypatch):
+    # Scripts rewrite their file after each side; the name must not follow the clock.
+    import time
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import common
+
+    first = common.write_result(tmp_path, "x", {"settings": {"steps": 2}, "step_seconds": [0.5]})
+    strftime = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda fmt, *t: "20991231" if fmt == "%Y%m%d" else strftime(fmt, *t))
+    second = common.write_result(tmp_path, "x", {"settings": {"steps": 2}, "step_seconds": [0.5, 0.4]})
+    assert second == first and [p.name for p in tmp_path.glob("*.json")] == [first.name]
+
+
 @pytest.mark.parametrize("edit, problem", [
     (lambda r: r.update(command="python3 benchmarks/x.py --out $OUT", command_argv=None), "unexpanded variable"),
     (lambda r: r.update(command_argv=[*r["command_argv"][:-1], "${OUT}"]), "unexpanded variable"),
