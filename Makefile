@@ -23,6 +23,9 @@ $(VENV)/.installed-$(EXTRA): pyproject.toml
 ifeq ($(EXTRA),cpu)
 	# The registry's torchvision/torchaudio break `import transformers` beside the CPU torch.
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	# DeepSpeed's CPU collectives op, compiled once here rather than by the first trainers of a run
+	# (or of the test suite's parallel processes), which would each wait on the same gcc build.
+	$(BIN)/python -m rayalign.workers.deepspeed_ops
 endif
 	touch $@
 

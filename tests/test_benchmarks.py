@@ -86,7 +86,8 @@ SFT_SIDES = ["rayalign", "rayalign_labelled", "torch_reference", "trl_default", 
 
 
 def test_sft_dry_run(tmp_path):
-    result = run_dry("sft_throughput.py", tmp_path / "out", "--sides", ",".join(SFT_SIDES))
+    # Five sides, each its own process: beside the suite's other recipes on 2 cores, past 600 s.
+    result = run_dry("sft_throughput.py", tmp_path / "out", "--sides", ",".join(SFT_SIDES), timeout=900)
     check_header(result, "sft_throughput.py")
     sides = result["sides"]
     assert list(sides) == SFT_SIDES
