@@ -180,10 +180,17 @@ def test_one_colocated_step_releases_sleeps_and_wakes_in_order(tmp_path, tokeniz
     assert at("rollout", "sleep") < at("trainer", "reload_states") < at("trainer", "compute")
     # The reference returns its forward pass's blocks before the policy trains.
     assert at("reference", "score") < at("reference", "release_memory") < at("trainer", "train_step")
-    # Before the engine wakes: every process releases its cache, the optimizer states leave.
+    # Before the engine wakes: every process releases its cache, the optimizer states leave, and
+    # all of it before the train phase's memory reading (its third), so that the sync phase's
+    # reading starts from the GPU given back, not from what training left cached.
     wake = at("rollout", "wake_up", ["weights"])
-    assert at("trainer", "train_step") < at("trainer", "release_memory") < at("trainer", "offload_states") < wake
-    assert at("reference", "release_memory", nth=1) < wake
+    train_reading = at("trainer", "memory_peaks", nth=2)
+    assert at("trainer", "train_step") < at("trainer", "release_memory") < at("trainer", "offload_states")
+    assert at("trainer", "offload_states") < train_reading < wake
+    assert at("reference", "release_memory", nth=1) < train_reading
+    # Given back once, not again at the sync: the reference after scoring, both after training,
+    # the trainer after its exported copy.
+    assert [r for r, m, _ in log if m == "release_memory"] == ["reference", "trainer", "reference", "trainer"]
     # Weights awake, loaded, the exported copy freed and released; only then the KV cache.
     assert wake < at("trainer", "export_weights") < at("rollout", "update_weights") < at("trainer", "release_exported")
     assert at("trainer", "release_exported") < at("trainer", "release_memory", nth=1) < at("rollout", "wake_up", ["kv_cache"])
@@ -242,6 +249,10 @@ def test_start_of_run_releases_and_offloads_before_the_first_full_wake(tmp_path,
     loop.gpu.wake_all()
     assert [(r, m, a) for r, m, a in log] == [("trainer", "release_memory", None), ("reference", "release_memory", None),
                                               ("trainer", "offload_states", None), ("rollout", "wake_up", None)]
+    log.clear()
+    loop.gpu.sync_weights()  # outside a step (after a restore): it gives the GPU back itself
+    assert [(r, m) for r, m, _ in log][:4] == [("trainer", "release_memory"), ("reference", "release_memory"),
+                                               ("trainer", "offload_states"), ("rollout", "wake_up")]
     log.clear()
     with loop.gpu.states_on_gpu():  # a checkpoint saves the optimizer where DeepSpeed expects it
         log.append(("driver", "save_checkpoint", None))

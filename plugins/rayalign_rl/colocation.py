@@ -7,10 +7,12 @@ One step, as the RL loop drives it (``rayalign.colocated_memory`` sums what each
 2. score: the trainers' offloaded optimizer states come back (when the plan offloads them); the
    frozen models (reference, reward) return their cached blocks once their passes are done, so
    the policy trains beside their weights only;
-3. train;
-4. sync: every colocated process returns its cached CUDA blocks, the trainers' optimizer states
-   go to host memory (when offloading), the engines wake their weights only, the new weights
-   are loaded, the trainer frees its exported copy, and only then do the KV caches wake.
+3. train, and at its end every colocated process returns its cached CUDA blocks and the
+   trainers' optimizer states go to host memory (when offloading). This closes the train phase
+   rather than opening the sync: a phase's memory reading starts from what the GPU holds when it
+   begins, so a sync that began before the release would read the training peak as its own;
+4. sync: the engines wake their weights only, the new weights are loaded, the trainer frees its
+   exported copy, and only then do the KV caches wake.
    So engine weights, KV cache and the trainers' training-time blocks never peak together.
 
 On CUDA every phase ends by reading each GPU group's peaks since the previous phase (torch's
@@ -50,6 +52,7 @@ class Colocation:
         self.sleeps = colocated and sleep_level > 0  # else the engines stay awake between steps
         self.gpu_roles = gpu_roles or {}  # role name -> group, for the groups with GPUs
         self.seconds: dict[str, float] = defaultdict(float)  # operation -> seconds since take_seconds
+        self._given_back = False  # by after_train, for the sync that follows
 
     @contextlib.contextmanager
     def _timed(self, operation: str):
@@ -90,11 +93,15 @@ class Colocation:
         with self._timed("wake"):
             self.engines.run(lambda a, r: a.wake_up.remote(tags), self.timeout_s)
 
+    def _give_back(self) -> None:
+        """Every other colocated process returns its cached blocks, the optimizer states leave."""
+        self._release(self.trainers + self.frozen)
+        self._offload()
+
     def wake_all(self) -> None:
-        """Engines fully awake (start of the run), after the others returned their cached blocks."""
+        """Engines fully awake (start of the run), after the others gave the GPU back."""
         if self.colocated:
-            self._release(self.trainers + self.frozen)
-            self._offload()
+            self._give_back()
             self._wake(None)
 
     @contextlib.contextmanager
@@ -116,13 +123,21 @@ class Colocation:
         if self.colocated:
             self._release(self.frozen)
 
+    def after_train(self) -> None:
+        """The GPU back from training for the sync's wake, still inside the train phase (step 3)."""
+        if self.sleeps:
+            self._give_back()
+            self._given_back = True
+
     def sync_weights(self, version: int | None = None) -> SyncStats:
         """The trained weights into the engines as ``version`` (``WeightSync.sync``), waking them in
-        two steps when colocated."""
+        two steps when colocated (after the others gave the GPU back, here if ``after_train`` did
+        not: a sync outside a step, as after a restore)."""
         if not self.sleeps:
             return self.sync.sync(version)
-        self._release(self.trainers + self.frozen)
-        self._offload()
+        if not self._given_back:
+            self._give_back()
+        self._given_back = False
         self._wake(WEIGHTS)
         stats = self.sync.sync(version)
         self._release(self.trainers[:1])  # the policy's exported copy of its weights

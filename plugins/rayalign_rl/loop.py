@@ -359,6 +359,7 @@ class RLLoop:
         else:
             trained = episodes
         policy_metrics, critic_metrics = self.update(step, rows, trained)
+        self.gpu.after_train()
         t["train"] = time.monotonic() - clock
         memory |= self.gpu.phase_memory("train")
         if self.prefetch is not None:  # synced now, earlier in the step, or deferred (async_rollout)
