@@ -6,6 +6,7 @@ so the op really compiles (gcc), and kill the real trainer set-up in the middle 
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 
 import pytest
 
+from rayalign.workers import deepspeed_ops
 from rayalign.workers.deepspeed_ops import clear_stale_lock, lock_holders
 
 # The trainer's own set-up, as a Ray actor runs it, in a process of its own (world size 1, gloo).
@@ -71,6 +73,27 @@ def test_a_lock_is_removed_only_once_no_process_holds_it(tmp_path, caplog):
     clear_stale_lock(tmp_path)
     assert not lock.exists()
     assert f"removed {lock}: a DeepSpeed op build was interrupted there and no process holds its lock" in caplog.text
+
+
+def test_the_op_is_built_by_the_ninja_installed_beside_the_interpreter(tmp_path, monkeypatch):
+    # Whatever PATH the caller has (make install: the user's; the trainers: the venv's first), the
+    # same ninja builds, so no caller reads the other's build log as a changed command and recompiles.
+    ours = os.path.join(os.path.dirname(sys.executable), "ninja")
+    assert os.access(ours, os.X_OK), "the ninja wheel torch builds with is installed beside the interpreter"
+    seen = []
+
+    class Builder:
+        name = "deepspeed_shm_comm"
+
+        def load(self, verbose):
+            seen.append(shutil.which("ninja"))
+
+    monkeypatch.setattr(deepspeed_ops, "shm_comm_builder", Builder)
+    monkeypatch.setattr(deepspeed_ops, "build_directory", lambda name: tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert deepspeed_ops.build_deepspeed_ops() == "deepspeed_shm_comm"
+    assert seen == [ours]
+    assert os.environ["PATH"] == "/usr/bin:/bin"  # the process's own PATH is left as it was
 
 
 @pytest.mark.slow

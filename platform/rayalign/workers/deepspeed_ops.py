@@ -15,14 +15,22 @@ live process on this host still has it open (another program's build): the dead 
 with one log line, a live one is waited for, and said so. DeepSpeed's own load afterwards finds
 the op built and loaded.
 
+Torch runs whichever ``ninja`` is first on ``PATH``. The build runs the one installed beside the
+interpreter (the ``ninja`` wheel) instead: a system ninja older than 1.12 hashes build commands
+differently from the wheel's (the build log's format changed), so the two read each other's log
+as a changed command line and compile the op again from scratch. ``make install`` (the user's
+``PATH``) and the trainers (``PATH`` with the virtual environment first) took turns doing that.
+
     python -m rayalign.workers.deepspeed_ops     build it now (what ``make install`` can run)
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
+import sys
 from pathlib import Path
 
 log = logging.getLogger("rayalign")
@@ -80,6 +88,24 @@ def clear_stale_lock(build_dir: Path) -> None:
     log.warning("removed %s: a DeepSpeed op build was interrupted there and no process holds its lock", lock)
 
 
+@contextlib.contextmanager
+def ninja_of_this_interpreter():
+    """``PATH`` with the interpreter's own directory first, if a ``ninja`` lies there (module docstring)."""
+    here = os.path.dirname(sys.executable)
+    if not os.access(os.path.join(here, "ninja"), os.X_OK):
+        yield
+        return
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([here, before] if before else [here])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
+
+
 def build_deepspeed_ops() -> str | None:
     """Build (or load) the op DeepSpeed will JIT-compile at ``init_distributed``; its name, if any."""
     builder = shm_comm_builder()
@@ -94,7 +120,8 @@ def build_deepspeed_ops() -> str | None:
             fcntl.flock(kernel_lock, fcntl.LOCK_EX)
         try:
             clear_stale_lock(build_dir)
-            builder.load(verbose=False)  # DeepSpeed's own load then returns this module
+            with ninja_of_this_interpreter():
+                builder.load(verbose=False)  # DeepSpeed's own load then returns this module
         finally:
             fcntl.flock(kernel_lock, fcntl.LOCK_UN)
     return builder.name
