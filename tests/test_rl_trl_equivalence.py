@@ -51,15 +51,16 @@ def _gradients(model) -> dict[str, torch.Tensor]:
     return {n: g.detach().clone() for n, g in grads.items()}
 
 
-def _assert_same_gradients(ours: dict[str, torch.Tensor], trl: dict[str, torch.Tensor]) -> None:
+def _assert_same_gradients(ours: dict[str, torch.Tensor], trl: dict[str, torch.Tensor], of_norm: float = 1e-5) -> None:
     assert ours.keys() == trl.keys()
     assert any(g.abs().max() > 0 for g in trl.values())  # the comparison is not of zeros
     # fp32 sums over packed and padded batches add up in different orders: the embedding's rows
     # gather many small terms, so allow 1e-5 absolute (the largest gradients are 0.3 to 5 here),
-    # and require each parameter's whole gradient to agree to 1e-5 of its norm (measured: ~1e-6).
+    # and require each parameter's whole gradient to agree to ``of_norm`` of its norm (measured:
+    # 5e-7 to 2e-6 for every loss but KTO's, on 2-core CI hosts).
     for name in trl:
         torch.testing.assert_close(ours[name], trl[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-        assert (ours[name] - trl[name]).norm() <= 1e-5 * trl[name].norm() + 1e-8, name
+        assert (ours[name] - trl[name]).norm() <= of_norm * trl[name].norm() + 1e-8, name
 
 
 def _perturbed(model, scale: float = 0.02, seed: int = 3):
