@@ -100,6 +100,25 @@ def test_the_gpu_tests_region_shows_the_newest_run_of_each_part_and_what_did_not
     assert "| `test_colocated_grpo_fits_one_gpu_and_records_each_phase_peak[1.5b]` | generate |" in body
 
 
+def test_a_run_on_the_tuning_split_never_becomes_the_fix_headline(tmp_path):
+    # The newest fix_seeds file measured the eval split; the headline and the runs table keep to the
+    # test split, and the tuning table shows the eval run.
+    root = _repo_copy(tmp_path)
+    results_dir = root / "benchmarks" / "results"
+    tuning = results_dir / "trials" / "cpu-20261204-fix_seeds.json"
+    newer = json.loads(tuning.read_text())
+    newer["when"] = "2027-01-01T00:00:00+00:00"
+    (results_dir / "cpu-20270101-fix_seeds.json").write_text(json.dumps(newer))
+    results = publish.Results.load(results_dir)
+    headline = publish.render_region("fix-seeds", results)
+    assert "cpu-20261203-fix_seeds.json" in headline and "cpu-20270101-fix_seeds.json" not in headline
+    runs = publish.render_region("fix-seeds-runs", results)
+    assert "cpu-20270101-fix_seeds.json" not in runs and "cpu-20261204-fix_seeds.json" not in runs
+    tuning_table = publish.render_region("fix-seeds-tuning", results)
+    assert "cpu-20270101-fix_seeds.json" in tuning_table and "cpu-20261204-fix_seeds.json" in tuning_table
+    assert "cpu-20261203-fix_seeds.json" not in tuning_table
+
+
 def test_a_region_whose_file_is_missing_fails_naming_doc_region_and_file(tmp_path):
     root = _repo_copy(tmp_path)
     for path in (root / "benchmarks" / "results").rglob("cpu-*-fix_seeds.json"):
