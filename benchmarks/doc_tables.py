@@ -538,17 +538,21 @@ def fix_seeds(results: Results) -> str:
     return fix_table(f, f"on {f.data['settings']['cpus']} CPU cores")
 
 
-def fix_runs_table(files: list[ResultFile]) -> str:
-    """One row per ``fix_seeds`` file: the targets judged on the means of its seeds."""
+def fix_runs_table(files: list[ResultFile], changes: bool = False) -> str:
+    """One row per ``fix_seeds`` file: the targets judged on the means of its seeds; with ``changes``,
+    also what the run changed in the recipe (its overrides, less the choice of split)."""
     metrics = list(files[0].data["targets"])
     rows = []
     for f in files:
         t = f.data["summary"]["targets"]
-        rows.append([f"{f.when[:16]} UTC", (f.data.get("git_commit") or "no commit")[:7], f"`{f.path.name}`"
-                     + (" (trials/)" if f.path.parent.name == "trials" else ""),
+        changed = [o for o in f.data["settings"].get("overrides", []) if not o.startswith("stages.9.evaluate.prompts=")]
+        rows.append([f"{f.when[:16]} UTC", (f.data.get("git_commit") or "no commit")[:7],
+                     f"`{f.path.relative_to('benchmarks/results')}`",
+                     *([", ".join(f"`{o}`" for o in changed) or "none (the committed recipe)"] if changes else []),
                      *(change(t[m]["before_mean"], t[m]["after_mean"], FIX_KINDS[m])
                        + ("" if t[m]["met_on_means"] else " (missed)") for m in metrics)])
-    return table(["run", "commit", "file", *(FIX_LABELS[m] for m in metrics)], rows)
+    return table(["run", "commit", "file", *(["changes to the recipe"] if changes else []),
+                  *(FIX_LABELS[m] for m in metrics)], rows)
 
 
 @region("fix-seeds-runs")
@@ -564,7 +568,7 @@ def fix_seeds_runs(results: Results) -> str:
 def fix_seeds_tuning(results: Results) -> str:
     """The same for runs on the tuning split: where a change of the recipe is judged first."""
     results.newest("fix_seeds", "cpu", where=on_the_tuning_split)
-    return fix_runs_table(results.runs("fix_seeds", "cpu", where=on_the_tuning_split))
+    return fix_runs_table(results.runs("fix_seeds", "cpu", where=on_the_tuning_split), changes=True)
 
 
 # -- data loading (docs/practitioners.md) ---------------------------------------------------------
